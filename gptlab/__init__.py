@@ -1,0 +1,1 @@
+"""gptlab: pretrain and fine-tune GPT language models with JAX, Flax, Optax and Orbax."""

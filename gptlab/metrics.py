@@ -1,0 +1,44 @@
+"""Results are files: WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
+import json
+import math
+import pathlib
+
+
+class MetricsWriter:
+    """Appends logged metrics to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+
+    def __init__(self, workdir, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter  # imported here: only process 0 writes
+
+        self._jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, float) and math.isfinite(value):
+                self._tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def _plain(value):
+    value = value.item() if hasattr(value, "item") else value
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def read_metrics(workdir) -> list:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

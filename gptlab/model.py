@@ -1,0 +1,187 @@
+"""GPT-2 in Flax linen, used purely functionally: `GPT(cfg).apply(params, tokens)`.
+
+Reads top to bottom like the paper: config, attention, MLP, block, GPT. Parameter
+paths are stable and readable (`blocks_3/attn/qkv/kernel`) because fine-tuning
+masks, weight-decay rules and checkpoint checks select parameters by path.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Activation-rematerialisation policies selectable by name from the config.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+ATTENTION_IMPLS = ("xla", "cudnn", "explicit")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    block_size: int  # the model's context: longest sequence it accepts
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    tie_embeddings: bool = True  # LM head reuses the token embedding matrix
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of parameters
+    attention: str = "xla"  # see ATTENTION_IMPLS
+    remat: str = "none"  # see REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "choose n_embd a multiple of n_head")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+            raise ValueError(f"model.dtype/param_dtype must be one of {DTYPES}, "
+                             f"got {self.dtype!r}/{self.param_dtype!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+
+    @classmethod
+    def from_config(cls, model_config, **overrides) -> "GPTConfig":
+        """Builds the model config from the `model` group of an experiment config."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        batch, seq_len, _ = x.shape
+        dense = lambda features, std, name: nn.Dense(
+            features, use_bias=cfg.bias, kernel_init=_init(std), dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, name=name)
+        qkv = dense(3 * cfg.n_embd, 0.02, "qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(batch, seq_len, 3 * cfg.n_head, cfg.head_dim), 3, axis=2)
+        attn_dropout = cfg.dropout > 0 and not deterministic
+        if cfg.attention == "explicit" or attn_dropout:
+            # jax.nn.dot_product_attention has no dropout, so nanoGPT's attention
+            # dropout needs the explicit form (softmax in float32 for stability).
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+            causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+            scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+            probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+        y = y.reshape(batch, seq_len, cfg.n_embd)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) at init.
+        y = dense(cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), "proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        common = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        x = nn.Dense(4 * cfg.n_embd, kernel_init=_init(0.02), name="fc", **common)(x)
+        x = nn.gelu(x, approximate=True)  # GPT-2 uses the tanh approximation
+        x = nn.Dense(cfg.n_embd, kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer)),
+                     name="proj", **common)(x)
+        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_bias=self.cfg.bias, dtype=self.cfg.dtype,
+                                         param_dtype=self.cfg.param_dtype, name=name)
+        x = x + CausalSelfAttention(self.cfg, name="attn")(norm("ln_1")(x), deterministic)
+        x = x + MLP(self.cfg, name="mlp")(norm("ln_2")(x), deterministic)
+        return x
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens, *, deterministic: bool = True, return_hidden: bool = False):
+        """tokens: int (batch, seq_len) -> logits (batch, seq_len, vocab_size).
+
+        With `return_hidden=True`, returns the final-LayerNorm hidden states
+        (batch, seq_len, n_embd) instead, for task heads built on the body.
+        """
+        cfg = self.cfg
+        seq_len = tokens.shape[-1]
+        if seq_len > cfg.block_size:
+            raise ValueError(f"sequence length {seq_len} exceeds the model's context "
+                             f"model.block_size={cfg.block_size}")
+        embed = lambda num, name: nn.Embed(num, cfg.n_embd, embedding_init=_init(0.02),
+                                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        wte = embed(cfg.vocab_size, "wte")
+        x = wte(tokens) + embed(cfg.block_size, "wpe")(jnp.arange(seq_len))
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,))
+        for i in range(cfg.n_layer):
+            x = block(cfg, name=f"blocks_{i}")(x, deterministic)
+        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name="ln_f")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_embeddings:
+            return wte.attend(x)
+        return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(0.02), dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, name="lm_head")(x)
+
+
+def init_params(cfg: GPTConfig, key: jax.Array) -> Any:
+    """Initialises parameters for `cfg` from a `jax.random.key`."""
+    tokens = jnp.zeros((1, min(cfg.block_size, 8)), dtype=jnp.int32)
+    return GPT(cfg).init({"params": key}, tokens)["params"]
+
+
+def count_params(params, exclude_position_embeddings: bool = True) -> int:
+    """Parameter count; like nanoGPT, position embeddings are left out by default."""
+    total = sum(x.size for x in jax.tree.leaves(params))
+    if exclude_position_embeddings and "wpe" in params:
+        total -= params["wpe"]["embedding"].size
+    return int(total)
+
+
+def flops_per_token(cfg: GPTConfig, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls forward and backward plus attention.
+
+    N excludes position embeddings (as nanoGPT and the PaLM appendix count it);
+    the attention term is 6 * n_layer * seq_len * n_embd * 2 (QK^T and AV).
+    """
+    return 6.0 * num_params + 12.0 * cfg.n_layer * cfg.n_embd * seq_len

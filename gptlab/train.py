@@ -1,0 +1,323 @@
+"""Training: one train state, one pure train step, one loop.
+
+Start-up order (documented once, used by every experiment): resume this
+workdir's own latest checkpoint if there is one; otherwise initialise (from
+scratch for pretraining, from `init_from` for fine-tuning).
+"""
+import dataclasses
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from gptlab import checkpoint as checkpoint_lib
+from gptlab import model as model_lib
+from gptlab import optim
+from gptlab import perf
+from gptlab import tokenizers as tokenizers_lib
+from gptlab.data import pipeline
+from gptlab.errors import UserError
+from gptlab.metrics import MetricsWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw key data (jax.random.key_data), so it checkpoints as a plain array
+
+
+# A loss function: (params, batch, dropout_key or None) -> (summed loss, dict of sums incl. "count").
+# Sums rather than means make gradient accumulation and data parallelism exact for any split,
+# also when examples carry different numbers of target tokens (masked losses).
+LossFn = Callable[[Any, dict, Any], tuple]
+
+
+def lm_loss_fn(model: model_lib.GPT) -> LossFn:
+    """Next-token cross-entropy; `batch["weights"]` (0/1 per target), if present, masks targets."""
+
+    def loss_fn(params, batch, dropout_key):
+        tokens = batch["tokens"]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        rngs = {} if dropout_key is None else {"dropout": dropout_key}
+        logits = model.apply({"params": params}, inputs, deterministic=dropout_key is None, rngs=rngs)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        weights = batch.get("weights", jnp.ones_like(losses))
+        return jnp.sum(losses * weights), {"count": jnp.sum(weights)}
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1, axis_name=None):
+    """The pure train step: (state, batch) -> (state, metrics). Compile it with jit or pmap.
+
+    The batch is split into `grad_accum_steps` micro-batches along axis 0; loss
+    and gradient sums are accumulated (and summed over `axis_name` under pmap)
+    and divided by the total target count once, so the update depends only on
+    the global batch. Dropout keys are fold_in(rng, step) (and micro-batch index).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if grad_accum_steps == 1:
+            (loss_sum, sums), grads = grad_fn(state.params, batch, key)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+            def accumulate(carry, inputs):
+                index, micro_batch = inputs
+                (loss, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+                return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(lambda: (*grad_fn(state.params, first, key)[0], state.params)))
+            (loss_sum, sums, grads), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+        if axis_name is not None:
+            loss_sum, sums, grads = jax.lax.psum((loss_sum, sums, grads), axis_name)
+        count = sums["count"]
+        grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step), "tokens": count}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: LossFn, axis_name=None):
+    """(params, batch) -> summed loss and counts, dropout off; the host averages over batches."""
+
+    def eval_step(params, batch):
+        loss_sum, sums = loss_fn(params, batch, None)
+        out = {"loss_sum": loss_sum, **sums}
+        return jax.lax.psum(out, axis_name) if axis_name is not None else out
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches) -> dict:
+    totals = defaultdict(float)
+    for batch in batches:
+        for key, value in jax.device_get(eval_step(params, batch)).items():
+            totals[key] += float(value)
+    return {"eval_loss": totals["loss_sum"] / totals["count"]}
+
+
+def resolve_model_config(config, tokenizer) -> model_lib.GPTConfig:
+    """The model config with vocab_size taken from the tokenizer when unset; validated."""
+    vocab_size = config.model.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab_size} is smaller than the {tokenizer.kind} tokenizer's "
+                        f"vocabulary ({tokenizer.vocab_size}): leave it unset or raise it")
+    try:
+        return model_lib.GPTConfig.from_config(config.model, vocab_size=vocab_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def resolve_seq_len(config) -> int:
+    seq_len = config.data.seq_len or config.model.block_size
+    if seq_len > config.model.block_size:
+        raise UserError(f"data.seq_len={seq_len} exceeds the model's context model.block_size="
+                        f"{config.model.block_size}: lower data.seq_len or raise model.block_size")
+    if seq_len < 1:
+        raise UserError(f"data.seq_len={seq_len} must be positive")
+    return seq_len
+
+
+def check_train_config(config) -> None:
+    train, data = config.train, config.data
+    for name in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "grad_accum_steps"):
+        if getattr(train, name) < 1:
+            raise UserError(f"train.{name}={getattr(train, name)} must be positive")
+    if data.batch_size < 1:
+        raise UserError(f"data.batch_size={data.batch_size} must be positive")
+    if data.batch_size % train.grad_accum_steps:
+        raise UserError(f"data.batch_size={data.batch_size} is not divisible by train.grad_accum_steps="
+                        f"{train.grad_accum_steps}: make the global batch a multiple of the accumulation steps")
+    if config.seed < 0:
+        raise UserError(f"seed={config.seed} must be non-negative")
+    resolve_seq_len(config)
+    try:  # the model's own checks, before any data is read (the vocabulary size comes later)
+        model_lib.GPTConfig.from_config(config.model, vocab_size=config.model.vocab_size or 1)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def rules_table(params, decay_mask) -> str:
+    """Parameters grouped over layers (blocks_* collapsed), with shapes and the decay rule."""
+    rows = {}
+    for (path, leaf), decays in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(decay_mask)):
+        name = re.sub(r"blocks_\d+", "blocks_*", optim.path_str(path))
+        row = rows.setdefault(name, [tuple(leaf.shape), 0, decays])
+        row[1] += 1
+    width = max(len(n) for n in rows)
+    lines = [f"  {'parameter'.ljust(width)}  {'shape':>14}  count  weight decay"]
+    lines += [f"  {n.ljust(width)}  {str(s):>14}  {c:5d}  {'yes' if d else 'no'}" for n, (s, c, d) in rows.items()]
+    return "\n".join(lines)
+
+
+class Logger:
+    """Prints on process 0 only, above the progress bar when there is one."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Pretrains the model in `config`, writing everything into `workdir`; returns final metrics.
+
+    Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
+    """
+    check_train_config(config)
+    is_main = jax.process_index() == 0
+    log = Logger(is_main)
+    workdir = checkpoint_lib.check_writable(workdir)
+    checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
+                                             config.checkpoint.async_save)
+    try:
+        return _train(config, workdir, checkpoints, log, is_main)
+    finally:
+        checkpoints.close()
+
+
+def _train(config, workdir, checkpoints, log, is_main) -> dict:
+    latest = checkpoints.latest_step()
+    tokenizer = None
+    if latest is not None:
+        tokenizer = tokenizers_lib.from_json(checkpoints.read_json(latest, "tokenizer"))
+        if tokenizer.kind != config.data.tokenizer:
+            raise UserError(f"{workdir} was trained with the {tokenizer.kind} tokenizer but the config asks for "
+                            f"data.tokenizer={config.data.tokenizer}: use the same tokenizer or a fresh --workdir")
+    seq_len = resolve_seq_len(config)
+    data = pipeline.Data(config.data, seq_len, config.seed, tokenizer,
+                         jax.process_index(), jax.process_count(), log=log)
+    tokenizer = data.tokenizer
+    model_cfg = resolve_model_config(config, tokenizer)
+    model = model_lib.GPT(model_cfg)
+
+    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    params = model_lib.init_params(model_cfg, init_key)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
+    tx = optim.adamw(config.optimizer, schedule, params)
+    state = TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(dropout_key))
+
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.model.vocab_size = model_cfg.vocab_size
+        resolved.data.seq_len = seq_len
+    config_json = json.loads(resolved.to_json_best_effort())
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+
+    num_params = model_lib.count_params(params)
+    log(f"model: {num_params / 1e6:.2f}M parameters (excluding position embeddings), "
+        f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
+        f"context {model_cfg.block_size}, vocab {model_cfg.vocab_size}, {model_cfg.dtype} compute")
+    log(rules_table(params, optim.match_mask(params, config.optimizer.weight_decay_on, "optimizer.weight_decay_on")))
+
+    if latest is not None:
+        state, items = checkpoints.restore(latest, state)
+        data.train.restore(items["data"])
+        log(f"resumed from {checkpoints.directory / str(latest)} (step {latest})")
+    else:
+        log("no checkpoint in the workdir: starting from scratch")
+
+    loss_fn = lm_loss_fn(model)
+    train_step = jax.jit(make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(loss_fn))
+    eval_batches = data.eval_batches(config.train.eval_batches)
+
+    def save(step, state):
+        checkpoints.save(step, state, data=data.train.state(), config=config_json, tokenizer=tokenizer.to_json())
+
+    return run_loop(config, workdir, state, data.train, train_step, eval_step, eval_batches, save, log, is_main,
+                    flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len),
+                    dtype=model_cfg.dtype)
+
+
+def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batches, save, log, is_main,
+             flops_per_token: float, dtype: str) -> dict:
+    """The loop every experiment shares: step, log, evaluate, checkpoint; returns final metrics."""
+    train = config.train
+    start_step = int(state.step)
+    peak, peak_source = perf.peak_tflops(train.peak_tflops)
+    log(f"MFU is measured against {peak:.1f} TFLOP/s per device ({peak_source}); {dtype} compute")
+    writer = MetricsWriter(workdir, enabled=is_main)
+    final = {"step": start_step}
+    if start_step >= train.num_steps:
+        log(f"checkpoint is at step {start_step} >= train.num_steps={train.num_steps}: nothing to train")
+    bar = tqdm.tqdm(total=train.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not (is_main and sys.stderr.isatty()))
+    log.bar = bar if not bar.disable else None
+    pending = []  # device metrics since the last log; fetched to the host only when logged
+    interval_start = time.perf_counter()
+    try:
+        for step in range(start_step + 1, train.num_steps + 1):
+            state, metrics = train_step(state, next(batches))
+            pending.append(metrics)
+            bar.update(1)
+            record = {}
+            if step % train.log_every == 0 or step == train.num_steps:
+                fetched = jax.device_get(pending)
+                elapsed = time.perf_counter() - interval_start
+                tokens = sum(float(m["tokens"]) for m in fetched)
+                record.update(
+                    train_loss=float(np.mean([m["train_loss"] for m in fetched])),
+                    grad_norm=float(fetched[-1]["grad_norm"]), learning_rate=float(fetched[-1]["learning_rate"]),
+                    tokens_per_sec=tokens / elapsed,
+                    mfu=tokens / elapsed * flops_per_token / (peak * 1e12 * jax.device_count()))
+                if not np.isfinite(record["train_loss"]):
+                    raise FloatingPointError(f"non-finite train loss {record['train_loss']} at step {step}")
+                pending = []
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
+            if step % train.eval_every == 0 or step == train.num_steps:
+                record.update(evaluate(eval_step, state.params, eval_batches))
+            if record:
+                writer.write(step, record)
+                log(f"step {step:6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+                final.update(record, step=step)
+            saving = step % train.checkpoint_every == 0 or step == train.num_steps
+            if saving:
+                save(step, state)
+            if record or saving:  # keep evaluation and saving out of the throughput figures
+                interval_start = time.perf_counter()
+    finally:
+        bar.close()
+        log.bar = None
+        writer.close()
+    if "eval_loss" not in final:
+        final.update(evaluate(eval_step, state.params, eval_batches))
+    return final
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
