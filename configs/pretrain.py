@@ -7,8 +7,8 @@ Run from the repository root, choosing a preset after the colon:
 Presets:
   tiny       2 layers, 64 wide; seconds on a CPU. For tests and smoke runs.
   small      4 layers, 128 wide, byte-level, on the standard library minus `test/`
-             and the held-out `email` package: the README quick start, a few
-             minutes on a 2-core CPU with the loss falling from ~5.6 to ~2.
+             and the held-out `email` package: the README quick start, about 2
+             minutes on a 2-core CPU; train loss 4.42 at step 25 -> 1.96, eval 1.84.
   gpt2_124m  GPT-2 small (12 layers, 768 wide, context 1024, bf16): for GPUs.
 
 Any field can be overridden: `--config.train.num_steps=50 --config.model.dropout=0.1`.

@@ -22,8 +22,12 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         if max_to_keep < 1:
             raise UserError(f"checkpoint.max_to_keep={max_to_keep} must be at least 1")
+        # Naming each item's handler lets a fresh process read metadata and single items.
+        handlers = {"state": ocp.StandardCheckpointHandler(), **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_names=tuple(handlers),
+            item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
         )

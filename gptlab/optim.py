@@ -53,19 +53,26 @@ def match_mask(params, patterns: Sequence[str], what: str):
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to the floor."""
-    decay_steps = opt_cfg.decay_steps or num_steps
-    if opt_cfg.learning_rate <= 0 or opt_cfg.min_learning_rate < 0:
-        raise UserError(f"optimizer.learning_rate={opt_cfg.learning_rate} and min_learning_rate="
-                        f"{opt_cfg.min_learning_rate} must be positive and non-negative")
-    if opt_cfg.min_learning_rate > opt_cfg.learning_rate:
-        raise UserError("optimizer.min_learning_rate exceeds optimizer.learning_rate: lower the floor")
-    if not 0 <= opt_cfg.warmup_steps < decay_steps:
-        raise UserError(f"optimizer.warmup_steps={opt_cfg.warmup_steps} must be in [0, decay steps="
-                        f"{decay_steps}): shorten the warmup or train longer")
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
-        decay_steps=decay_steps, end_value=opt_cfg.min_learning_rate)
+    """Linear warmup from 0 to the peak, then cosine decay to the floor at `decay_steps`.
+
+    A warmup longer than the decay (a short smoke run) simply never reaches the peak.
+    """
+    peak, floor = opt_cfg.learning_rate, opt_cfg.min_learning_rate
+    warmup, decay_steps = opt_cfg.warmup_steps, opt_cfg.decay_steps or num_steps
+    if peak <= 0 or floor < 0 or floor > peak:
+        raise UserError(f"optimizer.learning_rate={peak} and min_learning_rate={floor} must satisfy "
+                        "0 <= min_learning_rate <= learning_rate and learning_rate > 0")
+    if warmup < 0 or decay_steps < 1:
+        raise UserError(f"optimizer.warmup_steps={warmup} must be >= 0 and decay_steps={decay_steps} >= 1")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup, 1)
+        progress = jnp.clip((step - warmup) / max(decay_steps - warmup, 1), 0.0, 1.0)
+        cosine = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup, warm, cosine)
+
+    return schedule
 
 
 def adamw(opt_cfg, schedule: optax.Schedule, params) -> optax.GradientTransformation:
@@ -85,6 +92,3 @@ def state_bytes(opt_state) -> int:
     """Bytes held by an optimizer state (moments and counters)."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state) if hasattr(x, "dtype")))
 
-
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -92,7 +92,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step), "tokens": count}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

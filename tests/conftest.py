@@ -1,0 +1,45 @@
+"""Shared fixtures: a TFDS data dir prepared once per session, tiny configs, no network."""
+import pathlib
+import socket
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # configs/ and experiments/ import like the entry points see them
+
+from configs import pretrain as pretrain_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One TFDS data dir for the whole session, so each corpus is prepared once."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def tiny_config(data_dir, **overrides):
+    """The `tiny` preset with a test data dir, synchronous checkpoints and `group.field=value` overrides."""
+    config = pretrain_config.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.checkpoint.async_save = False
+    for dotted, value in overrides.items():
+        group, field = dotted.split("__")
+        setattr(config[group], field, value)
+    return config
+
+
+@pytest.fixture
+def make_config(data_dir):
+    return lambda **overrides: tiny_config(data_dir, **overrides)

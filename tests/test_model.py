@@ -1,0 +1,98 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptlab.model import GPT, GPTConfig, count_params, init_params
+from gptlab.optim import param_paths
+
+
+def gpt2_formula(cfg: GPTConfig) -> int:
+    """GPT-2 parameter count without position embeddings, from the architecture."""
+    d, b = cfg.n_embd, int(cfg.bias)
+    per_block = (3 * d * d + 3 * d * b) + (d * d + d * b) + (4 * d * d + 4 * d * b) + (4 * d * d + d * b)
+    per_block += 2 * (d + d * b)  # two LayerNorms
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return cfg.n_layer * per_block + cfg.vocab_size * d + (d + d * b) + head
+
+
+def test_baby_gpt_has_nanogpts_parameter_count():
+    # nanoGPT's shakespeare_char model (bias=False) reports "number of parameters: 10.65M".
+    cfg = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    assert count_params(shapes) == 10_646_784 == gpt2_formula(cfg)
+    assert round(count_params(shapes) / 1e6, 2) == 10.65
+
+
+@pytest.mark.parametrize("bias,tie", [(True, True), (True, False), (False, False)])
+def test_parameter_count_matches_formula(bias, tie):
+    cfg = GPTConfig(vocab_size=97, block_size=32, n_layer=3, n_head=4, n_embd=48, bias=bias, tie_embeddings=tie)
+    params = init_params(cfg, jax.random.key(0))
+    assert count_params(params) == gpt2_formula(cfg)
+    assert count_params(params, exclude_position_embeddings=False) == gpt2_formula(cfg) + 32 * 48
+
+
+def test_parameter_paths_are_readable_and_stable():
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, tie_embeddings=False)
+    paths = param_paths(init_params(cfg, jax.random.key(0)))
+    for expected in ("blocks_1/attn/qkv/kernel", "blocks_0/attn/proj/bias", "blocks_1/mlp/fc/kernel",
+                     "blocks_0/ln_1/scale", "ln_f/bias", "wte/embedding", "wpe/embedding", "lm_head/kernel"):
+        assert expected in paths
+
+
+def test_gpt2_initialisation():
+    cfg = GPTConfig(vocab_size=64, block_size=64, n_layer=8, n_head=4, n_embd=256)
+    params = init_params(cfg, jax.random.key(0))
+    block = params["blocks_0"]
+    assert np.std(block["attn"]["qkv"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    assert np.std(block["mlp"]["proj"]["kernel"]) == pytest.approx(0.02 / np.sqrt(16), rel=0.05)
+    assert np.std(block["attn"]["proj"]["kernel"]) == pytest.approx(0.02 / np.sqrt(16), rel=0.05)
+    assert np.all(block["attn"]["qkv"]["bias"] == 0) and np.all(block["ln_1"]["scale"] == 1)
+
+
+@pytest.mark.parametrize("attention", ["xla", "explicit"])
+def test_causality_changing_token_t_never_changes_earlier_logits(attention):
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, attention=attention)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+    logits = GPT(cfg).apply({"params": params}, tokens)
+    for t in (0, 7, 15):
+        changed = tokens.at[:, t].set((tokens[:, t] + 1) % 50)
+        other = GPT(cfg).apply({"params": params}, changed)
+        np.testing.assert_array_equal(logits[:, :t], other[:, :t])
+        assert not np.allclose(logits[:, t], other[:, t])
+
+
+def test_attention_implementations_agree_and_tied_head_is_the_embedding():
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+    xla = GPT(cfg).apply({"params": params}, tokens)
+    explicit = GPT(dataclasses.replace(cfg, attention="explicit")).apply({"params": params}, tokens)
+    np.testing.assert_allclose(xla, explicit, atol=1e-5)
+    hidden = GPT(cfg).apply({"params": params}, tokens, return_hidden=True)
+    np.testing.assert_allclose(hidden @ params["wte"]["embedding"].T, xla, atol=1e-5)
+
+
+def test_dropout_is_active_only_in_training_and_bf16_compute_keeps_f32_params():
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.5, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    tokens = jnp.ones((1, 16), jnp.int32)
+    model = GPT(cfg)
+    eval_a, eval_b = (model.apply({"params": params}, tokens) for _ in range(2))
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert eval_a.dtype == jnp.bfloat16
+    train_a = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train_b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(train_a.astype(np.float32), train_b.astype(np.float32))
+
+
+def test_bad_model_config_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match="not divisible by model.n_head"):
+        GPTConfig(vocab_size=10, block_size=8, n_embd=30, n_head=4)
+    cfg = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
