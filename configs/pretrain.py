@@ -76,6 +76,14 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     train.peak_tflops = config_dict.placeholder(float)  # device peak for MFU; None: known-device table
 
+    config.parallel = par = config_dict.ConfigDict()
+    par.mode = "jit"  # jit (device mesh: data parallel + FSDP) or pmap (classic data parallel)
+    par.mesh = (-1, 1)  # jit: (data, fsdp) mesh shape; data=-1 takes the devices fsdp leaves
+    par.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port" of process 0
+    par.num_processes = config_dict.placeholder(int)  # multi-host: how many processes in all
+    par.process_id = config_dict.placeholder(int)  # multi-host: this process's index, 0..num_processes-1
+    par.initialization_timeout = 300  # multi-host: seconds to wait for every process to join
+
     config.checkpoint = ckpt = config_dict.ConfigDict()
     ckpt.max_to_keep = 3  # most recent checkpoints kept on disk
     ckpt.async_save = True  # write checkpoints in the background while training continues

@@ -44,7 +44,7 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def restore(self, step: int, abstract_state):
-        """Restores the full train state and the JSON items of `step`, strictly.
+        """Restores the full train state and the JSON items of `step` into `abstract_state`, strictly.
 
         The stored parameter tree must have exactly the paths and shapes of
         `abstract_state.params`; otherwise a UserError names the first mismatch.
@@ -52,8 +52,9 @@ class Checkpoints:
         stored = self.manager.item_metadata(step)["state"]
         check_same_shapes(stored["params"], abstract_state.params,
                           where=f"checkpoint step {step} in {self.directory}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        items = dict(state=ocp.args.StandardRestore(abstract), **{k: ocp.args.JsonRestore() for k in JSON_ITEMS})
+        # Leaves of `abstract_state` say what to restore into: a ShapeDtypeStruct with a
+        # sharding restores sharded jax.Arrays, a numpy array restores numpy.
+        items = dict(state=ocp.args.StandardRestore(abstract_state), **{k: ocp.args.JsonRestore() for k in JSON_ITEMS})
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], {k: restored[k] for k in JSON_ITEMS}
 
@@ -89,7 +90,7 @@ def check_writable(workdir) -> pathlib.Path:
     path = pathlib.Path(workdir).expanduser().absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe.{os.getpid()}"  # unique: processes of one run share the workdir
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

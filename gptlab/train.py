@@ -22,6 +22,7 @@ import tqdm
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
 from gptlab import optim
+from gptlab import parallel as parallel_lib
 from gptlab import perf
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import pipeline
@@ -74,7 +75,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         if grad_accum_steps == 1:
             (loss_sum, sums), grads = grad_fn(state.params, batch, key)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+            # Micro-batch i takes rows i, i+k, i+2k, ...: every device's rows spread evenly over
+            # the micro-batches, so no device idles when the batch axis is sharded.
+            micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, inputs):
                 index, micro_batch = inputs
@@ -194,6 +197,7 @@ def train_and_evaluate(config, workdir) -> dict:
     Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
     """
     check_train_config(config)
+    parallel_lib.initialize_distributed(config.parallel)  # before anything touches devices
     is_main = jax.process_index() == 0
     log = Logger(is_main)
     workdir = checkpoint_lib.check_writable(workdir)
@@ -220,12 +224,16 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
     model_cfg = resolve_model_config(config, tokenizer)
     model = model_lib.GPT(model_cfg)
 
+    parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    params = model_lib.init_params(model_cfg, init_key)
+    params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, init_key))  # shapes only
     schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
     tx = optim.adamw(config.optimizer, schedule, params)
-    state = TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.key_data(dropout_key))
+
+    def make_state():
+        params = model_lib.init_params(model_cfg, init_key)
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(dropout_key))
 
     resolved = config.copy_and_resolve_references()
     with resolved.unlocked():
@@ -241,21 +249,23 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
         f"context {model_cfg.block_size}, vocab {model_cfg.vocab_size}, {model_cfg.dtype} compute")
     log(rules_table(params, optim.match_mask(params, config.optimizer.weight_decay_on, "optimizer.weight_decay_on")))
 
+    state = parallel.init_state(make_state)
     if latest is not None:
-        state, items = checkpoints.restore(latest, state)
+        state, items = checkpoints.restore(latest, parallel.abstract_state(state))
+        state = parallel.place_restored(state)
         data.train.restore(items["data"])
         log(f"resumed from {checkpoints.directory / str(latest)} (step {latest})")
     else:
         log("no checkpoint in the workdir: starting from scratch")
 
     loss_fn = lm_loss_fn(model)
-    train_step = jax.jit(make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(loss_fn))
+    train_step, eval_step = parallel.compile(
+        lambda axis: make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, axis_name=axis),
+        lambda axis: make_eval_step(loss_fn, axis_name=axis))
     eval_batches = data.eval_batches(config.train.eval_batches)
 
     def save(step, state):
-        checkpoints.save(step, state, data=data.train.state(), config=config_json, tokenizer=tokenizer.to_json())
+        checkpoints.save(step, parallel.checkpointable(state), data=data.train.state(), config=config_json, tokenizer=tokenizer.to_json())
 
     return run_loop(config, workdir, state, data.train, train_step, eval_step, eval_batches, save, log, is_main,
                     flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len),
@@ -266,7 +276,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
              flops_per_token: float, dtype: str) -> dict:
     """The loop every experiment shares: step, log, evaluate, checkpoint; returns final metrics."""
     train = config.train
-    start_step = int(state.step)
+    start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
     peak, peak_source = perf.peak_tflops(train.peak_tflops)
     log(f"MFU is measured against {peak:.1f} TFLOP/s per device ({peak_source}); {dtype} compute")
     writer = MetricsWriter(workdir, enabled=is_main)

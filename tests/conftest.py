@@ -43,3 +43,21 @@ def tiny_config(data_dir, **overrides):
 @pytest.fixture
 def make_config(data_dir):
     return lambda **overrides: tiny_config(data_dir, **overrides)
+
+
+def restore_state_numpy(workdir, step):
+    """A checkpoint's train state as numpy arrays, whatever devices or shardings wrote it."""
+    import orbax.checkpoint as ocp
+
+    from gptlab import checkpoint as checkpoint_lib
+
+    ckpts = checkpoint_lib.Checkpoints(pathlib.Path(workdir) / "checkpoints")
+    try:
+        meta = ckpts.manager.item_metadata(step)["state"]
+        import jax
+        import numpy as np
+
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(meta))
+        return ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    finally:
+        ckpts.close()

@@ -10,17 +10,9 @@ from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig, init_params
 
+from conftest import restore_state_numpy
+
 TINY = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32)
-
-
-def _restore_final(workdir, step):
-    ckpts = checkpoint_lib.Checkpoints(workdir / "checkpoints")
-    meta = ckpts.manager.item_metadata(step)["state"]
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta))
-    import orbax.checkpoint as ocp
-    restored = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    ckpts.close()
-    return restored["state"]
 
 
 def test_loss_falls_on_the_tiny_preset(make_config, tmp_path):
@@ -101,7 +93,7 @@ def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_c
     assert [m["step"] for m in resumed] == list(range(1, 19))
     for a, b in zip(straight, resumed):
         assert a["train_loss"] == b["train_loss"] and a.get("eval_loss") == b.get("eval_loss"), (a, b)
-    final_a, final_b = _restore_final(tmp_path / "straight", 18), _restore_final(tmp_path / "resumed", 18)
+    final_a, final_b = restore_state_numpy(tmp_path / "straight", 18), restore_state_numpy(tmp_path / "resumed", 18)
     for a, b in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_b)):
         np.testing.assert_array_equal(a, b)
 
