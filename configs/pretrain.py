@@ -75,6 +75,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     train.peak_tflops = config_dict.placeholder(float)  # device peak for MFU; None: known-device table
+    train.skip_nonfinite_steps = False  # skip updates with a non-finite gradient instead of stopping
+    train.max_nonfinite_in_a_row = 10  # with skipping: stop after this many non-finite steps in a row
 
     config.parallel = par = config_dict.ConfigDict()
     par.mode = "jit"  # jit (device mesh: data parallel + FSDP) or pmap (classic data parallel)
@@ -87,6 +89,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     config.checkpoint = ckpt = config_dict.ConfigDict()
     ckpt.max_to_keep = 3  # most recent checkpoints kept on disk
     ckpt.async_save = True  # write checkpoints in the background while training continues
+    ckpt.fallback_on_corruption = False  # resume from the previous checkpoint if the latest is damaged
 
     if preset == "tiny":
         model.n_layer, model.n_head, model.n_embd, model.block_size = 2, 2, 64, 64

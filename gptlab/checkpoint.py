@@ -2,19 +2,61 @@
 
 Each step directory holds the train state's arrays (`state`, StandardSave) and,
 as JSON beside them, the data iterator's position (`data`), the resolved config
-(`config`) and the tokenizer (`tokenizer`), so a checkpoint is self-describing:
-fine-tuning, sampling and evaluation need nothing else.
+(`config`), the tokenizer (`tokenizer`) and a fingerprint of every array
+(`integrity`), so a checkpoint is self-describing (fine-tuning, sampling and
+evaluation need nothing else) and self-checking.
+
+Safety: Orbax writes a step into `STEP.orbax-checkpoint-tmp` and renames it only
+when complete, so a run killed mid-save leaves a temporary directory that is
+ignored and removed at the next start. A restored state whose arrays do not
+match the fingerprints taken at save time (a truncated or altered file), or a
+step whose metadata cannot be read, raises `CorruptCheckpoint`.
 """
 import os
 import pathlib
+import re
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gptlab.errors import UserError
 from gptlab.optim import path_str
 
-JSON_ITEMS = ("data", "config", "tokenizer")
+JSON_ITEMS = ("data", "config", "tokenizer", "integrity")
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint step exists but cannot be trusted; `step` and `path` say which."""
+
+    def __init__(self, step: int, path, reason: str):
+        super().__init__(f"checkpoint step {step} at {path} is damaged: {reason}")
+        self.step, self.path = step, path
+
+
+@jax.jit
+def fingerprint(tree):
+    """One uint32 per leaf: the sum of its raw bits times odd position weights, mod 2**32.
+
+    Any change to a single element changes the sum (odd weights are invertible
+    mod 2**32). Computed on device, so sharded and multi-host states need no gather.
+    """
+
+    def leaf_print(x):
+        x = jnp.asarray(x)
+        bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        raw = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).ravel()
+        weights = (jnp.arange(raw.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
+        return jnp.sum(raw * weights, dtype=jnp.uint32)
+
+    return [leaf_print(x) for x in jax.tree.leaves(tree)]
+
+
+def _fingerprints(state) -> dict:
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    return dict(zip(paths, (int(v) for v in jax.device_get(fingerprint(state)))))
 
 
 class Checkpoints:
@@ -29,41 +71,108 @@ class Checkpoints:
             item_names=tuple(handlers),
             item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True),  # leftovers of a save interrupted by a kill
         )
+        self._last_saved = None
 
     def latest_step(self):
         return self.manager.latest_step()
 
+    def step_path(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
     def save(self, step: int, state, *, data: dict, config: dict, tokenizer: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-            config=ocp.args.JsonSave(config), tokenizer=ocp.args.JsonSave(tokenizer)))
+        """Starts writing `step` (in the background when async); a failed write raises UserError."""
+        # Orbax waits for the previous background write before starting this one anyway;
+        # waiting here first reports a failed previous write under its own step number.
+        self.wait()
+        integrity = {"fingerprints": _fingerprints(state)}
+        try:
+            # force: the training loop decides when to save (intervals, the last step, preemption).
+            started = self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                config=ocp.args.JsonSave(config), tokenizer=ocp.args.JsonSave(tokenizer),
+                integrity=ocp.args.JsonSave(integrity)))
+        except Exception as e:  # pylint: disable=broad-except
+            self._raise_write_error(step, e)
+        if not started:
+            raise UserError(f"checkpoint step {step} was not written: {self.directory} already holds step "
+                            f"{self.latest_step()}; use a fresh --workdir or resume from that step")
+        self._last_saved = step
+
+    def wait(self) -> None:
+        """Blocks until background writes finish; a failed write raises UserError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            self._raise_write_error(self._last_saved, e)
+
+    def _raise_write_error(self, step, error: Exception):
+        self.manager.reload()
+        good = [s for s in self.manager.all_steps() if s != step]
+        kept = f"checkpoints up to step {max(good)} are intact" if good else "no earlier checkpoint exists"
+        code = re.search(r"os_error_code='(\d+)'", str(error))  # TensorStore reports the OS error inside its text
+        reason = (getattr(error, "strerror", None) or (os.strerror(int(code.group(1))) if code else None)
+                  or _first_line(error))
+        raise UserError(f"could not write checkpoint step {step} to {self.directory} ({reason}); {kept}. "
+                        "Free disk space or fix the directory's permissions, then rerun the same command "
+                        "to resume") from None
 
     def read_json(self, step: int, item: str) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        except Exception as e:  # pylint: disable=broad-except
+            raise CorruptCheckpoint(step, self.step_path(step), f"its {item} cannot be read ({_first_line(e)})") from None
 
     def restore(self, step: int, abstract_state):
         """Restores the full train state and the JSON items of `step` into `abstract_state`, strictly.
 
+        Leaves of `abstract_state` say what to restore into: a ShapeDtypeStruct
+        with a sharding restores sharded jax.Arrays, a numpy array restores numpy.
         The stored parameter tree must have exactly the paths and shapes of
-        `abstract_state.params`; otherwise a UserError names the first mismatch.
+        `abstract_state.params` (else a UserError names the first mismatch), and
+        the arrays must match their save-time fingerprints (else CorruptCheckpoint).
         """
-        stored = self.manager.item_metadata(step)["state"]
-        check_same_shapes(stored["params"], abstract_state.params,
-                          where=f"checkpoint step {step} in {self.directory}")
-        # Leaves of `abstract_state` say what to restore into: a ShapeDtypeStruct with a
-        # sharding restores sharded jax.Arrays, a numpy array restores numpy.
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+            stored_params = stored["params"]
+        except Exception as e:  # pylint: disable=broad-except
+            raise CorruptCheckpoint(step, self.step_path(step), f"its metadata cannot be read ({_first_line(e)})") from None
+        check_same_shapes(stored_params, abstract_state.params, where=f"checkpoint step {step} in {self.directory}")
         items = dict(state=ocp.args.StandardRestore(abstract_state), **{k: ocp.args.JsonRestore() for k in JSON_ITEMS})
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # pylint: disable=broad-except
+            raise CorruptCheckpoint(step, self.step_path(step), f"it cannot be read ({_first_line(e)})") from None
+        expected = (restored.get("integrity") or {}).get("fingerprints")
+        if not expected:
+            raise CorruptCheckpoint(step, self.step_path(step), "its integrity record is missing")
+        actual = _fingerprints(restored["state"])
+        for path, value in actual.items():
+            if expected.get(path) != value:
+                raise CorruptCheckpoint(step, self.step_path(step),
+                                        f"array {path} differs from what was saved (truncated or altered file)")
         return restored["state"], {k: restored[k] for k in JSON_ITEMS}
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def quarantine(self, step: int) -> pathlib.Path:
+        """Moves a damaged step out of checkpoints/ (kept for inspection, never deleted)."""
+        target = self.directory.parent / "damaged_checkpoints" / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.step_path(step)), str(target))
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
 
 
 def _shapes(tree) -> dict:

@@ -3,7 +3,7 @@ import sys
 
 from absl import app, flags, logging
 
-from gptlab.errors import UserError
+from gptlab.errors import Preempted, UserError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors caused by bad input.")
 
@@ -60,5 +60,8 @@ def run(main) -> None:
             if _VERBOSE.value:
                 raise
             fail(str(e))
+        except Preempted as e:
+            print(str(e), file=sys.stderr, flush=True)
+            sys.exit(Preempted.EXIT_CODE)
 
     app.run(absl_main, flags_parser=_parse_flags)

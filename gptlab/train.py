@@ -4,10 +4,12 @@ Start-up order (documented once, used by every experiment): resume this
 workdir's own latest checkpoint if there is one; otherwise initialise (from
 scratch for pretraining, from `init_from` for fine-tuning).
 """
-import dataclasses
 import json
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable
@@ -26,7 +28,7 @@ from gptlab import parallel as parallel_lib
 from gptlab import perf
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import pipeline
-from gptlab.errors import UserError
+from gptlab.errors import Preempted, UserError
 from gptlab.metrics import MetricsWriter
 
 
@@ -134,6 +136,8 @@ def resolve_model_config(config, tokenizer) -> model_lib.GPTConfig:
 
 
 def resolve_seq_len(config) -> int:
+    if config.model.block_size < 1:
+        raise UserError(f"model.block_size={config.model.block_size} must be positive")
     seq_len = config.data.seq_len or config.model.block_size
     if seq_len > config.model.block_size:
         raise UserError(f"data.seq_len={seq_len} exceeds the model's context model.block_size="
@@ -156,6 +160,9 @@ def check_train_config(config) -> None:
     if config.seed < 0:
         raise UserError(f"seed={config.seed} must be non-negative")
     resolve_seq_len(config)
+    optim.learning_rate_schedule(config.optimizer, train.num_steps)  # validates the schedule's fields
+    if config.optimizer.weight_decay < 0:
+        raise UserError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be non-negative")
     try:  # the model's own checks, before any data is read (the vocabulary size comes later)
         model_lib.GPTConfig.from_config(config.model, vocab_size=config.model.vocab_size or 1)
     except ValueError as e:
@@ -204,7 +211,15 @@ def train_and_evaluate(config, workdir) -> dict:
     checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
                                              config.checkpoint.async_save)
     try:
-        return _train(config, workdir, checkpoints, log, is_main)
+        while True:
+            try:
+                return _train(config, workdir, checkpoints, log, is_main)
+            except checkpoint_lib.CorruptCheckpoint as e:  # raised at start-up, before any training
+                if not config.checkpoint.fallback_on_corruption:
+                    raise UserError(f"{e}. Move or delete {e.path} to resume from the previous checkpoint, "
+                                    "or rerun with --config.checkpoint.fallback_on_corruption=True") from None
+                moved = checkpoints.quarantine(e.step)
+                log(f"warning: {e}; moved it to {moved} and falling back to the previous checkpoint")
     finally:
         checkpoints.close()
 
@@ -229,6 +244,8 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
     params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, init_key))  # shapes only
     schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
     tx = optim.adamw(config.optimizer, schedule, params)
+    if config.train.skip_nonfinite_steps:  # the loop counts skipped steps and gives up after a limit
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
     def make_state():
         params = model_lib.init_params(model_cfg, init_key)
@@ -264,48 +281,110 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
         lambda axis: make_eval_step(loss_fn, axis_name=axis))
     eval_batches = data.eval_batches(config.train.eval_batches)
 
-    def save(step, state):
-        checkpoints.save(step, parallel.checkpointable(state), data=data.train.state(), config=config_json, tokenizer=tokenizer.to_json())
+    def save(step, state, wait=False):
+        checkpoints.save(step, parallel.checkpointable(state), data=data.train.state(), config=config_json,
+                         tokenizer=tokenizer.to_json())
+        if wait:
+            checkpoints.wait()
 
     return run_loop(config, workdir, state, data.train, train_step, eval_step, eval_batches, save, log, is_main,
                     flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len),
                     dtype=model_cfg.dtype)
 
 
+class PreemptionGuard:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested:
+            os._exit(128 + signum)  # the second signal: no checkpoint, exit now
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_finite(fetched, skip_nonfinite: bool, max_in_a_row: int, in_a_row: int, last_saved, log) -> int:
+    """Stops at the first non-finite loss or gradient norm, or (skipping) logs it and counts.
+
+    Returns the number of non-finite steps in a row so far. Raising here, before
+    any save, keeps a poisoned state out of the checkpoints.
+    """
+    for step, metrics in fetched:
+        loss, grad_norm = float(metrics["train_loss"]), float(metrics["grad_norm"])
+        if np.isfinite(loss) and np.isfinite(grad_norm):
+            in_a_row = 0
+            continue
+        in_a_row += 1
+        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        if not skip_nonfinite:
+            raise UserError(f"non-finite training loss {loss} / gradient norm {grad_norm} at step {step}; {kept}. "
+                            "Lower optimizer.learning_rate, raise optimizer.warmup_steps, or set "
+                            "train.skip_nonfinite_steps=True to skip such updates")
+        log(f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}: update skipped "
+            f"({in_a_row} in a row)")
+        if in_a_row >= max_in_a_row:
+            raise UserError(f"{in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row={max_in_a_row}) "
+                            f"at step {step}; {kept}. Lower optimizer.learning_rate or check the data")
+    return in_a_row
+
+
 def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batches, save, log, is_main,
              flops_per_token: float, dtype: str) -> dict:
-    """The loop every experiment shares: step, log, evaluate, checkpoint; returns final metrics."""
+    """The loop every experiment shares: step, log, evaluate, checkpoint; returns final metrics.
+
+    `save(step, state, wait=False)` writes a checkpoint (in the background unless `wait`).
+    """
     train = config.train
     start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
     peak, peak_source = perf.peak_tflops(train.peak_tflops)
     log(f"MFU is measured against {peak:.1f} TFLOP/s per device ({peak_source}); {dtype} compute")
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
     final = {"step": start_step}
     if start_step >= train.num_steps:
         log(f"checkpoint is at step {start_step} >= train.num_steps={train.num_steps}: nothing to train")
     bar = tqdm.tqdm(total=train.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=not (is_main and sys.stderr.isatty()))
     log.bar = bar if not bar.disable else None
-    pending = []  # device metrics since the last log; fetched to the host only when logged
+    guard = PreemptionGuard()
+    pending = []  # (step, device metrics) not yet fetched; fetched only to log or before a save
+    unlogged = []  # fetched (step, host metrics) since the last logged record
+    in_a_row, last_saved = 0, start_step or None
     interval_start = time.perf_counter()
     try:
         for step in range(start_step + 1, train.num_steps + 1):
             state, metrics = train_step(state, next(batches))
-            pending.append(metrics)
+            pending.append((step, metrics))
             bar.update(1)
-            record = {}
-            if step % train.log_every == 0 or step == train.num_steps:
+            log_now = step % train.log_every == 0 or step == train.num_steps
+            save_now = step % train.checkpoint_every == 0 or step == train.num_steps or guard.requested
+            if log_now or save_now:
                 fetched = jax.device_get(pending)
+                pending = []
+                in_a_row = check_finite(fetched, train.skip_nonfinite_steps, train.max_nonfinite_in_a_row,
+                                        in_a_row, last_saved, log)
+                unlogged += fetched
+            record = {}
+            if log_now:
                 elapsed = time.perf_counter() - interval_start
-                tokens = sum(float(m["tokens"]) for m in fetched)
+                tokens = sum(float(m["tokens"]) for _, m in unlogged)
+                losses = [float(m["train_loss"]) for _, m in unlogged if np.isfinite(float(m["train_loss"]))]
                 record.update(
-                    train_loss=float(np.mean([m["train_loss"] for m in fetched])),
-                    grad_norm=float(fetched[-1]["grad_norm"]), learning_rate=float(fetched[-1]["learning_rate"]),
+                    train_loss=float(np.mean(losses)) if losses else float("nan"),
+                    grad_norm=float(unlogged[-1][1]["grad_norm"]),
+                    learning_rate=float(unlogged[-1][1]["learning_rate"]),
                     tokens_per_sec=tokens / elapsed,
                     mfu=tokens / elapsed * flops_per_token / (peak * 1e12 * jax.device_count()))
-                if not np.isfinite(record["train_loss"]):
-                    raise FloatingPointError(f"non-finite train loss {record['train_loss']} at step {step}")
-                pending = []
+                unlogged = []
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
             if step % train.eval_every == 0 or step == train.num_steps:
                 record.update(evaluate(eval_step, state.params, eval_batches))
@@ -313,12 +392,15 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                 writer.write(step, record)
                 log(f"step {step:6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
                 final.update(record, step=step)
-            saving = step % train.checkpoint_every == 0 or step == train.num_steps
-            if saving:
-                save(step, state)
-            if record or saving:  # keep evaluation and saving out of the throughput figures
+            if save_now:
+                save(step, state, wait=guard.requested)
+                last_saved = step
+            if guard.requested:
+                raise Preempted(step, workdir)
+            if record or save_now:  # keep evaluation and saving out of the throughput figures
                 interval_start = time.perf_counter()
     finally:
+        guard.restore()
         bar.close()
         log.bar = None
         writer.close()

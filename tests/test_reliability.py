@@ -1,0 +1,234 @@
+"""Faults a long run meets: preemption, kill -9, damaged checkpoints, NaNs, a full disk."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO, restore_state_numpy
+from gptlab import checkpoint as checkpoint_lib
+from gptlab import train
+from gptlab.errors import Preempted, UserError
+from gptlab.metrics import read_metrics
+from gptlab.model import GPT, GPTConfig, init_params
+
+STEPS = 24
+RUN_ARGS = [f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=3", "--config.train.log_every=1",
+            "--config.train.eval_every=12", "--config.model.dropout=0.1"]
+
+
+def start(workdir, data_dir, *args):
+    cmd = [sys.executable, "-m", "experiments.pretrain", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", *RUN_ARGS, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.002)
+
+
+def logged_steps(workdir):
+    return len(read_metrics(workdir))
+
+
+def saving(workdir):
+    ckpts = workdir / "checkpoints"
+    return ckpts.exists() and any("tmp" in p.name for p in ckpts.iterdir())
+
+
+def assert_identical_runs(a, b):
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [m["step"] for m in mb] == list(range(1, STEPS + 1))
+    assert [(m["train_loss"], m.get("eval_loss")) for m in ma] == [(m["train_loss"], m.get("eval_loss")) for m in mb]
+    for x, y in zip(jax.tree.leaves(restore_state_numpy(a, STEPS)), jax.tree.leaves(restore_state_numpy(b, STEPS))):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = start(workdir, data_dir)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return workdir
+
+
+def test_sigterm_saves_exits_75_and_the_rerun_matches_the_uninterrupted_run(reference, tmp_path, data_dir):
+    proc = start(tmp_path, data_dir)
+    wait_until(lambda: logged_steps(tmp_path) >= 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == Preempted.EXIT_CODE
+    err = proc.stderr.read()
+    step = int(err.split("preempted at step ")[1].split(":")[0])
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert 7 <= step < STEPS and str(step) in saved, (saved, err)  # saved where it stopped
+    rerun = start(tmp_path, data_dir)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert_identical_runs(reference, tmp_path)
+
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    guard = train.PreemptionGuard()
+    try:
+        guard._handle(signal.SIGTERM, None)
+        assert guard.requested and not exits
+        guard._handle(signal.SIGTERM, None)
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        guard.restore()
+
+
+def test_kill_9_at_six_points_including_mid_save_never_breaks_the_resumed_run(reference, tmp_path, data_dir):
+    """One run killed again and again (after steps, and while a checkpoint is being written)."""
+    kill_points = [lambda: logged_steps(tmp_path) >= 2, lambda: saving(tmp_path),
+                   lambda: logged_steps(tmp_path) >= 8, lambda: saving(tmp_path),
+                   lambda: logged_steps(tmp_path) >= 16, lambda: saving(tmp_path)]
+    killed_mid_save = 0
+    for point in kill_points:
+        proc = start(tmp_path, data_dir)
+        wait_until(point, proc)
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+        killed_mid_save += saving(tmp_path)
+        ckpts = checkpoint_lib.Checkpoints(tmp_path / "checkpoints")  # what a restart would trust
+        for step in ckpts.manager.all_steps():  # each listed step is complete and matches its fingerprints
+            stored = restore_state_numpy(tmp_path, step)
+            template = train.TrainState(step=stored["step"], params=stored["params"],
+                                        opt_state=stored["opt_state"], rng=stored["rng"])
+            ckpts.restore(step, jax.tree.map(np.zeros_like, template))
+        ckpts.close()
+    assert killed_mid_save >= 1, "no kill landed during a checkpoint write"
+    final = start(tmp_path, data_dir)
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    assert not any("tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())  # leftovers cleaned up
+    assert_identical_runs(reference, tmp_path)
+
+
+def _damage_truncate(step_dir):
+    data = max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _damage_alter(step_dir):
+    data = max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 16] = bytes(16)
+    data.write_bytes(bytes(raw))
+
+
+def _damage_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.fixture(scope="module")
+def six_and_nine_step_runs(tmp_path_factory, data_dir):
+    """A 6-step run to damage, and the 9-step run that resuming it must reproduce."""
+    from conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("damage")
+    config = lambda steps: tiny_config(data_dir, train__num_steps=steps, train__checkpoint_every=3,
+                                       train__eval_every=3, optimizer__decay_steps=9)
+    train.train_and_evaluate(config(9), root / "straight")
+    train.train_and_evaluate(config(6), root / "six")
+    return root, config
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_alter, _damage_metadata])
+def test_a_damaged_latest_checkpoint_is_detected_and_fallback_is_opt_in(six_and_nine_step_runs, tmp_path, damage):
+    import shutil
+
+    root, config = six_and_nine_step_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "six", run)
+    damage(run / "checkpoints" / "6")
+    with pytest.raises(UserError, match=r"checkpoint step 6 at \S+ is damaged: .*fallback_on_corruption=True"):
+        train.train_and_evaluate(config(9), run)
+    assert (run / "checkpoints" / "6").is_dir()  # refused, and nothing moved or deleted
+    cfg = config(9)
+    cfg.checkpoint.fallback_on_corruption = True
+    train.train_and_evaluate(cfg, run)  # falls back to step 3 and trains on
+    assert [p.name.split(".")[0] for p in (run / "damaged_checkpoints").iterdir()] == ["6"]
+    a, b = restore_state_numpy(root / "straight", 9), restore_state_numpy(run, 9)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_nan_stops_training_before_it_reaches_a_checkpoint(make_config, tmp_path):
+    config = make_config(optimizer__learning_rate=1e6, optimizer__min_learning_rate=0.0, optimizer__warmup_steps=0,
+                         optimizer__grad_clip_norm=0.0, train__checkpoint_every=1, train__num_steps=30)
+    with pytest.raises(UserError, match=r"non-finite training loss .* at step (\d+); the last good checkpoint"):
+        train.train_and_evaluate(config, tmp_path)
+    ckpts = checkpoint_lib.Checkpoints(tmp_path / "checkpoints")
+    steps = ckpts.manager.all_steps()
+    ckpts.close()
+    for step in steps:  # every checkpoint that exists is finite: the poisoned state was never saved
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(restore_state_numpy(tmp_path, step)["params"]))
+
+
+def test_skipping_nonfinite_steps_leaves_the_state_untouched_and_gives_up_after_a_limit():
+    cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    model_loss = train.lm_loss_fn(GPT(cfg))
+
+    def loss_fn(params, batch, key):  # a "bad batch" (poison=1) yields a NaN loss and NaN gradients
+        loss, sums = model_loss(params, batch, key)
+        return loss * jnp.where(batch["poison"][0] > 0, jnp.nan, 1.0), sums
+
+    params = init_params(cfg, jax.random.key(0))
+    tx = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=2**31 - 1)
+    state = train.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.key(1)))
+    step_fn = jax.jit(train.make_train_step(loss_fn, tx, optax.constant_schedule(1e-2)))
+    tokens = jnp.ones((2, 9), jnp.int32)
+    bad, good = {"tokens": tokens, "poison": jnp.ones((2,))}, {"tokens": tokens, "poison": jnp.zeros((2,))}
+    after_bad, metrics = step_fn(state, bad)
+    for a, b in zip(jax.tree.leaves(after_bad.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    after_good, _ = step_fn(after_bad, good)
+    assert not np.array_equal(after_good.params["wte"]["embedding"], params["wte"]["embedding"])
+    messages = []
+    fetched = [(s, {"train_loss": np.nan, "grad_norm": np.nan}) for s in (1, 2)]
+    assert train.check_finite(fetched, True, 3, 0, None, messages.append) == 2
+    assert "step 2: non-finite loss" in messages[-1] and "update skipped (2 in a row)" in messages[-1]
+    with pytest.raises(UserError, match="3 non-finite steps in a row"):
+        train.check_finite(fetched[:1], True, 3, 2, 3, messages.append)
+    assert train.check_finite([(4, {"train_loss": 1.0, "grad_norm": 1.0})], True, 3, 2, 3, messages.append) == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2.5 MB filesystem mounted as the run's checkpoints/ directory: room for one checkpoint."""
+    mount_point = tmp_path / "run" / "checkpoints"
+    mount_point.mkdir(parents=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {result.stderr.strip()}")
+    yield tmp_path / "run"
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(make_config, tiny_disk):
+    config = make_config(train__num_steps=9, train__checkpoint_every=3, train__eval_every=3)
+    config.checkpoint.async_save = True
+    with pytest.raises(UserError, match=r"could not write checkpoint step 6 .*No space left on device.*"
+                                        r"checkpoints up to step 3 are intact"):
+        train.train_and_evaluate(config, tiny_disk)
+    ckpts = checkpoint_lib.Checkpoints(tiny_disk / "checkpoints")
+    assert ckpts.manager.all_steps() == [3]  # the half-written step 6 is not trusted
+    ckpts.close()
+    state = restore_state_numpy(tiny_disk, 3)
+    assert int(state["step"]) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
