@@ -27,8 +27,19 @@ setuptools.setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "sentencepiece>=0.2.3",  # data.tokenizer=sentencepiece
+        "tiktoken>=0.14",  # data.tokenizer=gpt2 (GPT-2 BPE from a local encoding file)
+        "safetensors>=0.8",  # experiments.convert: Hugging Face GPT-2 weights in and out, no PyTorch
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # TensorFlow prepares many TFDS catalog datasets (tiny_shakespeare, lm1b, ...); gptlab imports it
+        # only for that, with accelerators hidden. macOS has no tensorflow-cpu wheels; its tensorflow is CPU-only.
+        "tf": ["tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'"],
+        # The tests prepare the real tiny_shakespeare catalog builder, so they need the tf extra too.
+        "test": ["pytest>=8", "hypothesis>=6.100",
+                 "tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'",
+                 # The GPT-2 interop tests compare against transformers' GPT2LMHeadModel on CPU. The exact
+                 # torch pin takes the CPU wheel; a looser spec pulls a CUDA build with GBs of packages.
+                 "torch==2.13.*", "transformers>=5.24"],
     },
 )

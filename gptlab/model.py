@@ -6,6 +6,7 @@ masks, weight-decay rules and checkpoint checks select parameters by path.
 """
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +38,9 @@ class GPTConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     attention: str = "xla"  # see ATTENTION_IMPLS
     remat: str = "none"  # see REMAT_POLICIES
+    lora_rank: int = 0  # LoRA adapters of this rank on the kernels matching lora_targets; 0: none
+    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank
+    lora_targets: tuple = (r"blocks_\d+/attn/(qkv|proj)/kernel",)  # regexes (fullmatch) over kernel paths
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -55,6 +59,8 @@ class GPTConfig:
             raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0: no adapters)")
 
     @classmethod
     def from_config(cls, model_config, **overrides) -> "GPTConfig":
@@ -73,20 +79,45 @@ def _init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+class Dense(nn.Dense):
+    """nn.Dense plus, when its kernel's path matches `cfg.lora_targets`, a LoRA adapter.
+
+    LoRA (Hu et al., 2021): y = x W + b + (alpha / rank) x A B, with A (in, rank)
+    drawn normal and B (rank, out) zeros, so an adapted model starts exactly equal
+    to its base model; fine-tuning trains A and B while W stays frozen.
+    """
+    cfg: Any = None  # the GPTConfig with the LoRA settings; None: a plain Dense
+
+    @nn.compact
+    def __call__(self, x):
+        y = super().__call__(x)
+        cfg = self.cfg
+        kernel_path = "/".join(self.path) + "/kernel"
+        if cfg is None or not cfg.lora_rank or not any(re.fullmatch(t, kernel_path) for t in cfg.lora_targets):
+            return y
+        a = self.param("lora_a", _init(1.0 / math.sqrt(x.shape[-1])), (x.shape[-1], cfg.lora_rank), self.param_dtype)
+        b = self.param("lora_b", nn.initializers.zeros, (cfg.lora_rank, self.features), self.param_dtype)
+        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
+        return y + (x @ a) @ b * (cfg.lora_alpha / cfg.lora_rank)
+
+
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, cache=None, cache_index=None):
+        """With a `cache` (sampling), also returns it with this call's keys and values written in."""
         cfg = self.cfg
         batch, seq_len, _ = x.shape
-        dense = lambda features, std, name: nn.Dense(
+        dense = lambda features, std, name: Dense(
             features, use_bias=cfg.bias, kernel_init=_init(std), dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, name=name)
+            param_dtype=cfg.param_dtype, name=name, cfg=cfg)
         qkv = dense(3 * cfg.n_embd, 0.02, "qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, 3 * cfg.n_head, cfg.head_dim), 3, axis=2)
         attn_dropout = cfg.dropout > 0 and not deterministic
-        if cfg.attention == "explicit" or attn_dropout:
+        if cache is not None:
+            y, cache = cached_attention(q, k, v, cache, cache_index)
+        elif cfg.attention == "explicit" or attn_dropout:
             # jax.nn.dot_product_attention has no dropout, so nanoGPT's attention
             # dropout needs the explicit form (softmax in float32 for stability).
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
@@ -100,7 +131,25 @@ class CausalSelfAttention(nn.Module):
         y = y.reshape(batch, seq_len, cfg.n_embd)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) at init.
         y = dense(cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), "proj")(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return y if cache is None else (y, cache)
+
+
+def cached_attention(q, k, v, cache, cache_index):
+    """Causal attention of new tokens over a key/value cache, for sampling.
+
+    cache: (keys, values), each (batch, capacity, n_head, head_dim); cache_index: int
+    (batch,), the slot of each row's first new token. The new keys and values are
+    written there; a query sees the slots up to its own, so stale slots beyond are ignored.
+    """
+    write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (i, 0, 0)))
+    k_all, v_all = write(cache[0], k, cache_index), write(cache[1], v, cache_index)
+    query_slots = cache_index[:, None] + jnp.arange(q.shape[1])  # (batch, new tokens)
+    visible = jnp.arange(k_all.shape[1]) <= query_slots[:, :, None]  # (batch, new tokens, capacity)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_all) / math.sqrt(q.shape[-1])
+    scores = jnp.where(visible[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v_all), (k_all, v_all)
 
 
 class MLP(nn.Module):
@@ -109,10 +158,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.cfg
-        common = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        x = nn.Dense(4 * cfg.n_embd, kernel_init=_init(0.02), name="fc", **common)(x)
+        common = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, cfg=cfg)
+        x = Dense(4 * cfg.n_embd, kernel_init=_init(0.02), name="fc", **common)(x)
         x = nn.gelu(x, approximate=True)  # GPT-2 uses the tanh approximation
-        x = nn.Dense(cfg.n_embd, kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer)),
+        x = Dense(cfg.n_embd, kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer)),
                      name="proj", **common)(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
@@ -121,23 +170,32 @@ class Block(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, cache=None, cache_index=None):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_bias=self.cfg.bias, dtype=self.cfg.dtype,
                                          param_dtype=self.cfg.param_dtype, name=name)
-        x = x + CausalSelfAttention(self.cfg, name="attn")(norm("ln_1")(x), deterministic)
+        attn = CausalSelfAttention(self.cfg, name="attn")
+        if cache is None:
+            x = x + attn(norm("ln_1")(x), deterministic)
+        else:
+            y, cache = attn(norm("ln_1")(x), deterministic, cache, cache_index)
+            x = x + y
         x = x + MLP(self.cfg, name="mlp")(norm("ln_2")(x), deterministic)
-        return x
+        return x if cache is None else (x, cache)
 
 
 class GPT(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic: bool = True, return_hidden: bool = False):
+    def __call__(self, tokens, *, deterministic: bool = True, return_hidden: bool = False,
+                 cache=None, cache_index=None):
         """tokens: int (batch, seq_len) -> logits (batch, seq_len, vocab_size).
 
         With `return_hidden=True`, returns the final-LayerNorm hidden states
         (batch, seq_len, n_embd) instead, for task heads built on the body.
+        Sampling passes a key/value `cache` (`init_cache`) and `cache_index` (batch,),
+        the cache slot and position of each row's first token; the call then
+        returns (logits, cache) with this call's keys and values written in.
         """
         cfg = self.cfg
         seq_len = tokens.shape[-1]
@@ -147,27 +205,41 @@ class GPT(nn.Module):
         embed = lambda num, name: nn.Embed(num, cfg.n_embd, embedding_init=_init(0.02),
                                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
         wte = embed(cfg.vocab_size, "wte")
-        x = wte(tokens) + embed(cfg.block_size, "wpe")(jnp.arange(seq_len))
+        positions = jnp.arange(seq_len) if cache is None else cache_index[:, None] + jnp.arange(seq_len)
+        x = wte(tokens) + embed(cfg.block_size, "wpe")(positions)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,))
+        new_cache = []
         for i in range(cfg.n_layer):
-            x = block(cfg, name=f"blocks_{i}")(x, deterministic)
+            if cache is None:
+                x = block(cfg, name=f"blocks_{i}")(x, deterministic)
+            else:  # sampling differentiates nothing, so there is nothing to rematerialise
+                x, layer_cache = Block(cfg, name=f"blocks_{i}")(x, deterministic, cache[i], cache_index)
+                new_cache.append(layer_cache)
         x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="ln_f")(x)
         if return_hidden:
-            return x
-        if cfg.tie_embeddings:
-            return wte.attend(x)
-        return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(0.02), dtype=cfg.dtype,
-                        param_dtype=cfg.param_dtype, name="lm_head")(x)
+            out = x
+        elif cfg.tie_embeddings:
+            out = wte.attend(x)
+        else:
+            out = Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(0.02), dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, name="lm_head", cfg=cfg)(x)
+        return out if cache is None else (out, new_cache)
 
 
 def init_params(cfg: GPTConfig, key: jax.Array) -> Any:
     """Initialises parameters for `cfg` from a `jax.random.key`."""
     tokens = jnp.zeros((1, min(cfg.block_size, 8)), dtype=jnp.int32)
     return GPT(cfg).init({"params": key}, tokens)["params"]
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, capacity: int = 0) -> list:
+    """An empty key/value cache: per layer (keys, values), each (batch, capacity, n_head, head_dim)."""
+    shape = (batch_size, capacity or cfg.block_size, cfg.n_head, cfg.head_dim)
+    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer)]
 
 
 def count_params(params, exclude_position_embeddings: bool = True) -> int:

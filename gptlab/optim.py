@@ -58,7 +58,7 @@ def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
     A warmup longer than the decay (a short smoke run) simply never reaches the peak.
     """
     peak, floor = opt_cfg.learning_rate, opt_cfg.min_learning_rate
-    warmup, decay_steps = opt_cfg.warmup_steps, opt_cfg.decay_steps or num_steps
+    warmup, decay_steps = opt_cfg.warmup_steps, opt_cfg.decay_steps or max(num_steps, 1)
     if peak <= 0 or floor < 0 or floor > peak:
         raise UserError(f"optimizer.learning_rate={peak} and min_learning_rate={floor} must satisfy "
                         "0 <= min_learning_rate <= learning_rate and learning_rate > 0")

@@ -192,10 +192,18 @@ class Parallel:
     # -- batches and steps -------------------------------------------------------
 
     def place_batch(self, local_batch: dict) -> dict:
-        if self.mode == "jit":
-            return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+        if self.mode == "jit":  # arrays already placed (by `prefetch_place`) pass through
+            return {k: v if isinstance(v, jax.Array) else jax.make_array_from_process_local_data(self.batch_sharding, v)
+                    for k, v in local_batch.items()}
         n = len(self.local_devices)
         return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local_batch.items()}
+
+    def prefetch_place(self, local_batch: dict) -> dict:
+        """What a prefetching thread does ahead of the step: the device transfer under `jit`.
+
+        Under `pmap` the host batch is kept as is; the pmapped step shards it when called.
+        """
+        return self.place_batch(local_batch) if self.mode == "jit" else local_batch
 
     def compile(self, make_train_step, make_eval_step):
         """Compiles `make_train_step(axis_name)` and `make_eval_step(axis_name)` for this mode.

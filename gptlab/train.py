@@ -1,9 +1,10 @@
 """Training: one train state, one pure train step, one loop.
 
-Start-up order (documented once, used by every experiment): resume this
-workdir's own latest checkpoint if there is one; otherwise initialise (from
-scratch for pretraining, from `init_from` for fine-tuning).
+Start-up order (documented once, in `start_and_run`, used by every experiment):
+resume this workdir's own latest checkpoint if there is one; otherwise
+initialise (from scratch for pretraining, from `init_from` for fine-tuning).
 """
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -26,6 +27,7 @@ from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
 from gptlab import perf
+from gptlab import results
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import pipeline
 from gptlab.errors import Preempted, UserError
@@ -42,7 +44,9 @@ class TrainState:
 
 # A loss function: (params, batch, dropout_key or None) -> (summed loss, dict of sums incl. "count").
 # Sums rather than means make gradient accumulation and data parallelism exact for any split,
-# also when examples carry different numbers of target tokens (masked losses).
+# also when examples carry different numbers of target tokens (masked losses). Optional sums:
+# "tokens" (input tokens processed, for throughput; default "count") and any metric to be
+# averaged over "count" at evaluation (e.g. "accuracy" -> eval_accuracy).
 LossFn = Callable[[Any, dict, Any], tuple]
 
 
@@ -56,26 +60,47 @@ def lm_loss_fn(model: model_lib.GPT) -> LossFn:
         logits = model.apply({"params": params}, inputs, deterministic=dropout_key is None, rngs=rngs)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         weights = batch.get("weights", jnp.ones_like(losses))
-        return jnp.sum(losses * weights), {"count": jnp.sum(weights)}
+        return jnp.sum(losses * weights), {"count": jnp.sum(weights), "tokens": jnp.float32(losses.size)}
 
     return loss_fn
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, axis_name=None):
+                    grad_accum_steps: int = 1, axis_name=None, trainable=None):
     """The pure train step: (state, batch) -> (state, metrics). Compile it with jit or pmap.
 
     The batch is split into `grad_accum_steps` micro-batches along axis 0; loss
     and gradient sums are accumulated (and summed over `axis_name` under pmap)
     and divided by the total target count once, so the update depends only on
     the global batch. Dropout keys are fold_in(rng, step) (and micro-batch index).
+
+    With a `trainable` bool tree (fine-tuning), gradients are taken only with
+    respect to those parameters: the frozen ones enter the loss as constants, so
+    autodiff computes no weight gradients for them (and no backward pass below
+    the lowest trainable layer); `tx` sees zeros for them and they are carried
+    into the new state untouched, bit for bit.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def split(params):  # (differentiated, constant) parts; None marks the other part's leaves
+        if trainable is None:
+            return params, None
+        return (jax.tree.map(lambda p, t: p if t else None, params, trainable),
+                jax.tree.map(lambda p, t: None if t else p, params, trainable))
+
+    def join(diff, const):
+        if const is None:
+            return diff
+        return jax.tree.map(lambda d, c: c if d is None else d, diff, const, is_leaf=lambda x: x is None)
+
+    value_and_grad = jax.value_and_grad(
+        lambda diff, const, batch, key: loss_fn(join(diff, const), batch, key), has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        diff, const = split(state.params)
+        grad_fn = lambda batch, key: value_and_grad(diff, const, batch, key)
         if grad_accum_steps == 1:
-            (loss_sum, sums), grads = grad_fn(state.params, batch, key)
+            (loss_sum, sums), grads = grad_fn(batch, key)
         else:
             # Micro-batch i takes rows i, i+k, i+2k, ...: every device's rows spread evenly over
             # the micro-batches, so no device idles when the batch axis is sharded.
@@ -83,22 +108,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 
             def accumulate(carry, inputs):
                 index, micro_batch = inputs
-                (loss, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+                (loss, sums), grads = grad_fn(micro_batch, jax.random.fold_in(key, index))
                 return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 jax.eval_shape(lambda: (*grad_fn(state.params, first, key)[0], state.params)))
+                                 jax.eval_shape(lambda: (*grad_fn(first, key)[0], diff)))
             (loss_sum, sums, grads), _ = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
         if axis_name is not None:
             loss_sum, sums, grads = jax.lax.psum((loss_sum, sums, grads), axis_name)
         count = sums["count"]
         grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        full_grads = join(grads, jax.tree.map(jnp.zeros_like, const))
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        params = join(optax.apply_updates(diff, split(updates)[0]), const)
         metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step), "tokens": count}
+                   "learning_rate": schedule(state.step), "tokens": sums.get("tokens", count)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -120,7 +146,8 @@ def evaluate(eval_step, params, batches) -> dict:
     for batch in batches:
         for key, value in jax.device_get(eval_step(params, batch)).items():
             totals[key] += float(value)
-    return {"eval_loss": totals["loss_sum"] / totals["count"]}
+    averages = {f"eval_{k}": v / totals["count"] for k, v in totals.items() if k not in ("loss_sum", "count", "tokens")}
+    return {"eval_loss": totals["loss_sum"] / totals["count"], **averages}
 
 
 def resolve_model_config(config, tokenizer) -> model_lib.GPTConfig:
@@ -150,7 +177,7 @@ def resolve_seq_len(config) -> int:
 def check_train_config(config) -> None:
     train, data = config.train, config.data
     for name in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "grad_accum_steps"):
-        if getattr(train, name) < 1:
+        if getattr(train, name) < (0 if name == "num_steps" else 1):  # num_steps=0: evaluate only
             raise UserError(f"train.{name}={getattr(train, name)} must be positive")
     if data.batch_size < 1:
         raise UserError(f"data.batch_size={data.batch_size} must be positive")
@@ -203,8 +230,16 @@ def train_and_evaluate(config, workdir) -> dict:
 
     Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
     """
+    return run_experiment(config, workdir, _train)
+
+
+def run_experiment(config, workdir, experiment) -> dict:
+    """Runs `experiment(config, workdir, checkpoints, log, is_main) -> final metrics` (`_train` for
+    pretraining, `gptlab.finetune` for fine-tuning) with what all experiments share: checks,
+    distributed start-up, a writable workdir and its checkpoint manager."""
     check_train_config(config)
     parallel_lib.initialize_distributed(config.parallel)  # before anything touches devices
+    enable_compilation_cache(config.train.get("compilation_cache_dir"))  # before anything is compiled
     is_main = jax.process_index() == 0
     log = Logger(is_main)
     workdir = checkpoint_lib.check_writable(workdir)
@@ -213,7 +248,7 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
         while True:
             try:
-                return _train(config, workdir, checkpoints, log, is_main)
+                return experiment(config, workdir, checkpoints, log, is_main)
             except checkpoint_lib.CorruptCheckpoint as e:  # raised at start-up, before any training
                 if not config.checkpoint.fallback_on_corruption:
                     raise UserError(f"{e}. Move or delete {e.path} to resume from the previous checkpoint, "
@@ -228,37 +263,28 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
     latest = checkpoints.latest_step()
     tokenizer = None
     if latest is not None:
-        tokenizer = tokenizers_lib.from_json(checkpoints.read_json(latest, "tokenizer"))
-        if tokenizer.kind != config.data.tokenizer:
-            raise UserError(f"{workdir} was trained with the {tokenizer.kind} tokenizer but the config asks for "
-                            f"data.tokenizer={config.data.tokenizer}: use the same tokenizer or a fresh --workdir")
+        tokenizer = tokenizers_lib.from_json(checkpoints.read_json(latest, "tokenizer"), config.data)
+        tokenizers_lib.check_matches(tokenizer, config.data, where=str(workdir))
     seq_len = resolve_seq_len(config)
     data = pipeline.Data(config.data, seq_len, config.seed, tokenizer,
-                         jax.process_index(), jax.process_count(), log=log)
+                         jax.process_index(), jax.process_count(), log=log, workdir=workdir)
+    return start_and_run(config, workdir, checkpoints, log, is_main, pretrain_experiment(config, data, log))
+
+
+def pretrain_experiment(config, data, log) -> "Experiment":
+    """Model, optimizer and batches of pretraining; `data` has `tokenizer`, `train`, `eval_batches(n)`.
+
+    The training loop and `gptlab.benchmark` (which may pass synthetic data) both start from it.
+    """
+    seq_len = resolve_seq_len(config)
     tokenizer = data.tokenizer
     model_cfg = resolve_model_config(config, tokenizer)
     model = model_lib.GPT(model_cfg)
 
-    parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, init_key))  # shapes only
     schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
     tx = optim.adamw(config.optimizer, schedule, params)
-    if config.train.skip_nonfinite_steps:  # the loop counts skipped steps and gives up after a limit
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
-
-    def make_state():
-        params = model_lib.init_params(model_cfg, init_key)
-        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(dropout_key))
-
-    resolved = config.copy_and_resolve_references()
-    with resolved.unlocked():
-        resolved.model.vocab_size = model_cfg.vocab_size
-        resolved.data.seq_len = seq_len
-    config_json = json.loads(resolved.to_json_best_effort())
-    if is_main:
-        (workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
 
     num_params = model_lib.count_params(params)
     log(f"model: {num_params / 1e6:.2f}M parameters (excluding position embeddings), "
@@ -266,30 +292,132 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
         f"context {model_cfg.block_size}, vocab {model_cfg.vocab_size}, {model_cfg.dtype} compute")
     log(rules_table(params, optim.match_mask(params, config.optimizer.weight_decay_on, "optimizer.weight_decay_on")))
 
-    state = parallel.init_state(make_state)
+    return Experiment(
+        init_params=lambda: model_lib.init_params(model_cfg, init_key), rng=jax.random.key_data(dropout_key),
+        loss_fn=lm_loss_fn(model), tx=tx, schedule=schedule, batches=data.train,
+        eval_batches=data.eval_batches(config.train.eval_batches), tokenizer=tokenizer,
+        config_json=resolved_config_json(config, model_cfg, seq_len),
+        flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len), dtype=model_cfg.dtype)
+
+
+def resolved_config_json(config, model_cfg: model_lib.GPTConfig, seq_len: int) -> dict:
+    """The config as run: vocab_size and seq_len filled in (WORKDIR/config.json, every checkpoint)."""
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.model.vocab_size = model_cfg.vocab_size
+        resolved.data.seq_len = seq_len
+    return json.loads(resolved.to_json_best_effort())
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What one experiment brings to the start-up and loop that every experiment shares."""
+    init_params: Callable[[], Any]  # fresh parameters (random init); compiled into their placement
+    rng: jax.Array  # the dropout key's data, folded with the step in every train step
+    loss_fn: LossFn
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    batches: Any  # training batches; state()/restore() is the position stored in checkpoints
+    eval_batches: list
+    tokenizer: Any
+    config_json: dict  # the resolved config
+    flops_per_token: float
+    dtype: str  # compute dtype, for the log
+    init_from: Optional[Callable] = None  # (fresh state, abstract state) -> state holding pretrained parameters
+    trainable: Any = None  # bool tree: differentiate and update only these parameters (None: all)
+
+
+def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
+    """The start-up every experiment shares, then the loop; returns the final metrics.
+
+    Start-up order: resume this workdir's latest checkpoint if there is one;
+    otherwise `exp.init_from` (fine-tuning: pretrained parameters loaded into the
+    fresh state); otherwise the fresh state (from scratch). Writes
+    WORKDIR/config.json first and WORKDIR/result.json (see gptlab.results) last.
+    """
+    started = time.perf_counter()
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(exp.config_json, indent=2) + "\n")
+    parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
+    state, train_step, eval_step = init_and_compile(config, exp, parallel)
+    latest = checkpoints.latest_step()
     if latest is not None:
         state, items = checkpoints.restore(latest, parallel.abstract_state(state))
         state = parallel.place_restored(state)
-        data.train.restore(items["data"])
+        exp.batches.restore(items["data"])
         log(f"resumed from {checkpoints.directory / str(latest)} (step {latest})")
+    elif exp.init_from is not None:
+        state = parallel.place_restored(exp.init_from(parallel.checkpointable(state), parallel.abstract_state(state)))
     else:
         log("no checkpoint in the workdir: starting from scratch")
-
-    loss_fn = lm_loss_fn(model)
-    train_step, eval_step = parallel.compile(
-        lambda axis: make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps, axis_name=axis),
-        lambda axis: make_eval_step(loss_fn, axis_name=axis))
-    eval_batches = data.eval_batches(config.train.eval_batches)
+    batches = prefetched(config, exp.batches, parallel)  # after the restore: it reads ahead from there
 
     def save(step, state, wait=False):
-        checkpoints.save(step, parallel.checkpointable(state), data=data.train.state(), config=config_json,
-                         tokenizer=tokenizer.to_json())
+        checkpoints.save(step, parallel.checkpointable(state), data=batches.state(), config=exp.config_json,
+                         tokenizer=exp.tokenizer.to_json())
         if wait:
             checkpoints.wait()
 
-    return run_loop(config, workdir, state, data.train, train_step, eval_step, eval_batches, save, log, is_main,
-                    flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len),
-                    dtype=model_cfg.dtype)
+    try:
+        final = run_loop(config, workdir, state, batches, train_step, eval_step, exp.eval_batches, save, log,
+                         is_main, flops_per_token=exp.flops_per_token, dtype=exp.dtype)
+    finally:
+        if batches is not exp.batches:
+            batches.close()
+    if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
+        results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params), exp.trainable,
+                             wall_time_s=time.perf_counter() - started, resumed_from_step=latest)
+    return final
+
+
+def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel) -> tuple:
+    """(fresh train state in its placement, train_step, eval_step): what the loop and the benchmark run.
+
+    The steps are compiled (lazily, at their first call) by `parallel.compile`.
+    """
+    tx = exp.tx
+    if config.train.skip_nonfinite_steps:  # the loop counts skipped steps and gives up after a limit
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+    def make_state():
+        params = exp.init_params()
+        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), rng=exp.rng)
+
+    state = parallel.init_state(make_state)
+    train_step, eval_step = parallel.compile(
+        lambda axis: make_train_step(exp.loss_fn, tx, exp.schedule, config.train.grad_accum_steps, axis_name=axis,
+                                     trainable=exp.trainable),
+        lambda axis: make_eval_step(exp.loss_fn, axis_name=axis))
+    return state, train_step, eval_step
+
+
+def prefetched(config, batches, parallel: parallel_lib.Parallel):
+    """`batches` read `data.prefetch` batches ahead and placed on the devices by a background thread.
+
+    With `data.prefetch=0` it is `batches` itself. Either way `state()` is the position
+    after the batches already handed to the loop, so checkpoints and resumes stay exact.
+    """
+    ahead = config.data.get("prefetch", 0)
+    if ahead < 0:
+        raise UserError(f"data.prefetch={ahead} must be >= 0 (0: no prefetching)")
+    return pipeline.Prefetch(batches, ahead, parallel.prefetch_place) if ahead else batches
+
+
+def enable_compilation_cache(cache_dir) -> None:
+    """JAX's persistent compilation cache in `cache_dir` (None: off), so a restarted run skips compiling.
+
+    Call before anything is compiled: JAX reads the setting at its first compilation.
+    """
+    if not cache_dir:
+        return
+    path = os.path.abspath(os.path.expanduser(cache_dir))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"train.compilation_cache_dir={cache_dir!r} cannot be created ({e.strerror}): "
+                        "choose a writable directory or unset it") from None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # cache the steps, not tiny helpers
 
 
 class PreemptionGuard:
@@ -351,7 +479,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
     final = {"step": start_step}
     if start_step >= train.num_steps:
-        log(f"checkpoint is at step {start_step} >= train.num_steps={train.num_steps}: nothing to train")
+        log(f"step {start_step} >= train.num_steps={train.num_steps}: nothing to train, evaluating only")
     bar = tqdm.tqdm(total=train.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=not (is_main and sys.stderr.isatty()))
     log.bar = bar if not bar.disable else None
@@ -366,7 +494,8 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             pending.append((step, metrics))
             bar.update(1)
             log_now = step % train.log_every == 0 or step == train.num_steps
-            save_now = step % train.checkpoint_every == 0 or step == train.num_steps or guard.requested
+            stop = guard.requested  # read once: a signal arriving later in this step is handled at the next one
+            save_now = step % train.checkpoint_every == 0 or step == train.num_steps or stop
             if log_now or save_now:
                 fetched = jax.device_get(pending)
                 pending = []
@@ -393,9 +522,9 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                 log(f"step {step:6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
                 final.update(record, step=step)
             if save_now:
-                save(step, state, wait=guard.requested)
+                save(step, state, wait=stop)
                 last_saved = step
-            if guard.requested:
+            if stop:
                 raise Preempted(step, workdir)
             if record or save_now:  # keep evaluation and saving out of the throughput figures
                 interval_start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Input pipeline: TFDS builder -> documents -> one token stream -> batches of windows.
 
 Documents are tokenised and joined with the end-of-text token into one stream,
+tokenised once and kept in the token cache (memory-mapped; see token_cache),
 which is cut into non-overlapping (seq_len + 1)-token windows (inputs plus the
 next-token targets). Training visits the windows epoch by epoch, each epoch in
 a permutation drawn from (seed, epoch), so the batch at any position is a pure
@@ -9,10 +10,13 @@ integer, stored in every checkpoint, and a resumed run sees exactly the
 batches the uninterrupted run would have seen. Each process takes its own rows
 of every global batch, so hosts never read each other's data.
 
-Why not Grain: the per-batch work is one gather from an in-memory token array,
+Why not Grain: the per-batch work is one gather from a (memory-mapped) token array,
 so worker processes would add start-up cost and nothing else; the sampler
 below is the same idea as Grain's index sampler, with its state made explicit.
 """
+import math
+import queue
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -20,10 +24,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from gptlab import tokenizers as tokenizers_lib
-from gptlab.data import corpora
+from gptlab.data import catalog, corpora, task_corpora, token_cache
 from gptlab.errors import UserError
 
-OWN_DATASETS = ("python_stdlib", "text_folder")
+OWN_DATASETS = ("python_stdlib", "text_folder", "python_stdlib_functions", "python_stdlib_packages")
 
 
 def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
@@ -32,6 +36,12 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
     include, exclude = tuple(data_cfg.include), tuple(data_cfg.exclude)
     if data_cfg.dataset == "python_stdlib":
         return corpora.PythonStdlib(config=corpora.stdlib_config(include, exclude), **common)
+    if data_cfg.dataset == "python_stdlib_functions":  # fine-tuning task sft
+        return task_corpora.PythonStdlibFunctions(config=corpora.stdlib_config(include, exclude), **common)
+    if data_cfg.dataset == "python_stdlib_packages":  # fine-tuning task classify
+        packages = tuple(data_cfg.get("packages", task_corpora.DEFAULT_PACKAGES))
+        return task_corpora.PythonStdlibPackages(
+            config=task_corpora.packages_config(packages, include, exclude), **common)
     if data_cfg.dataset == "text_folder":
         if not data_cfg.text_dir:
             raise UserError("data.dataset=text_folder needs data.text_dir=/path/to/your/text/files")
@@ -40,13 +50,7 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
             raise UserError(f"data.text_dir={data_cfg.text_dir!r} is not a directory: point it at a folder of text files")
         return corpora.TextFolder(
             config=corpora.text_folder_config(root, data_cfg.text_glob, include, exclude), **common)
-    try:
-        builder = tfds.builder(data_cfg.dataset, **common)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise UserError(f"unknown data.dataset={data_cfg.dataset!r}: use one of {OWN_DATASETS} "
-                        "or a TFDS catalog name (see `tfds.list_builders()`)") from None
-    except Exception as e:  # pylint: disable=broad-except
-        raise UserError(f"cannot load TFDS dataset {data_cfg.dataset!r}: {_first_line(e)}") from None
+    builder = catalog.make_builder(data_cfg.dataset, data_cfg.data_dir)
     if include or exclude:
         raise UserError(f"data.include/data.exclude select files of {OWN_DATASETS} by path and do not apply "
                         f"to the catalog dataset {data_cfg.dataset!r}: clear them with "
@@ -57,37 +61,43 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
 def prepare(data_cfg) -> tfds.core.DatasetBuilder:
     """Prepares the dataset once (a no-op when already prepared) and returns its builder."""
     builder = make_builder(data_cfg)
-    download_config = tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir, try_download_gcs=False)
+    if data_cfg.dataset not in OWN_DATASETS:
+        catalog.prepare(builder, data_cfg.manual_dir)
+        return builder
     try:
-        builder.download_and_prepare(download_config=download_config)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception as e:  # pylint: disable=broad-except
-        where = f"cannot prepare dataset {data_cfg.dataset!r} in {builder.data_dir}: {_first_line(e)}"
-        if data_cfg.dataset in OWN_DATASETS:
-            raise UserError(f"{where}; check data.include/data.exclude and that data.data_dir is writable") from None
-        raise UserError(
-            f"{where}. Without network access, put the files the builder downloads into data.manual_dir, "
-            "or prepare the dataset on a machine with network access and point data.data_dir at it") from None
+        raise UserError(f"cannot prepare dataset {data_cfg.dataset!r} in {builder.data_dir}: {catalog.first_line(e)}; "
+                        "check data.include/data.exclude and that data.data_dir is writable") from None
     return builder
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def read_texts(builder, split: str, text_key: str) -> Iterator[str]:
-    """Yields the text of every example of `split`, in the prepared file's order."""
-    if split not in builder.info.splits:
-        raise UserError(f"dataset {builder.info.full_name!r} has no examples in split {split!r} (it has "
-                        f"{sorted(builder.info.splits)}): widen data.include/data.exclude or choose another split")
-    source = builder.as_data_source(split=split)
-    for start in range(0, len(source), 256):
-        for example in source.__getitems__(list(range(start, min(start + 256, len(source))))):
-            if text_key not in example:
-                raise UserError(f"dataset {builder.name!r} has no feature data.text_key={text_key!r}; "
-                                f"its features are {sorted(example)}")
-            text = example[text_key]
-            yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+    """Yields the text of every example of `split`, in the prepared file's order.
+
+    `split` may use TFDS split syntax: `validation+test`, `train[:10%]`.
+    """
+    check_split(builder, split)
+    if catalog.has_random_access(builder):
+        source = builder.as_data_source(split=split)
+        examples = (example for start in range(0, len(source), 256)
+                    for example in source.__getitems__(list(range(start, min(start + 256, len(source))))))
+    else:
+        examples = catalog.iterate_numpy(builder, split)
+    for example in examples:
+        if text_key not in example:
+            raise UserError(f"dataset {builder.name!r} has no feature data.text_key={text_key!r}; "
+                            f"its features are {sorted(example)}")
+        text = example[text_key]
+        yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def check_split(builder, split: str) -> None:
+    for part in split.split("+"):
+        name = part.split("[")[0]
+        if name not in builder.info.splits:
+            raise UserError(f"dataset {builder.info.full_name!r} has no examples in split {name!r} (it has "
+                            f"{sorted(builder.info.splits)}): widen data.include/data.exclude or choose another split")
 
 
 def tokenize_documents(texts, tokenizer) -> np.ndarray:
@@ -101,19 +111,40 @@ def tokenize_documents(texts, tokenizer) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
 
 
+def take_fraction(tokens: np.ndarray, fraction: float) -> np.ndarray:
+    """The first `fraction` of a training token stream (at least one token), in the prepared order.
+
+    A prefix, so subsets are nested (1% inside 10% inside 100%) and the same for
+    every seed; the tokenizer and the token cache still cover the whole split.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"data.train_fraction={fraction} must be in (0, 1]: e.g. 0.1 trains on the first 10% "
+                        "of the training split's tokens")
+    return tokens[:max(1, math.ceil(len(tokens) * fraction))]
+
+
 class WindowBatches:
-    """Global batches of (seq_len + 1)-token windows in a seeded, checkpointable order."""
+    """Global batches of (seq_len + 1)-token windows in a seeded, checkpointable order.
+
+    With `shift`, each epoch also moves the whole window grid by a random offset
+    in [0, seq_len) drawn from (seed, epoch): many epochs over a small corpus
+    then see windows starting anywhere, as nanoGPT's random crops do, while the
+    batch at a position stays a pure function of seed and position.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, shift: bool = False):
         self.tokens = tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.num_windows = (len(tokens) - 1) // seq_len
+        self.shift = bool(shift)
+        # A shifted grid must still fit: leave room for an offset of up to seq_len - 1.
+        self.num_windows = (len(tokens) - 1 - (seq_len - 1 if shift else 0)) // seq_len
         if self.num_windows < 1:
             raise UserError(f"the training split has {len(tokens)} tokens, fewer than one window of "
-                            f"data.seq_len+1={seq_len + 1}: use more data or a shorter data.seq_len")
+                            f"data.seq_len+1={seq_len + 1}: use more data (a larger data.train_fraction) "
+                            "or a shorter data.seq_len")
         if batch_size % process_count:
             raise UserError(f"data.batch_size={batch_size} is not divisible by the {process_count} processes")
         self.local_rows = slice(process_index * batch_size // process_count,
@@ -121,11 +152,13 @@ class WindowBatches:
         self.position = 0  # windows consumed so far, over all epochs
         self._orders = {}
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int) -> tuple:
         if epoch not in self._orders:
             if len(self._orders) > 1:  # a batch spans at most two epochs
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num_windows)
+            self._orders[epoch] = (order, int(rng.integers(self.seq_len)) if self.shift else 0)
         return self._orders[epoch]
 
     def windows(self, positions: np.ndarray) -> np.ndarray:
@@ -134,7 +167,8 @@ class WindowBatches:
         starts = np.empty_like(positions)
         for epoch in np.unique(epochs):
             at = epochs == epoch
-            starts[at] = self._order(int(epoch))[offsets[at]] * self.seq_len
+            order, offset = self._order(int(epoch))
+            starts[at] = order[offsets[at]] * self.seq_len + offset
         return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
 
     def __iter__(self):
@@ -147,37 +181,61 @@ class WindowBatches:
 
     def state(self) -> dict:
         return {"position": int(self.position), "num_windows": int(self.num_windows),
-                "seq_len": int(self.seq_len), "seed": int(self.seed)}
+                "seq_len": int(self.seq_len), "seed": int(self.seed), "shift": self.shift}
 
     def restore(self, state: dict) -> None:
-        for key in ("num_windows", "seq_len", "seed"):
+        state = {"shift": False, **state}  # checkpoints from before shifting existed
+        for key in ("num_windows", "seq_len", "seed", "shift"):
             if state[key] != getattr(self, key):
                 raise UserError(
                     f"the checkpoint's data iterator was at {key}={state[key]} but the current data gives "
-                    f"{key}={getattr(self, key)}: the dataset, tokenizer, seq_len or seed changed since the "
+                    f"{key}={getattr(self, key)}: the dataset, tokenizer, seq_len, seed or shift_windows changed since the "
                     "run started; restore the original data config or start a fresh --workdir")
         self.position = int(state["position"])
 
 
 class Data:
-    """Everything training needs from the data config: tokenizer, train and eval batches."""
+    """Everything training needs from the data config: tokenizer, train and eval batches.
+
+    The tokenizer is `tokenizer` (a resumed run's, from its checkpoint), else the
+    one stored in `workdir` by an earlier start, else built (and stored there).
+    Token streams come memory-mapped from the token cache (see token_cache),
+    tokenised only when the cache lacks them.
+    """
 
     def __init__(self, data_cfg, seq_len: int, seed: int, tokenizer=None,
-                 process_index: int = 0, process_count: int = 1, log: Callable = print):
+                 process_index: int = 0, process_count: int = 1, log: Callable = print, workdir=None):
         start = time.perf_counter()
         builder = prepare(data_cfg)
+        for split in (data_cfg.train_split, data_cfg.eval_split):
+            check_split(builder, split)
+        prepared = time.perf_counter()
         texts = lambda split: read_texts(builder, split, data_cfg.text_key)
-        self.tokenizer = tokenizer or tokenizers_lib.build(data_cfg.tokenizer, lambda: texts(data_cfg.train_split))
-        self.train_tokens = tokenize_documents(texts(data_cfg.train_split), self.tokenizer)
-        self.eval_tokens = tokenize_documents(texts(data_cfg.eval_split), self.tokenizer)
-        seconds = time.perf_counter() - start
-        num_tokens = len(self.train_tokens) + len(self.eval_tokens)
-        log(f"data: {builder.info.full_name} ({data_cfg.train_split}: {len(self.train_tokens):,} tokens, "
-            f"{data_cfg.eval_split}: {len(self.eval_tokens):,} tokens, {self.tokenizer.kind} tokenizer, "
-            f"vocab {self.tokenizer.vocab_size}) prepared and tokenised in {seconds:.1f}s "
-            f"({num_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+        writer = process_index == 0
+        self.tokenizer = tokenizer or tokenizers_lib.load_or_build(
+            data_cfg, lambda: texts(data_cfg.train_split), workdir, log=log, write=writer)
+        trained = time.perf_counter()
+        cache_dir = token_cache.default_dir(builder, data_cfg.get("cache_dir"))
+        streams, self.cache_stats = {}, {}
+        for name, split in (("train", data_cfg.train_split), ("eval", data_cfg.eval_split)):
+            streams[name], stats = token_cache.load_or_build(
+                cache_dir, builder, split, data_cfg.text_key, self.tokenizer, lambda s=split: texts(s), log, writer)
+            how = (f"memory-mapped from the token cache in {stats['seconds']:.2f}s" if stats["cached"] else
+                   f"tokenised in {stats['seconds']:.1f}s ({stats['tokens_per_sec']:,.0f} tokens/s)"
+                   + (f", cached in {stats['path']}" if stats["path"] else ""))
+            log(f"data: {builder.info.full_name} {split}: {stats['num_tokens']:,} tokens, {how}")
+            self.cache_stats[name] = stats
+        self.train_tokens, self.eval_tokens = streams["train"], streams["eval"]
+        fraction = data_cfg.get("train_fraction", 1.0)
+        if fraction != 1.0:  # data-size ablations; the eval split is never cut
+            self.train_tokens = take_fraction(self.train_tokens, fraction)
+            log(f"data: data.train_fraction={fraction}: training on the first {len(self.train_tokens):,} "
+                f"of {len(streams['train']):,} tokens")
+        log(f"data: {tokenizers_lib.describe(self.tokenizer)} tokenizer, vocab {self.tokenizer.vocab_size}; "
+            f"prepared in {prepared - start:.1f}s, tokenizer ready in {trained - prepared:.1f}s, "
+            f"tokens ready in {time.perf_counter() - trained:.1f}s")
         self.train = WindowBatches(self.train_tokens, seq_len, data_cfg.batch_size, seed,
-                                   process_index, process_count)
+                                   process_index, process_count, shift=data_cfg.get("shift_windows", False))
         self._eval_args = (seq_len, data_cfg.batch_size, seed)
         self._process = (process_index, process_count)
 
@@ -188,3 +246,68 @@ class Data:
         seq_len, batch_size, seed = self._eval_args
         sampler = WindowBatches(self.eval_tokens, seq_len, batch_size, seed, *self._process)
         return [next(sampler) for _ in range(num_batches)]
+
+
+class Prefetch:
+    """Reads `ahead` batches in advance in a background thread, applying `place` there.
+
+    With `place` the device transfer, the step never waits for the host: while the
+    devices run step t, the thread prepares and copies the batches of the next steps.
+    `state()` is the wrapped iterator's position after the batches handed out so far,
+    not after those read ahead, so checkpoints and resumes are exactly as without it.
+    """
+
+    def __init__(self, batches, ahead: int, place: Callable = lambda batch: batch):
+        self.batches, self.ahead, self.place = batches, ahead, place
+        self._state = batches.state()
+        self._error = None
+        self._start()
+
+    def _start(self):
+        self._queue = queue.Queue(maxsize=self.ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="gptlab-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self):
+        try:
+            while self._put((self.place(next(self.batches)), self.batches.state())):
+                pass
+        except BaseException as e:  # pylint: disable=broad-except  # StopIteration too: raised in order
+            self._put((e, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._error is not None:
+            raise self._error
+        batch, state = self._queue.get()
+        if state is None:
+            self._error = batch
+            raise batch
+        self._state = state
+        return batch
+
+    def state(self):
+        return self._state
+
+    def restore(self, state) -> None:
+        self.close()
+        self.batches.restore(state)
+        self._state, self._error = self.batches.state(), None
+        self._start()
+
+    def close(self) -> None:
+        """Stops the thread; batches read ahead are dropped (the wrapped iterator is past them)."""
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,105 @@
+"""Fine-tuning a pretrained GPT: a strategy (what trains) and a task (what it learns).
+
+Run from the repository root, after pretraining (the README quick start):
+
+    python -m experiments.finetune --config=configs/finetune.py:lora --workdir=/tmp/gptlab/ft_lora \\
+        --config.finetune.init_from=/tmp/gptlab/pretrain
+
+Presets: STRATEGY[,TASK][,tiny], e.g. `lora`, `head,classify`, `lora,sft`, `full,lm,tiny`.
+  STRATEGY  full, head, last_k, bitfit, layernorm, lora, or regex (give finetune.trainable)
+  TASK      lm (default): language modelling on the standard library's `email` package,
+                which the pretraining presets hold out (configs/pretrain.py HELD_OUT_PACKAGE)
+            sft: supervised fine-tuning, prompt = a function's signature and docstring
+                summary, response = its body (python_stdlib_functions); loss on the response only
+            classify: which of 8 standard-library packages a code snippet comes from
+                (python_stdlib_packages); eval reports accuracy
+  tiny      test-sized (20 steps), for checkpoints of the `tiny` pretraining preset
+
+The model architecture and tokenizer come from the init_from run: every `model.*` field
+here is None ("as pretrained") unless a preset or an override sets it. An override that
+changes a pretrained parameter's shape is an error.
+
+Tied embeddings: GPT-2 ties its output head to the token embedding `wte`, so "train only
+the head" would also move the input embedding. The `head` and `last_k` presets set
+model.tie_embeddings=False, which unties a tied checkpoint: `lm_head` becomes a parameter
+of its own, initialised as wte^T (the model starts exactly equal), and trains alone.
+"""
+from ml_collections import config_dict
+
+from configs import pretrain
+
+STRATEGIES = ("full", "head", "last_k", "bitfit", "layernorm", "lora", "regex")
+TASKS = ("lm", "sft", "classify")
+# Peak learning rates: the fewer (and the more newly initialised) the trainable
+# parameters, the larger the step they take; full fine-tuning stays below pretraining's.
+LEARNING_RATES = {"full": 5e-4, "head": 3e-3, "last_k": 1e-3, "bitfit": 3e-3, "layernorm": 3e-3,
+                  "lora": 2e-3, "regex": 1e-3}
+# The standard library's own test suites are not narrow-domain code; keep them out of sft/classify data.
+STDLIB_TESTS = ("test/*", "*/test/*", "*/tests/*", "*/idle_test/*")
+PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
+
+
+def get_config(arg: str = "lora") -> config_dict.ConfigDict:
+    parts = [p.strip() for p in arg.split(",") if p.strip()]
+    strategy = parts[0] if parts else "lora"
+    tasks = [p for p in parts[1:] if p in TASKS]
+    tiny = "tiny" in parts[1:]
+    unknown = [p for p in parts[1:] if p not in TASKS and p != "tiny"]
+    if strategy not in STRATEGIES or unknown or len(tasks) > 1:
+        raise ValueError(f"unknown preset {arg!r}: use STRATEGY[,TASK][,tiny] with STRATEGY one of {STRATEGIES} "
+                         f"and TASK one of {TASKS}")
+    task = tasks[0] if tasks else "lm"
+
+    config = pretrain.get_config("tiny" if tiny else "small")
+    with config.unlocked():
+        config.preset = arg  # which preset of this file the config started from
+
+        model = config.model
+        for name, value in list(model.items()):  # None: the value stored by the init_from run
+            if value is not None:
+                model[name] = config_dict.placeholder(type(value))
+        if strategy in ("head", "last_k"):
+            model.tie_embeddings = False  # untie a tied checkpoint: lm_head starts as wte^T, trains alone
+
+        config.finetune = ft = config_dict.ConfigDict()
+        ft.init_from = config_dict.placeholder(str)  # pretraining workdir (latest checkpoint) or its checkpoints/STEP
+        ft.strategy = strategy  # what trains: full, head, last_k, bitfit, layernorm, lora or regex
+        ft.task = task  # what it learns: lm (next token), sft (response tokens only) or classify
+        ft.last_k = 2  # strategy=last_k: how many of the last blocks train (plus ln_f and the head)
+        ft.lora_rank = 8  # strategy=lora: rank of the adapters
+        ft.lora_alpha = 16.0  # strategy=lora: the adapters' output is scaled by lora_alpha / lora_rank
+        ft.lora_targets = (r"blocks_\d+/attn/(qkv|proj)/kernel",)  # strategy=lora: kernels to adapt (regexes)
+        ft.trainable = ()  # regexes of parameters that train too (strategy=regex: the only ones)
+        ft.export_merged = True  # strategy=lora: write WORKDIR/merged, adapters folded into plain kernels
+
+        data = config.data
+        data.tokenizer = config_dict.placeholder(str)  # None: the init_from run's tokenizer (the only valid one)
+        data.prompt_key = "prompt"  # task sft: the feature holding the prompt
+        data.response_key = "response"  # task sft: the feature holding the response
+        data.label_key = "label"  # task classify: the ClassLabel feature
+        data.packages = PACKAGES  # dataset python_stdlib_packages: the classes (top-level packages)
+        if task == "lm":
+            data.dataset = "python_stdlib"
+            data.include, data.exclude = (pretrain.HELD_OUT_PACKAGE,), ()
+        elif task == "sft":
+            data.dataset = "python_stdlib_functions"
+            data.include, data.exclude = (), STDLIB_TESTS
+        else:
+            data.dataset = "python_stdlib_packages"
+            data.include, data.exclude = (), STDLIB_TESTS
+
+        opt = config.optimizer
+        opt.learning_rate = LEARNING_RATES[strategy]
+        opt.min_learning_rate = LEARNING_RATES[strategy] / 10
+        opt.warmup_steps = 5 if tiny else 20
+        # weight_decay (0.1) and weight_decay_on (kernels) as in pretraining; only trainable parameters decay.
+
+        train = config.train
+        if tiny:
+            train.num_steps, train.log_every, train.eval_every, train.eval_batches = 20, 5, 10, 2
+            train.checkpoint_every = 10
+        else:
+            train.num_steps, train.log_every, train.eval_every, train.eval_batches = 300, 25, 100, 10
+            train.checkpoint_every = 100
+    config.lock()
+    return config

@@ -1,0 +1,145 @@
+"""WORKDIR/result.json: what a finished run leaves for tables, sweeps and reproduction.
+
+Written once, atomically, by the start-up and loop every experiment shares
+(`train.start_and_run`), after the last step; its presence means "this run
+finished". It holds:
+
+- the final metrics at the top level, as `train_and_evaluate` returns them
+  (`step`, `train_loss`, `eval_loss`, `grad_norm`, `learning_rate`, and e.g.
+  `eval_accuracy`), minus throughput, which lives under `timing`;
+- `best`: for every loss the minimum and for every accuracy the maximum over the
+  logged steps (metrics.jsonl), each with its step;
+- `params`: total / trainable / frozen parameter counts (position embeddings
+  included) and the trainable percentage;
+- `steps`, `tokens_seen` (input tokens processed: steps x global batch x seq_len);
+- `timing`: wall time of this process's run, the last logged tokens/s and MFU,
+  and the step it resumed from (0: uninterrupted) - the only part that varies
+  between two runs of the same config and seed on one machine;
+- `seed`, `config` (the resolved config), `versions` (Python, jax, jaxlib, flax,
+  optax, orbax-checkpoint, ...), `git` (commit, and whether the tree had
+  uncommitted changes), `device`, `finished_at`.
+
+`comparable(result)` is the part that two runs of the same cell and seed on the
+same machine must reproduce exactly (tests/test_sweep.py checks it).
+"""
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+
+import jax
+import numpy as np
+
+from gptlab.metrics import read_metrics
+
+FILENAME = "result.json"
+THROUGHPUT_KEYS = ("tokens_per_sec", "mfu")  # final-metric keys that measure speed, not the model
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections", "tensorflow-datasets")
+# Sections that describe how and when a run was made rather than what it computed.
+CIRCUMSTANCES = ("timing", "finished_at", "versions", "git", "device")
+
+
+def write_result(workdir, final: dict, config_json: dict, params, trainable, wall_time_s: float,
+                 resumed_from_step=None) -> dict:
+    """Writes WORKDIR/result.json for a finished run and returns it.
+
+    `params` is the parameter tree (arrays or ShapeDtypeStructs) and `trainable`
+    a bool tree of the same structure, or None when everything trains.
+    """
+    workdir = pathlib.Path(workdir)
+    metrics = {k: v for k, v in final.items() if k not in THROUGHPUT_KEYS}
+    data = config_json.get("data", {})
+    step = int(final["step"])
+    result = {
+        **metrics,
+        "best": best_metrics(read_metrics(workdir) + [metrics]),
+        "params": param_counts(params, trainable),
+        "steps": step,
+        "tokens_seen": step * int(data.get("batch_size") or 0) * int(data.get("seq_len") or 0),
+        "timing": {"wall_time_s": wall_time_s, "resumed_from_step": int(resumed_from_step or 0),
+                   **{k: final[k] for k in THROUGHPUT_KEYS if k in final}},
+        "seed": config_json.get("seed"),
+        "config": config_json,
+        "versions": versions(),
+        "git": git_state(),
+        "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
+                   "count": jax.device_count(), "processes": jax.process_count()},
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = workdir / (FILENAME + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    os.replace(tmp, workdir / FILENAME)  # atomic: a result.json is always whole
+    return result
+
+
+def read_result(workdir):
+    """The run's result.json as a dict, or None while the run has not finished."""
+    path = pathlib.Path(workdir) / FILENAME
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def comparable(result: dict) -> dict:
+    """What a rerun of the same config and seed on the same machine reproduces exactly."""
+    return {k: v for k, v in result.items() if k not in CIRCUMSTANCES}
+
+
+def best_metrics(records) -> dict:
+    """{name: {"value", "step"}}: the lowest of every loss, the highest of every accuracy."""
+    best = {}
+    for record in records:
+        for name, value in record.items():
+            higher = "accuracy" in name
+            if not (name.endswith("loss") or higher) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            if name not in best or (value > best[name]["value"] if higher else value < best[name]["value"]):
+                best[name] = {"value": float(value), "step": int(record["step"])}
+    return best
+
+
+def param_counts(params, trainable) -> dict:
+    sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)]
+    trains = [True] * len(sizes) if trainable is None else [bool(t) for t in jax.tree.leaves(trainable)]
+    total, count = sum(sizes), sum(s for s, t in zip(sizes, trains) if t)
+    return {"total": total, "trainable": count, "frozen": total - count,
+            "trainable_percent": 100.0 * count / total if total else 0.0}
+
+
+@functools.lru_cache(maxsize=None)
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def git_state() -> dict:
+    """The commit of the gptlab source tree and whether tracked files differ from it; None outside git."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: never refresh the index
+    try:
+        run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                           timeout=30, env=env, check=True).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

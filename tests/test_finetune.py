@@ -1,0 +1,397 @@
+"""Fine-tuning: strategy masks, the masked optimizer, LoRA, restoring from a pretrained run, tasks.
+
+Unit tests use a small random "pretrained" model; the end-to-end tests pretrain the
+`tiny` preset once per session and fine-tune from its checkpoint, as a user would.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO, restore_state_numpy, tiny_config
+from configs import finetune as finetune_config
+from gptlab import adapt, finetune, optim, tokenizers, train
+from gptlab.data import supervised, task_corpora
+from gptlab.errors import UserError
+from gptlab.metrics import read_metrics
+from gptlab.model import GPT, GPTConfig, init_params
+
+TINY = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False)
+STRATEGY_ARGS = {"last_k": dict(last_k=1), "regex": dict(trainable=(r"blocks_1/mlp/.*", r"ln_f/scale"))}
+
+
+def paths_where(params, mask) -> set:
+    return {p for p, m in zip(optim.param_paths(params), jax.tree.leaves(mask)) if m}
+
+
+def make_params(cfg=TINY, task="lm", num_classes=3, seed=0):
+    return jax.jit(lambda key: finetune.init_params(cfg, task, num_classes, key))(jax.random.key(seed))
+
+
+def param_shapes(cfg=TINY, task="lm", num_classes=3):
+    return jax.eval_shape(lambda: finetune.init_params(cfg, task, num_classes, jax.random.key(0)))
+
+
+def mask_for(params, strategy, cfg=TINY):
+    kwargs = STRATEGY_ARGS.get(strategy, {})
+    return adapt.trainable_mask(params, strategy, cfg.n_layer, kwargs.get("last_k", 2), kwargs.get("trainable", ()))
+
+
+def config_for(cfg: GPTConfig, strategy: str) -> GPTConfig:
+    return dataclasses.replace(cfg, lora_rank=4) if strategy == "lora" else cfg
+
+
+# -- masks ---------------------------------------------------------------------------------------
+
+
+def test_each_strategy_trains_exactly_its_parameters():
+    plain = param_shapes()
+    paths = set(optim.param_paths(plain))
+    expected = {
+        "full": paths,
+        "head": {"lm_head/kernel"},
+        "last_k": {p for p in paths if p.startswith(("blocks_1/", "ln_f/"))} | {"lm_head/kernel"},
+        "bitfit": {p for p in paths if p.endswith("/bias")},
+        "layernorm": {p for p in paths if "/ln_" in p or p.startswith("ln_f/")},
+        "regex": {p for p in paths if p.startswith("blocks_1/mlp/")} | {"ln_f/scale"},
+    }
+    for strategy, wanted in expected.items():
+        mask = mask_for(plain, strategy)
+        assert jax.tree.structure(mask) == jax.tree.structure(plain)
+        assert paths_where(plain, mask) == wanted, strategy
+    lora = param_shapes(config_for(TINY, "lora"))
+    assert paths_where(lora, mask_for(lora, "lora")) == {
+        f"blocks_{i}/attn/{m}/lora_{ab}" for i in range(2) for m in ("qkv", "proj") for ab in "ab"}
+    # Tied: the head is the token embedding. Classification: the new head always trains.
+    tied = param_shapes(dataclasses.replace(TINY, tie_embeddings=True))
+    assert paths_where(tied, mask_for(tied, "head")) == {"wte/embedding"}
+    classify = param_shapes(task="classify")
+    assert "lm_head/kernel" not in optim.param_paths(classify)
+    assert paths_where(classify, mask_for(classify, "head")) == {"cls_head/kernel", "cls_head/bias"}
+    assert {"cls_head/kernel", "cls_head/bias"} <= paths_where(classify, mask_for(classify, "layernorm"))
+
+
+def test_bad_strategy_settings_are_one_line_user_errors():
+    params = param_shapes()
+    with pytest.raises(UserError, match="unknown finetune.strategy='adapters'"):
+        adapt.trainable_mask(params, "adapters", 2)
+    with pytest.raises(UserError, match=r"regex 'blocks_9/\.\*' matches no parameter"):
+        adapt.trainable_mask(params, "regex", 2, trainable=("blocks_9/.*",))
+    with pytest.raises(UserError, match=r"regex 'lm_hed/kernel' matches no parameter"):
+        adapt.trainable_mask(params, "head", 2, trainable=("lm_hed/kernel",))
+    with pytest.raises(UserError, match="finetune.last_k=3 does not fit the model's 2 layers"):
+        adapt.trainable_mask(params, "last_k", 2, last_k=3)
+    with pytest.raises(UserError, match="strategy=regex needs finetune.trainable"):
+        adapt.trainable_mask(params, "regex", 2)
+    with pytest.raises(UserError, match="model has no LoRA adapters"):
+        adapt.trainable_mask(params, "lora", 2)
+    with pytest.raises(UserError, match="has none \\(model.bias=False\\)"):
+        adapt.trainable_mask(param_shapes(dataclasses.replace(TINY, bias=False)), "bitfit", 2)
+    with pytest.raises(UserError, match="matches blocks_0/attn/qkv/bias, which is not the kernel"):
+        adapt.check_lora_targets(params, (r"blocks_0/attn/qkv/.*",))
+    with pytest.raises(UserError, match="finetune.lora_targets: regex 'attn/qkv' matches no parameter"):
+        adapt.check_lora_targets(params, ("attn/qkv",))
+
+
+# -- the masked optimizer --------------------------------------------------------------------------
+
+
+def opt_config(weight_decay=0.1):
+    opt = finetune_config.get_config("full,tiny").optimizer
+    opt.weight_decay, opt.warmup_steps = weight_decay, 0
+    return opt
+
+
+@pytest.mark.parametrize("strategy,task", [(s, "lm") for s in adapt.STRATEGIES] + [("bitfit", "classify")])
+def test_frozen_leaves_stay_bit_identical_and_trainable_ones_move(strategy, task):
+    cfg = config_for(TINY, strategy)
+    params = make_params(cfg, task)
+    # A "pretrained" model: nonzero biases and LoRA B, so moving any of them would show.
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda p: p + np.float32(0.01) * rng.standard_normal(p.shape, np.float32), params)
+    mask = mask_for(params, strategy, cfg)
+    schedule = optax.constant_schedule(1e-2)
+    tx = adapt.optimizer(opt_config(weight_decay=0.5), schedule, params, mask)
+    loss_fn = finetune.classify_loss_fn(GPT(cfg)) if task == "classify" else train.lm_loss_fn(GPT(cfg))
+    trainable = None if all(jax.tree.leaves(mask)) else mask
+    accumulate = 2 if strategy == "lora" or task == "classify" else 1  # the scan path, where it matters most
+    step = jax.jit(train.make_train_step(loss_fn, tx, schedule, grad_accum_steps=accumulate, trainable=trainable))
+    state = train.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.key(1)))
+    tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, cfg.vocab_size)
+    if task == "classify":
+        batch = {"tokens": tokens[:, :16], "lengths": jnp.arange(8) + 9, "labels": jnp.arange(8) % 3,
+                 "weights": jnp.ones(8)}
+    else:
+        batch = {"tokens": tokens}
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert np.isfinite(metrics["train_loss"])
+    for path, before, after, trains in zip(optim.param_paths(params), jax.tree.leaves(params),
+                                           jax.tree.leaves(state.params), jax.tree.leaves(mask)):
+        if trains:
+            assert not np.array_equal(before, after), f"{path} should have moved"
+        else:  # bit for bit, despite weight decay 0.5 on every kernel
+            np.testing.assert_array_equal(np.asarray(before).view(np.uint32), np.asarray(after).view(np.uint32),
+                                          err_msg=path)
+
+
+def test_optimizer_state_holds_moments_only_for_trainable_parameters():
+    preset = GPTConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=64)  # the `tiny` preset
+    schedule = optax.constant_schedule(1e-3)
+    state_bytes = {}
+    for strategy, task in [("full", "lm"), ("head", "classify"), ("head", "lm"), ("last_k", "lm"),
+                           ("bitfit", "lm"), ("layernorm", "lm"), ("lora", "lm")]:
+        cfg = config_for(dataclasses.replace(preset, tie_embeddings=strategy != "head"), strategy)
+        params = param_shapes(cfg, task, num_classes=8)
+        mask = mask_for(params, strategy, cfg)
+        opt_state = jax.eval_shape(adapt.optimizer(opt_config(), schedule, params, mask).init, params)
+        trainable = sum(x.size for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
+        state_bytes[strategy, task] = optim.state_bytes(opt_state)
+        # Adam's two float32 moments per trainable parameter, plus step counters (a few bytes).
+        assert 0 < state_bytes[strategy, task] - 2 * 4 * trainable <= 16, (strategy, task)
+    full = state_bytes["full", "lm"]
+    assert state_bytes["head", "classify"] < 0.05 * full  # a linear probe: 520 parameters
+    assert state_bytes["lora", "lm"] < 0.1 * full
+    assert state_bytes["head", "lm"] < 0.15 * full  # the untied LM head is 16k of the tiny model's 137k
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+
+
+def test_lora_starts_equal_and_its_merged_export_reproduces_the_adapted_model():
+    base = make_params(seed=0)
+    cfg = config_for(TINY, "lora")
+    adapted = make_params(cfg, seed=1)
+    adapted = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if optim.path_str(path).split("/")[-1].startswith("lora_") else
+        base_leaf(base, optim.path_str(path)), adapted)
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
+    logits = lambda c, p: jax.jit(lambda p: GPT(c).apply({"params": p}, tokens))(p)
+    np.testing.assert_array_equal(logits(TINY, base), logits(cfg, adapted))  # B = 0: exactly the base model
+    # After training, B is nonzero: the merged plain model computes what the adapted one does.
+    trained = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape)
+        if optim.path_str(path).endswith("lora_b") else x, adapted)
+    assert not np.allclose(logits(cfg, trained), logits(TINY, base), atol=1e-3)
+    merged, plain_cfg = adapt.merge_lora(trained, cfg)
+    assert plain_cfg.lora_rank == 0 and jax.tree.structure(merged) == jax.tree.structure(base)
+    np.testing.assert_allclose(logits(plain_cfg, merged), logits(cfg, trained), atol=2e-5, rtol=1e-5)
+
+
+def base_leaf(tree, path):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+# -- restoring -------------------------------------------------------------------------------------
+
+
+def test_restore_plan_names_what_is_loaded_added_and_refused():
+    shapes = lambda params: {p: tuple(x.shape) for p, x in zip(optim.param_paths(params), jax.tree.leaves(params))}
+    tied = shapes(param_shapes(dataclasses.replace(TINY, tie_embeddings=True)))
+    plan = finetune.plan_restore(tied, shapes(param_shapes(config_for(TINY, "lora"))), "lm", "ckpt")
+    assert plan.untied == ["lm_head/kernel"] and set(plan.loaded) == set(tied)
+    assert len(plan.initialised) == 8 and all(p.endswith(("lora_a", "lora_b")) for p in plan.initialised)
+    plan = finetune.plan_restore(shapes(param_shapes()), shapes(param_shapes(task="classify")), "classify", "ckpt")
+    assert plan.left_out == ["lm_head/kernel"] and plan.initialised == ["cls_head/bias", "cls_head/kernel"]
+    wider = shapes(param_shapes(dataclasses.replace(TINY, n_embd=64)))
+    with pytest.raises(UserError, match=r"ckpt does not fit the fine-tuning model: parameter \S+ has shape"):
+        finetune.plan_restore(tied, wider, "lm", "ckpt")
+    with pytest.raises(UserError, match="holds LoRA adapter .* use the merged export"):
+        finetune.plan_restore(shapes(param_shapes(config_for(TINY, "lora"))), shapes(param_shapes()), "lm", "ckpt")
+    deeper = shapes(param_shapes(dataclasses.replace(TINY, n_layer=3)))
+    with pytest.raises(UserError, match="has parameter blocks_2/.* which the fine-tuning model lacks"):
+        finetune.plan_restore(deeper, shapes(param_shapes()), "lm", "ckpt")
+
+
+# -- task data -------------------------------------------------------------------------------------
+
+
+def test_sft_loss_weights_cover_exactly_the_response():
+    tok = tokenizers.ByteTokenizer()
+    tokens, weights = supervised.encode_sft(tok, "def f():\n", "    return 1\n", seq_len=32)
+    prompt, response = 9, 13
+    assert tokens[:prompt + response].tolist() == list(b"def f():\n    return 1\n")
+    assert tokens[prompt + response] == tok.eot_id
+    targets = tokens[1:]
+    assert weights.sum() == response + 1  # the response and the closing end-of-text
+    assert bytes(targets[weights == 1][:-1].tolist()) == b"    return 1\n" and targets[weights == 1][-1] == tok.eot_id
+    truncated, weights = supervised.encode_sft(tok, "def f():\n", "x" * 100, seq_len=32)
+    assert len(truncated) == 33 and weights[8:].all() and not weights[:8].any()
+    assert supervised.encode_sft(tok, "p" * 25, "r", seq_len=32) is None  # prompt over 3/4 of the window
+
+
+def test_stdlib_task_corpora_parse_functions_and_snippets():
+    source = 'import os\n\nclass A:\n    def f(self, x):\n        """Add one.\n\n        More.\n        """\n' \
+             '        y = x + 1\n        return y\n\n    def g(self):\n        return 2\n'
+    [(line, prompt, response)] = list(task_corpora.documented_functions(source))
+    assert line == 4 and prompt == 'def f(self, x):\n    """Add one."""\n'
+    assert response == "    y = x + 1\n    return y\n"
+    text = "\n".join(["a" * 40] * 10) + "\n\n" + "b" * 70 + "\n\nshort\n"
+    cuts = list(task_corpora.snippets(text))
+    assert [c[0] for c in cuts] == [1, 7, 12] and all(len(c[1]) <= task_corpora.SNIPPET_CHARS for c in cuts)
+
+
+def test_example_batches_resume_and_eval_padding_counts_nowhere():
+    arrays = {"tokens": np.arange(50)[:, None] * np.ones((1, 4), np.int32), "weights": np.ones((50, 3), np.float32)}
+    a = supervised.ExampleBatches(arrays, batch_size=8, seed=0)
+    seen = [next(a)["tokens"][:, 0] for _ in range(12)]  # crosses an epoch
+    assert sorted(np.concatenate(seen[:6]).tolist()) == sorted(set(np.concatenate(seen[:6]).tolist()))
+    b = supervised.ExampleBatches(arrays, batch_size=8, seed=0)
+    b.restore(json.loads(json.dumps({**a.state(), "position": 8 * 7})))
+    np.testing.assert_array_equal(next(b)["tokens"][:, 0], seen[7])
+    evals = supervised.fixed_batches(arrays, batch_size=8, num_batches=10, seed=0)
+    assert len(evals) == 7 and sum(float(e["weights"].sum()) for e in evals) == 50 * 3
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, data_dir):
+    """A tiny pretraining run with one checkpoint, shared by the end-to-end tests."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    config = tiny_config(data_dir, train__num_steps=8, train__checkpoint_every=8, train__eval_every=8,
+                         train__eval_batches=1)
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def ft_config(data_dir, init_from, preset="lora,tiny", **overrides):
+    config = finetune_config.get_config(preset)
+    config.data.data_dir = data_dir
+    config.checkpoint.async_save = False
+    config.finetune.init_from = str(init_from)
+    config.train.num_steps, config.train.eval_batches, config.train.log_every = 4, 1, 2
+    config.train.eval_every = config.train.checkpoint_every = 4
+    for dotted, value in overrides.items():
+        group, field = dotted.split("__")
+        setattr(config[group], field, value)
+    return config
+
+
+def fingerprint(directory) -> dict:
+    """Every folder under `directory`, and every file with its size, mtime and content hash."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        out.update({os.path.join(root, name): "dir" for name in dirs})
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[path] = (os.path.getsize(path), os.path.getmtime(path), hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+@pytest.mark.parametrize("strategy", adapt.STRATEGIES)
+def test_every_strategy_finetunes_a_pretrained_tiny_run(strategy, pretrained, data_dir, tmp_path):
+    before = fingerprint(pretrained)
+    overrides = {"finetune__trainable": (r"blocks_1/.*",)} if strategy == "regex" else {}
+    final = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, f"{strategy},tiny", **overrides), tmp_path)
+    assert final["step"] == 4 and np.isfinite(final["eval_loss"])
+    assert json.loads((tmp_path / "result.json").read_text())["eval_loss"] == final["eval_loss"]
+    table = json.loads((tmp_path / "trainable.json").read_text())
+    assert table["trainable_params"] + table["frozen_params"] == table["total_params"]
+    assert (table["trainable_percent"] == 100.0) == (strategy == "full")
+    restore = json.loads((tmp_path / "restore.json").read_text())
+    assert restore["step"] == 8 and "blocks_0/attn/qkv/kernel" in restore["loaded"]
+    # Frozen parameters are exactly the pretrained ones after fine-tuning.
+    start, end = restore_state_numpy(pretrained, 8)["params"], restore_state_numpy(tmp_path, 4)["params"]
+    for path in set(restore["loaded"]) - set(table["trainable"]):
+        np.testing.assert_array_equal(base_leaf(start, path), base_leaf(end, path), err_msg=path)
+    assert fingerprint(pretrained) == before  # init_from is never written to
+
+
+def test_lora_run_exports_a_merged_plain_checkpoint_that_init_from_accepts(pretrained, data_dir, tmp_path):
+    finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "lora,tiny"), tmp_path / "lora")
+    adapted = restore_state_numpy(tmp_path / "lora", 4)["params"]
+    merged = restore_state_numpy(tmp_path / "lora" / "merged", 4)["params"]
+    config = json.loads((tmp_path / "lora" / "config.json").read_text())
+    cfg = GPTConfig.from_config(config["model"])
+    lora_cfg = dataclasses.replace(cfg, lora_rank=8, lora_alpha=16.0)
+    assert not any("lora" in p for p in optim.param_paths(merged))
+    tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
+    np.testing.assert_allclose(GPT(cfg).apply({"params": merged}, tokens),
+                               GPT(lora_cfg).apply({"params": adapted}, tokens), atol=2e-5, rtol=1e-5)
+    final = finetune.finetune_and_evaluate(
+        ft_config(data_dir, tmp_path / "lora" / "merged", "full,tiny", train__num_steps=0), tmp_path / "eval")
+    assert final["step"] == 0 and np.isfinite(final["eval_loss"])  # num_steps=0: evaluation only
+
+
+def test_classify_restores_the_body_exactly_and_initialises_a_new_head(pretrained, data_dir, tmp_path, capsys):
+    final = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "head,classify,tiny"), tmp_path)
+    assert 0.0 <= final["eval_accuracy"] <= 1.0 and np.isfinite(final["eval_loss"])
+    restore = json.loads((tmp_path / "restore.json").read_text())
+    assert restore["initialised"] == ["cls_head/bias", "cls_head/kernel"] and restore["left_out"] == []
+    start, end = restore_state_numpy(pretrained, 8)["params"], restore_state_numpy(tmp_path, 4)["params"]
+    assert set(optim.param_paths(end)) == set(optim.param_paths(start)) | {"cls_head/bias", "cls_head/kernel"}
+    for path in optim.param_paths(start):
+        np.testing.assert_array_equal(base_leaf(start, path), base_leaf(end, path), err_msg=path)
+    assert end["cls_head"]["kernel"].shape == (64, len(finetune_config.PACKAGES))
+    log = capsys.readouterr().out
+    assert "initialised fresh: cls_head/bias, cls_head/kernel" in log and "loaded 28 parameter arrays" in log
+
+
+def test_sft_learns_responses_from_the_stdlib_functions(pretrained, data_dir, tmp_path):
+    final = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "full,sft,tiny"), tmp_path)
+    assert np.isfinite(final["eval_loss"]) and final["step"] == 4
+
+
+def test_interrupted_finetuning_resumes_bit_identically(pretrained, data_dir, tmp_path):
+    config = lambda steps: ft_config(data_dir, pretrained, "last_k,tiny", train__num_steps=steps,
+                                     train__checkpoint_every=3, train__log_every=1, model__dropout=0.1,
+                                     optimizer__decay_steps=6)
+    finetune.finetune_and_evaluate(config(6), tmp_path / "straight")
+    finetune.finetune_and_evaluate(config(3), tmp_path / "resumed")
+    finetune.finetune_and_evaluate(config(6), tmp_path / "resumed")  # resumes its own step 3, not init_from
+    straight, resumed = [[m["train_loss"] for m in read_metrics(tmp_path / d)] for d in ("straight", "resumed")]
+    assert len(resumed) == 6 and straight == resumed
+    for a, b in zip(jax.tree.leaves(restore_state_numpy(tmp_path / "straight", 6)),
+                    jax.tree.leaves(restore_state_numpy(tmp_path / "resumed", 6))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_fine_tuning_input_is_refused_and_leaves_the_checkpoint_alone(pretrained, data_dir, tmp_path):
+    before = fingerprint(pretrained)
+    cases = [
+        (dict(finetune__init_from=str(tmp_path / "nowhere")), "does not exist"),
+        (dict(finetune__init_from=str(REPO / "configs")), "is not a gptlab checkpoint"),
+        (dict(finetune__init_from=str(pretrained / "checkpoints" / "3")), "does not exist"),
+        (dict(model__n_embd=96), r"parameter \S+ has shape \(64,\) there but \(96,\) here"),
+        (dict(finetune__strategy="adapters"), "unknown finetune.strategy='adapters'"),
+        (dict(finetune__strategy="last_k", finetune__last_k=5), "last_k=5 does not fit the model's 2 layers"),
+        (dict(finetune__trainable=("blocks_7/.*",)), r"regex 'blocks_7/\.\*' matches no parameter"),
+        (dict(data__tokenizer="char"), "differs from the pretrained run's byte tokenizer"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, **overrides), tmp_path / "ft")
+    with pytest.raises(UserError, match="inside the pretraining run"):
+        finetune.finetune_and_evaluate(ft_config(data_dir, pretrained), pretrained / "ft")
+    assert fingerprint(pretrained) == before and not (pretrained / "ft").exists()
+
+
+def test_entry_point_runs_and_reports_bad_input_in_one_line(pretrained, data_dir, tmp_path):
+    def run(preset, *args):
+        cmd = [sys.executable, "-m", "experiments.finetune", f"--config=configs/finetune.py:{preset}",
+               f"--config.data.data_dir={data_dir}", *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    result = run("bitfit,tiny", f"--workdir={tmp_path / 'ft'}",
+                 f"--config.finetune.init_from={pretrained / 'checkpoints' / '8'}", "--config.train.num_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "ft" / "result.json").read_text())["step"] == 2
+    assert "trainable" in result.stdout and "initialised fresh" not in result.stdout
+    result = run("lora,tiny", f"--workdir={tmp_path / 'bad'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from is not set")
