@@ -4,6 +4,8 @@
         [--parallel=2] [--only=REGEX] [--set=data.data_dir=/data/tfds] [--dry_run]
 
 Then `python -m experiments.report --workdir=DIR` writes the tables and figures.
+Exit status: 0 when every selected cell finished; 75 when stopped by SIGTERM/SIGINT (rerun to
+resume); 2 with one line when a cell failed (it is recorded, the others still ran) or on bad input.
 """
 from absl import flags
 

@@ -475,7 +475,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     train = config.train
     start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
     peak, peak_source = perf.peak_tflops(train.peak_tflops)
-    log(f"MFU is measured against {peak:.1f} TFLOP/s per device ({peak_source}); {dtype} compute")
+    log(f"MFU is measured against {peak:.3g} TFLOP/s per device ({peak_source}); {dtype} compute")
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
     final = {"step": start_step}
     if start_step >= train.num_steps:

@@ -94,7 +94,8 @@ def test_export_round_trip_through_from_pretrained_gives_the_same_logits(tmp_pat
     convert.to_hf(tmp_path / "run", tmp_path / "hf", log=lambda *_: None)
     reference = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     tokens = np.random.default_rng(1).integers(0, 61, (3, 20))
-    difference = np.max(np.abs(gptlab_logits(params, cfg, tokens) - hf_logits(reference, tokens)))
+    difference = float(np.max(np.abs(gptlab_logits(params, cfg, tokens) - hf_logits(reference, tokens))))
+    print(f"\nexport bias={bias} tie={tie}: max |logits difference| after from_pretrained = {difference:.3g}")
     assert difference < TOLERANCE, difference
     # ... and importing the export back gives the very same parameters (zero biases where bias=False).
     back = convert.from_hf(str(tmp_path / "hf"), tmp_path / "back", log=lambda *_: None).params
@@ -176,5 +177,6 @@ def test_a_lora_fine_tuned_checkpoint_exports_with_its_adapters_merged(tmp_path)
     convert.to_hf(tmp_path / "run", tmp_path / "hf", log=lambda *_: None)
     reference = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     tokens = np.random.default_rng(2).integers(0, 61, (2, 12))
-    difference = np.max(np.abs(gptlab_logits(params, cfg, tokens) - hf_logits(reference, tokens)))
+    difference = float(np.max(np.abs(gptlab_logits(params, cfg, tokens) - hf_logits(reference, tokens))))
+    print(f"\nexport bias={bias} tie={tie}: max |logits difference| after from_pretrained = {difference:.3g}")
     assert difference < TOLERANCE, difference

@@ -30,6 +30,9 @@ from gptlab.errors import UserError
 OWN_DATASETS = ("python_stdlib", "text_folder", "python_stdlib_functions", "python_stdlib_packages")
 
 
+EVAL_SEED = 0  # the evaluation windows' sampler seed, the same for every run
+
+
 def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
     """The TFDS builder named by `data.dataset` (not yet prepared)."""
     common = dict(data_dir=data_cfg.data_dir, file_format="array_record")
@@ -236,7 +239,9 @@ class Data:
             f"tokens ready in {time.perf_counter() - trained:.1f}s")
         self.train = WindowBatches(self.train_tokens, seq_len, data_cfg.batch_size, seed,
                                    process_index, process_count, shift=data_cfg.get("shift_windows", False))
-        self._eval_args = (seq_len, data_cfg.batch_size, seed)
+        # EVAL_SEED, not the run's seed: eval_loss must measure the model, not which windows were drawn,
+        # so runs that differ only in seed (sweeps' "mean ± std over seeds") are scored on the same data.
+        self._eval_args = (seq_len, data_cfg.batch_size, EVAL_SEED)
         self._process = (process_index, process_count)
 
     def eval_batches(self, num_batches: int) -> list:

@@ -14,7 +14,7 @@ Training batches come from `ExampleBatches`: rows visited epoch by epoch in a
 permutation drawn from (seed, epoch), with the same checkpointable state as
 `pipeline.WindowBatches` (one integer position), so resumed fine-tuning runs
 see exactly the batches of an uninterrupted one. Evaluation uses a fixed
-seeded selection of up to eval_batches * batch_size validation examples; the
+selection (the same for every seed) of up to eval_batches * batch_size validation examples; the
 last batch is padded with rows of weight 0, which count nowhere.
 
 Datasets: the project's `python_stdlib_functions` / `python_stdlib_packages`
@@ -180,7 +180,8 @@ class SupervisedData:
 
     def eval_batches(self, num_batches: int) -> list:
         evals, batch_size, seed, *process = self._eval
-        return fixed_batches(evals, batch_size, num_batches, seed, *process)
+        del seed  # the same evaluation examples for every run (see pipeline.EVAL_SEED)
+        return fixed_batches(evals, batch_size, num_batches, pipeline.EVAL_SEED, *process)
 
     def _keys(self, data_cfg):
         if self.task == "sft":
