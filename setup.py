@@ -30,8 +30,11 @@ setuptools.setup(
         "sentencepiece>=0.2.3",  # data.tokenizer=sentencepiece
         "tiktoken>=0.14",  # data.tokenizer=gpt2 (GPT-2 BPE from a local encoding file)
         "safetensors>=0.8",  # experiments.convert: Hugging Face GPT-2 weights in and out, no PyTorch
+        "matplotlib>=3.8",  # experiments.report: figures (rendered headless, Agg)
     ],
     extras_require={
+        # experiments.convert --from_hf=HUB_ID: download a model folder from the Hugging Face hub.
+        "hub": ["huggingface_hub>=0.30"],
         # TensorFlow prepares many TFDS catalog datasets (tiny_shakespeare, lm1b, ...); gptlab imports it
         # only for that, with accelerators hidden. macOS has no tensorflow-cpu wheels; its tensorflow is CPU-only.
         "tf": ["tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'"],

@@ -206,7 +206,7 @@ def _resolve_hf_dir(source: str) -> pathlib.Path:
         import huggingface_hub
     except ImportError:
         raise UserError(f"--from_hf={source} is not a local folder, and downloading a hub id needs "
-                        f"`pip install huggingface_hub`; or {fix}") from None
+                        f"`pip install -e \".[hub]\"` (huggingface_hub); or {fix}") from None
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(
             source, allow_patterns=["config.json", "model.safetensors", "model.safetensors.index.json",

@@ -126,7 +126,58 @@ def take_fraction(tokens: np.ndarray, fraction: float) -> np.ndarray:
     return tokens[:max(1, math.ceil(len(tokens) * fraction))]
 
 
-class WindowBatches:
+class SeededOrder:
+    """Items visited epoch by epoch in a permutation drawn from (seed, epoch).
+
+    The items at a position are a pure function of (seed, position), so a
+    checkpoint stores one integer and a resumed run sees exactly the batches of
+    an uninterrupted one. Each process takes its own rows of every global batch.
+    With `shift_range`, each epoch also draws an offset in [0, shift_range).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, shift_range: int = 0):
+        if batch_size % process_count:
+            raise UserError(f"data.batch_size={batch_size} is not divisible by the {process_count} processes")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shift_range = shift_range
+        self.local_rows = slice(process_index * batch_size // process_count,
+                                (process_index + 1) * batch_size // process_count)
+        self.position = 0  # items consumed so far, over all epochs
+        self._orders = {}
+
+    def _order(self, epoch: int) -> tuple:
+        """(permutation of the items, offset) of `epoch`."""
+        if epoch not in self._orders:
+            if len(self._orders) > 1:  # a batch spans at most two epochs
+                self._orders.pop(min(self._orders))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.num_items)
+            self._orders[epoch] = (order, int(rng.integers(self.shift_range)) if self.shift_range else 0)
+        return self._orders[epoch]
+
+    def _next_positions(self) -> np.ndarray:
+        """This process's global positions in the next batch; advances past the whole global batch."""
+        positions = self.position + np.arange(self.batch_size, dtype=np.int64)
+        self.position += self.batch_size
+        return positions[self.local_rows]
+
+    def __iter__(self):
+        return self
+
+    def _restore(self, state: dict, keys: tuple, could_have_changed: str) -> None:
+        for key in keys:
+            if state.get(key) != getattr(self, key):
+                raise UserError(
+                    f"the checkpoint's data iterator was at {key}={state.get(key)} but the current data gives "
+                    f"{key}={getattr(self, key)}: {could_have_changed} changed since the run started; "
+                    "restore the original data config or start a fresh --workdir")
+        self.position = int(state["position"])
+
+
+class WindowBatches(SeededOrder):
     """Global batches of (seq_len + 1)-token windows in a seeded, checkpointable order.
 
     With `shift`, each epoch also moves the whole window grid by a random offset
@@ -139,30 +190,19 @@ class WindowBatches:
                  process_index: int = 0, process_count: int = 1, shift: bool = False):
         self.tokens = tokens
         self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
         self.shift = bool(shift)
         # A shifted grid must still fit: leave room for an offset of up to seq_len - 1.
-        self.num_windows = (len(tokens) - 1 - (seq_len - 1 if shift else 0)) // seq_len
-        if self.num_windows < 1:
+        num_windows = (len(tokens) - 1 - (seq_len - 1 if shift else 0)) // seq_len
+        if num_windows < 1:
             raise UserError(f"the training split has {len(tokens)} tokens, fewer than one window of "
                             f"data.seq_len+1={seq_len + 1}: use more data (a larger data.train_fraction) "
                             "or a shorter data.seq_len")
-        if batch_size % process_count:
-            raise UserError(f"data.batch_size={batch_size} is not divisible by the {process_count} processes")
-        self.local_rows = slice(process_index * batch_size // process_count,
-                                (process_index + 1) * batch_size // process_count)
-        self.position = 0  # windows consumed so far, over all epochs
-        self._orders = {}
+        super().__init__(num_windows, batch_size, seed, process_index, process_count,
+                         shift_range=seq_len if shift else 0)
 
-    def _order(self, epoch: int) -> tuple:
-        if epoch not in self._orders:
-            if len(self._orders) > 1:  # a batch spans at most two epochs
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.num_windows)
-            self._orders[epoch] = (order, int(rng.integers(self.seq_len)) if self.shift else 0)
-        return self._orders[epoch]
+    @property
+    def num_windows(self) -> int:
+        return self.num_items
 
     def windows(self, positions: np.ndarray) -> np.ndarray:
         """The windows at global positions (epoch * num_windows + index) as int32 arrays."""
@@ -174,13 +214,8 @@ class WindowBatches:
             starts[at] = order[offsets[at]] * self.seq_len + offset
         return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
-        positions = self.position + np.arange(self.batch_size, dtype=np.int64)
-        self.position += self.batch_size
-        return {"tokens": self.windows(positions[self.local_rows])}
+        return {"tokens": self.windows(self._next_positions())}
 
     def state(self) -> dict:
         return {"position": int(self.position), "num_windows": int(self.num_windows),
@@ -188,13 +223,8 @@ class WindowBatches:
 
     def restore(self, state: dict) -> None:
         state = {"shift": False, **state}  # checkpoints from before shifting existed
-        for key in ("num_windows", "seq_len", "seed", "shift"):
-            if state[key] != getattr(self, key):
-                raise UserError(
-                    f"the checkpoint's data iterator was at {key}={state[key]} but the current data gives "
-                    f"{key}={getattr(self, key)}: the dataset, tokenizer, seq_len, seed or shift_windows changed since the "
-                    "run started; restore the original data config or start a fresh --workdir")
-        self.position = int(state["position"])
+        self._restore(state, ("num_windows", "seq_len", "seed", "shift"),
+                      "the dataset, tokenizer, seq_len, seed or shift_windows")
 
 
 class Data:

@@ -77,51 +77,30 @@ def encode_classify(tokenizer, text: str, seq_len: int):
     return tokens, len(ids)
 
 
-class ExampleBatches:
+class ExampleBatches(pipeline.SeededOrder):
     """Global batches of rows of `arrays` (a dict of equally long arrays) in a seeded, checkpointable order."""
 
     def __init__(self, arrays: dict, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
         self.arrays = arrays
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_examples = len(next(iter(arrays.values())))
-        if self.num_examples < 1:
+        num_examples = len(next(iter(arrays.values())))
+        if num_examples < 1:
             raise UserError("the training split has no usable examples: widen data.include/data.exclude")
-        if batch_size % process_count:
-            raise UserError(f"data.batch_size={batch_size} is not divisible by the {process_count} processes")
-        self.local_rows = slice(process_index * batch_size // process_count,
-                                (process_index + 1) * batch_size // process_count)
-        self.position = 0  # examples consumed so far, over all epochs
-        self._orders = {}
+        super().__init__(num_examples, batch_size, seed, process_index, process_count)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 1:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-        return self._orders[epoch]
-
-    def __iter__(self):
-        return self
+    @property
+    def num_examples(self) -> int:
+        return self.num_items
 
     def __next__(self) -> dict:
-        positions = (self.position + np.arange(self.batch_size, dtype=np.int64))[self.local_rows]
-        self.position += self.batch_size
-        epochs, offsets = np.divmod(positions, self.num_examples)
-        rows = np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+        epochs, offsets = np.divmod(self._next_positions(), self.num_examples)
+        rows = np.array([self._order(int(e))[0][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
         return {k: v[rows] for k, v in self.arrays.items()}
 
     def state(self) -> dict:
         return {"position": int(self.position), "num_examples": int(self.num_examples), "seed": int(self.seed)}
 
     def restore(self, state: dict) -> None:
-        for key in ("num_examples", "seed"):
-            if state.get(key) != getattr(self, key):
-                raise UserError(
-                    f"the checkpoint's data iterator was at {key}={state.get(key)} but the current data gives "
-                    f"{key}={getattr(self, key)}: the dataset, tokenizer, seq_len or seed changed since the "
-                    "run started; restore the original data config or start a fresh --workdir")
-        self.position = int(state["position"])
+        self._restore(state, ("num_examples", "seed"), "the dataset, tokenizer, seq_len or seed")
 
 
 def fixed_batches(arrays: dict, batch_size: int, num_batches: int, seed: int,
