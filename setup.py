@@ -44,5 +44,8 @@ setuptools.setup(
                  # The GPT-2 interop tests compare against transformers' GPT2LMHeadModel on CPU. The exact
                  # torch pin takes the CPU wheel; a looser spec pulls a CUDA build with GBs of packages.
                  "torch==2.13.*", "transformers>=5.24"],
+        # experiments.benchmark --compare=torch: the PyTorch peer (transformers' GPT2LMHeadModel). The exact torch
+        # pin takes the CPU wheel; on a GPU machine install a CUDA build of torch instead.
+        "bench": ["torch==2.13.*", "transformers>=5.24"],
     },
 )
