@@ -144,7 +144,22 @@ def summary(times: list, tokens_per_step: int) -> dict:
             "tokens_per_s": tokens_per_step / median}
 
 
-class JaxSteps:
+class TimedSteps:
+    """Runs `step()` (one training step to completion, returning its seconds) and keeps the times."""
+
+    times: list
+
+    def step(self) -> float:
+        raise NotImplementedError
+
+    def run(self, count: int, record: bool = True) -> None:
+        for _ in range(count):
+            elapsed = self.step()
+            if record:
+                self.times.append(elapsed)
+
+
+class JaxSteps(TimedSteps):
     """gptlab's compiled train step on the prefetched pipeline, timed per step to completion."""
 
     def __init__(self, state, train_step, batches):
@@ -157,14 +172,8 @@ class JaxSteps:
         jax.block_until_ready((self.state, metrics))
         return time.perf_counter() - start
 
-    def run(self, count: int, record: bool = True) -> None:
-        for _ in range(count):
-            elapsed = self.step()
-            if record:
-                self.times.append(elapsed)
 
-
-class TorchSteps:
+class TorchSteps(TimedSteps):
     """The PyTorch peer: transformers' GPT2LMHeadModel with the same shapes, batch, optimizer and precision."""
 
     def __init__(self, config, model_cfg, host_batches: list, threads: int):
@@ -218,12 +227,6 @@ class TorchSteps:
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()
         return time.perf_counter() - start
-
-    def run(self, count: int, record: bool = True) -> None:
-        for _ in range(count):
-            elapsed = self.step()
-            if record:
-                self.times.append(elapsed)
 
 
 def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: str = "", blocks: int = 4,
