@@ -76,7 +76,7 @@ def strategy_rules(strategy: str, params, n_layer: int, last_k: int = 2, trainab
         if not trainable:
             raise UserError("finetune.strategy=regex needs finetune.trainable, a tuple of regexes over parameter "
                             "paths, e.g. --config.finetune.trainable=\"('blocks_3/.*', 'ln_f/.*')\"")
-        return tuple(trainable)
+        rules = ()  # only `trainable` (added below), plus a new classification head
     if "cls_head" in params:  # a new, randomly initialised head must learn, whatever else is frozen
         rules = (*rules, r"cls_head/.*")
     return tuple(dict.fromkeys((*rules, *trainable)))

@@ -245,6 +245,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
     if blocks < 1:
         raise UserError(f"--blocks={blocks} must be positive")
     train.check_train_config(config)
+    train.enable_compilation_cache(config.train.get("compilation_cache_dir"))  # as training does
     seq_len = train.resolve_seq_len(config)
     data = SyntheticData(config, seq_len) if synthetic else pipeline.Data(
         config.data, seq_len, config.seed, None, jax.process_index(), jax.process_count(), log=log)

@@ -46,12 +46,26 @@ def fingerprint(tree):
 
     def leaf_print(x):
         x = jnp.asarray(x)
+        if x.dtype == jnp.bool_:  # e.g. optax.apply_if_finite's state; bools have no bitcast
+            x = x.astype(jnp.uint8)
         bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
         raw = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).ravel()
         weights = (jnp.arange(raw.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | jnp.uint32(1)
         return jnp.sum(raw * weights, dtype=jnp.uint32)
 
     return [leaf_print(x) for x in jax.tree.leaves(tree)]
+
+
+def first_mismatch(expected: dict, tree, checked=lambda path: True):
+    """The first path of `tree` whose fingerprint differs from `expected[path]`, or None.
+
+    Paths absent from `expected`, or for which `checked(path)` is false, are not compared.
+    """
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    for path, value in zip(paths, jax.device_get(fingerprint(tree))):
+        if path in expected and checked(path) and expected[path] != int(value):
+            return path
+    return None
 
 
 def _fingerprints(state) -> dict:
@@ -139,7 +153,13 @@ class Checkpoints:
             stored_params = stored["params"]
         except Exception as e:  # pylint: disable=broad-except
             raise CorruptCheckpoint(step, self.step_path(step), f"its metadata cannot be read ({_first_line(e)})") from None
-        check_same_shapes(stored_params, abstract_state.params, where=f"checkpoint step {step} in {self.directory}")
+        where = f"checkpoint step {step} in {self.directory}"
+        check_same_shapes(stored_params, abstract_state.params, where=where)
+        differing = sorted(set(_shapes(stored)) ^ set(_shapes(abstract_state)))
+        if differing:  # the params fit, so the optimizer state's structure differs: a config change, not damage
+            raise UserError(f"{where} holds a different optimizer state (first difference: {differing[0]}): the "
+                            "optimizer settings changed since it was written (optimizer.grad_clip_norm, "
+                            "train.skip_nonfinite_steps, finetune.strategy, ...); restore them or start a fresh --workdir")
         items = dict(state=ocp.args.StandardRestore(abstract_state), **{k: ocp.args.JsonRestore() for k in JSON_ITEMS})
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -52,7 +52,7 @@ class Loaded:
         return tokenizers_lib.from_json(self.tokenizer_spec, self.config.get("data"))
 
 
-def _step_dirs(checkpoints: pathlib.Path) -> list:
+def checkpoint_steps(checkpoints: pathlib.Path) -> list:
     if not checkpoints.is_dir():
         return []
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir())
@@ -75,7 +75,7 @@ def load_workdir(workdir, step=None, strict: bool = True) -> Loaded:
     (a task head such as a classifier's makes that false; task evaluators pass False).
     """
     directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
-    steps = _step_dirs(directory)
+    steps = checkpoint_steps(directory)
     if not steps:
         raise UserError(f"--workdir={workdir} has no checkpoint (nothing in {directory}): point it at a "
                         "pretraining or fine-tuning workdir, or import GPT-2 weights with experiments.convert")
@@ -131,11 +131,10 @@ def _check_integrity(checkpoints, step: int, params) -> None:
         expected = checkpoints.read_json(step, "integrity").get("fingerprints") or {}
     except Exception:  # pylint: disable=broad-except
         return  # written before checkpoints recorded fingerprints
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path({"params": params})]
-    for path, value in zip(paths, jax.device_get(checkpoint_lib.fingerprint(params))):
-        if path in expected and expected[path] != int(value):
-            raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged: array {path} differs "
-                            "from what was saved; pass --step=N for an earlier checkpoint")
+    damaged = checkpoint_lib.first_mismatch(expected, {"params": params})
+    if damaged:
+        raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged: array {damaged} differs "
+                        "from what was saved; pass --step=N for an earlier checkpoint")
 
 
 def save_workdir(workdir, params, config: dict, tokenizer_spec: dict, source: str, step: int = 0) -> pathlib.Path:
@@ -147,7 +146,7 @@ def save_workdir(workdir, params, config: dict, tokenizer_spec: dict, source: st
     from gptlab.train import TrainState  # train imports the data pipeline; only needed here
 
     workdir = checkpoint_lib.check_writable(workdir)
-    if _step_dirs(workdir / "checkpoints"):
+    if checkpoint_steps(workdir / "checkpoints"):
         raise UserError(f"--workdir={workdir} already has checkpoints: choose an empty --workdir")
     state = TrainState(step=jnp.array(step, jnp.int32), params=params, opt_state=None,
                        rng=jax.random.key_data(jax.random.key(0)))

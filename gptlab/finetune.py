@@ -28,6 +28,7 @@ hidden state; evaluation also reports accuracy).
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import flax.traverse_util
 import jax
@@ -37,6 +38,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from gptlab import adapt
+from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import tokenizers as tokenizers_lib
@@ -71,7 +73,7 @@ class Pretrained:
         self.directory = directory
         self.workdir = directory.parent  # the run that wrote it; fine-tuning never writes there
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                    "tokenizer": ocp.JsonCheckpointHandler()}
+                    "tokenizer": ocp.JsonCheckpointHandler(), "integrity": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(
             directory, item_names=tuple(handlers), item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(read_only=True, create=False))
@@ -92,19 +94,35 @@ class Pretrained:
             raise UserError(f"{self.where} is not a readable gptlab checkpoint "
                             f"({(str(e).strip() or type(e).__name__).splitlines()[0][:200]}): {_FIX}") from None
         self.config, self.tokenizer_json = items["config"], items["tokenizer"]
+        try:  # the fingerprints recorded at save time (see gptlab.checkpoint)
+            self.fingerprints = self.manager.restore(self.step, args=ocp.args.Composite(
+                integrity=ocp.args.JsonRestore()))["integrity"]["fingerprints"]
+        except Exception:  # pylint: disable=broad-except
+            self.fingerprints = None  # a checkpoint without them: nothing to check against
         if not isinstance(self.config.get("model"), dict):
             raise UserError(f"{self.where} stores no model config: it was not written by gptlab; {_FIX}")
-        shapes = jax.tree.map(lambda m: tuple(m.shape), stored)
-        self.shapes = {optim.path_str(p): s for p, s in
-                       jax.tree_util.tree_leaves_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))}
+        leaves = jax.tree_util.tree_leaves_with_path(stored)
+        self.shapes = {optim.path_str(p): tuple(m.shape) for p, m in leaves}
+        self.dtypes = {optim.path_str(p): np.dtype(m.dtype) for p, m in leaves}
 
     def restore_params(self, template: dict) -> dict:
         """The parameters named by the nested dict `template`, restored into its leaves' placement
         (ShapeDtypeStructs with shardings, or numpy arrays) and dtypes; nothing else is read."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(template)
-        restored = self.manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            {"params": template}, restore_args={"params": restore_args}, partial_restore=True)))
-        return restored["state"]["params"]
+        try:
+            restored = self.manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                {"params": template}, restore_args={"params": restore_args}, partial_restore=True)))
+        except Exception as e:  # pylint: disable=broad-except  (missing or truncated files)
+            raise UserError(f"{self.where} cannot be read ({(str(e).strip() or type(e).__name__).splitlines()[0][:200]}): "
+                            f"it is damaged; point finetune.init_from at an earlier checkpoints/STEP") from None
+        params = restored["state"]["params"]
+        loaded_dtypes = {"params/" + optim.path_str(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(params)}
+        uncast = lambda path: self.dtypes.get(path[len("params/"):]) == loaded_dtypes[path]  # a cast changes bits
+        damaged = self.fingerprints and checkpoint_lib.first_mismatch(self.fingerprints, {"params": params}, uncast)
+        if damaged:
+            raise UserError(f"{self.where} is damaged: array {damaged} differs from what was saved; "
+                            "point finetune.init_from at an earlier checkpoints/STEP")
+        return params
 
     def close(self) -> None:
         self.manager.close()
@@ -252,8 +270,9 @@ def finetune_and_evaluate(config, workdir) -> dict:
             config, workdir, lambda *args: _finetune(*args, source=source))
     finally:
         source.close()
-    if config.finetune.strategy == "lora" and config.finetune.export_merged and final["step"] > 0:
-        export_merged(workdir, log=train.Logger(jax.process_index() == 0))
+    if (config.finetune.strategy == "lora" and config.finetune.export_merged and final["step"] > 0
+            and jax.process_index() == 0):  # one writer
+        export_merged(workdir)
     return final
 
 
@@ -336,31 +355,25 @@ def export_merged(workdir, log=print):
 
     The result is a checkpoint of the plain model (lora_rank=0) with the
     pretraining layout, so `init_from`, sampling and evaluation load it like any
-    other; its logits equal the adapted model's up to float rounding.
+    other; its logits equal the adapted model's up to float rounding. An export of
+    an older step (the run was resumed and trained on) is replaced.
     """
-    from gptlab import convert  # saves a parameters-only checkpoint with the pretraining layout
+    from gptlab import convert  # reads and writes parameters-only checkpoints with the pretraining layout
 
     workdir = pathlib.Path(workdir).expanduser().absolute()
     out = workdir / "merged"
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        log(f"merged export: {out} already exists, left as it is")
+    run = convert.load_workdir(workdir, strict=False)  # the latest step, integrity-checked
+    if convert.checkpoint_steps(out / "checkpoints") == [run.step]:
+        log(f"merged export: {out} already holds step {run.step}")
         return out
-    run = Pretrained(workdir)
-    try:
-        ft = run.config["finetune"]
-        lora_cfg = dataclasses.replace(
-            model_lib.GPTConfig.from_config(run.config["model"]),
-            lora_rank=ft["lora_rank"], lora_alpha=ft["lora_alpha"], lora_targets=tuple(ft["lora_targets"]))
-        template = jax.tree.map(lambda s: np.zeros(s, np.dtype(lora_cfg.param_dtype)),
-                                flax.traverse_util.unflatten_dict(run.shapes, sep="/"),
-                                is_leaf=lambda x: isinstance(x, tuple))
-        params = run.restore_params(template)
-        step, tokenizer_json, config = run.step, run.tokenizer_json, dict(run.config)
-    finally:
-        run.close()
-    merged, _ = adapt.merge_lora(params, lora_cfg)
-    merged = jax.tree.map(np.asarray, merged)
-    config["merged_lora_from"] = str(workdir)
-    directory = convert.save_workdir(out, merged, config, tokenizer_json, source=f"lora-merge:{workdir}", step=step)
-    log(f"merged export: LoRA adapters folded into their kernels, plain-model checkpoint at {directory}")
+    merged, _ = adapt.merge_lora(run.params, run.model_cfg)
+    config = {**run.config, "merged_lora_from": str(workdir)}
+    fresh = workdir / "merged.tmp"  # written apart, then swapped in: a crash never leaves a half export
+    shutil.rmtree(fresh, ignore_errors=True)
+    directory = convert.save_workdir(fresh, jax.tree.map(np.asarray, merged), config, run.tokenizer_spec,
+                                     source=f"lora-merge:{workdir}", step=run.step)
+    shutil.rmtree(out, ignore_errors=True)
+    fresh.rename(out)
+    log(f"merged export: LoRA adapters folded into their kernels, plain-model checkpoint at "
+        f"{out / directory.relative_to(fresh)}")
     return out

@@ -177,7 +177,9 @@ def resolve_seq_len(config) -> int:
 def check_train_config(config) -> None:
     train, data = config.train, config.data
     for name in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "grad_accum_steps"):
-        if getattr(train, name) < (0 if name == "num_steps" else 1):  # num_steps=0: evaluate only
+        if name == "num_steps" and train.num_steps < 0:
+            raise UserError(f"train.num_steps={train.num_steps} must be >= 0 (0: evaluate only)")
+        if name != "num_steps" and getattr(train, name) < 1:
             raise UserError(f"train.{name}={getattr(train, name)} must be positive")
     if data.batch_size < 1:
         raise UserError(f"data.batch_size={data.batch_size} must be positive")

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import REPO, restore_state_numpy, tiny_config
 from configs import finetune as finetune_config
-from gptlab import adapt, finetune, optim, tokenizers, train
+from gptlab import adapt, convert, finetune, optim, tokenizers, train
 from gptlab.data import supervised, task_corpora
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
@@ -325,6 +326,9 @@ def test_lora_run_exports_a_merged_plain_checkpoint_that_init_from_accepts(pretr
     final = finetune.finetune_and_evaluate(
         ft_config(data_dir, tmp_path / "lora" / "merged", "full,tiny", train__num_steps=0), tmp_path / "eval")
     assert final["step"] == 0 and np.isfinite(final["eval_loss"])  # num_steps=0: evaluation only
+    # Trained on, the run replaces its merged export with the new step's.
+    finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "lora,tiny", train__num_steps=6), tmp_path / "lora")
+    assert convert.checkpoint_steps(tmp_path / "lora" / "merged" / "checkpoints") == [6]
 
 
 def test_classify_restores_the_body_exactly_and_initialises_a_new_head(pretrained, data_dir, tmp_path, capsys):
@@ -378,6 +382,18 @@ def test_bad_fine_tuning_input_is_refused_and_leaves_the_checkpoint_alone(pretra
     with pytest.raises(UserError, match="inside the pretraining run"):
         finetune.finetune_and_evaluate(ft_config(data_dir, pretrained), pretrained / "ft")
     assert fingerprint(pretrained) == before and not (pretrained / "ft").exists()
+
+
+def test_a_damaged_pretrained_checkpoint_is_refused_in_one_line(pretrained, data_dir, tmp_path):
+    copy = tmp_path / "pretrained"
+    shutil.copytree(pretrained, copy)
+    step_dir = max((copy / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    array_file = max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(array_file.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 16] = bytes(16)  # zero 16 bytes inside the largest array file
+    array_file.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"init_from checkpoint .* (is damaged|cannot be read)"):
+        finetune.finetune_and_evaluate(ft_config(data_dir, copy, "full,tiny"), tmp_path / "ft")
 
 
 def test_entry_point_runs_and_reports_bad_input_in_one_line(pretrained, data_dir, tmp_path):

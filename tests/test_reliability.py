@@ -208,6 +208,21 @@ def test_skipping_nonfinite_steps_leaves_the_state_untouched_and_gives_up_after_
     assert train.check_finite([(4, {"train_loss": 1.0, "grad_norm": 1.0})], True, 3, 2, 3, messages.append) == 0
 
 
+def test_a_state_with_skipping_on_saves_and_restores_exactly(tmp_path):
+    """optax.apply_if_finite keeps a bool in the optimizer state: it must checkpoint like any leaf."""
+    params = init_params(GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8), jax.random.key(0))
+    tx = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5)
+    state = train.TrainState(step=jnp.array(3), params=params, opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.key(1)))
+    ckpts = checkpoint_lib.Checkpoints(tmp_path / "checkpoints")
+    ckpts.save(3, state, data={}, config={}, tokenizer={})
+    ckpts.wait()
+    restored, _ = ckpts.restore(3, jax.tree.map(np.asarray, state))
+    ckpts.close()
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 2.5 MB filesystem mounted as the run's checkpoints/ directory: room for one checkpoint."""

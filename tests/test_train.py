@@ -106,6 +106,8 @@ def test_resuming_with_a_different_model_names_the_first_mismatching_parameter(m
         train.train_and_evaluate(make_config(train__num_steps=4, model__n_embd=96), tmp_path)
     with pytest.raises(UserError, match="trained with the byte tokenizer"):
         train.train_and_evaluate(make_config(train__num_steps=4, data__tokenizer="char"), tmp_path)
+    with pytest.raises(UserError, match=r"different optimizer state .*optimizer.grad_clip_norm"):
+        train.train_and_evaluate(make_config(train__num_steps=4, optimizer__grad_clip_norm=0.0), tmp_path)
 
 
 def test_char_tokenizer_run_stores_its_vocabulary(make_config, tmp_path):
