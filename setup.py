@@ -43,9 +43,9 @@ setuptools.setup(
                  "tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'",
                  # The GPT-2 interop tests compare against transformers' GPT2LMHeadModel on CPU. The exact
                  # torch pin takes the CPU wheel; a looser spec pulls a CUDA build with GBs of packages.
-                 "torch==2.13.*", "transformers>=5.24"],
+                 "torch==2.13.0", "transformers>=5.24"],
         # experiments.benchmark --compare=torch: the PyTorch peer (transformers' GPT2LMHeadModel). The exact torch
         # pin takes the CPU wheel; on a GPU machine install a CUDA build of torch instead.
-        "bench": ["torch==2.13.*", "transformers>=5.24"],
+        "bench": ["torch==2.13.0", "transformers>=5.24"],
     },
 )
