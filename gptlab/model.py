@@ -38,6 +38,7 @@ class GPTConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     attention: str = "xla"  # see ATTENTION_IMPLS
     remat: str = "none"  # see REMAT_POLICIES
+    dense_backward: str = "xla"  # see DENSE_DOTS
     lora_rank: int = 0  # LoRA adapters of this rank on the kernels matching lora_targets; 0: none
     lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank
     lora_targets: tuple = (r"blocks_\d+/attn/(qkv|proj)/kernel",)  # regexes (fullmatch) over kernel paths
@@ -57,6 +58,8 @@ class GPTConfig:
                              f"got {self.dtype!r}/{self.param_dtype!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if self.dense_backward not in DENSE_DOTS:
+            raise ValueError(f"model.dense_backward={self.dense_backward!r} is not one of {tuple(DENSE_DOTS)}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
         if self.lora_rank < 0:
@@ -65,8 +68,10 @@ class GPTConfig:
     @classmethod
     def from_config(cls, model_config, **overrides) -> "GPTConfig":
         """Builds the model config from the `model` group of an experiment config."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        # None ("as stored") for a field an older run did not store means its default.
+        has_default = lambda name: fields[name].default is not dataclasses.MISSING
+        values = {k: v for k, v in dict(model_config).items() if k in fields and not (v is None and has_default(k))}
         values.update(overrides)
         return cls(**values)
 
@@ -77,6 +82,43 @@ class GPTConfig:
 
 def _init(std: float):
     return nn.initializers.normal(stddev=std)
+
+
+@jax.custom_vjp
+def _matmul_narrow_transpose(x, kernel):
+    return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, grad):
+    x, kernel = residuals
+    rows_x, rows_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    # The kernel gradient contracts over the rows of both. XLA's CPU dot would rewrite the
+    # (wide) output gradient transposed, inside its elementwise producer (GELU's backward),
+    # which is the slowest part of the CPU backward pass; transposing the narrower operand
+    # explicitly, behind a barrier so XLA cannot fold it back into the dot, is cheaper.
+    if rows_x.shape[1] <= rows_grad.shape[1]:
+        kernel_grad = jnp.dot(jax.lax.optimization_barrier(rows_x.T), rows_grad)
+    else:  # the gradient is the narrower one: transpose it, and the small result back
+        kernel_grad = jnp.dot(jax.lax.optimization_barrier(rows_grad.T), rows_x).T
+    return jnp.dot(grad, kernel.T), kernel_grad.astype(kernel.dtype)
+
+
+_matmul_narrow_transpose.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dot_narrow_transpose(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """A `dot_general` for nn.Dense (x @ kernel) whose backward pass uses `_matmul_bwd`."""
+    del dimension_numbers, precision, preferred_element_type  # nn.Dense's: contract x's last axis with kernel's first
+    return _matmul_narrow_transpose(lhs, rhs)
+
+
+# model.dense_backward: how dense layers compute their kernel gradient. "xla": as XLA
+# decides; "narrow_transpose": see _matmul_bwd (faster on CPUs, measured by experiments.benchmark).
+DENSE_DOTS = {"xla": None, "narrow_transpose": dot_narrow_transpose}
 
 
 class Dense(nn.Dense):
@@ -111,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         dense = lambda features, std, name: Dense(
             features, use_bias=cfg.bias, kernel_init=_init(std), dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, name=name, cfg=cfg)
+            param_dtype=cfg.param_dtype, name=name, cfg=cfg, dot_general=DENSE_DOTS[cfg.dense_backward])
         qkv = dense(3 * cfg.n_embd, 0.02, "qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, 3 * cfg.n_head, cfg.head_dim), 3, axis=2)
         attn_dropout = cfg.dropout > 0 and not deterministic
@@ -158,7 +200,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.cfg
-        common = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, cfg=cfg)
+        common = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, cfg=cfg,
+                      dot_general=DENSE_DOTS[cfg.dense_backward])
         x = Dense(4 * cfg.n_embd, kernel_init=_init(0.02), name="fc", **common)(x)
         x = nn.gelu(x, approximate=True)  # GPT-2 uses the tanh approximation
         x = Dense(cfg.n_embd, kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer)),

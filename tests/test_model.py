@@ -96,3 +96,19 @@ def test_bad_model_config_is_rejected_with_the_fix():
     cfg = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
+
+
+def test_narrow_transpose_backward_gives_the_same_gradients():
+    """model.dense_backward only changes how kernel gradients are laid out, not what they are."""
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, lora_rank=2)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, 50)
+
+    def grads(dense_backward):
+        model = GPT(dataclasses.replace(cfg, dense_backward=dense_backward))
+        return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
+
+    (loss, expected), (loss_nt, actual) = grads("xla"), grads("narrow_transpose")
+    assert loss == loss_nt
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(actual)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
