@@ -258,7 +258,7 @@ class GPT2Tokenizer:
 
     def __init__(self, encoding_file=None, stored_file=None):
         import tiktoken  # pylint: disable=import-outside-toplevel
-        from tiktoken_ext.openai_public import r50k_pat_str  # pylint: disable=import-outside-toplevel
+        from tiktoken_ext.openai_public import r50k_pat_str  # ships with tiktoken  # pylint: disable=import-outside-toplevel
 
         self.encoding_file, ranks = _load_gpt2_ranks(encoding_file, stored_file)
         self._encoding = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
