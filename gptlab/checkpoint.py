@@ -155,7 +155,7 @@ class Checkpoints:
             raise CorruptCheckpoint(step, self.step_path(step), f"its metadata cannot be read ({_first_line(e)})") from None
         where = f"checkpoint step {step} in {self.directory}"
         check_same_shapes(stored_params, abstract_state.params, where=where)
-        differing = sorted(set(_shapes(stored)) ^ set(_shapes(abstract_state)))
+        differing = sorted(set(shapes_by_path(stored)) ^ set(shapes_by_path(abstract_state)))
         if differing:  # the params fit, so the optimizer state's structure differs: a config change, not damage
             raise UserError(f"{where} holds a different optimizer state (first difference: {differing[0]}): the "
                             "optimizer settings changed since it was written (optimizer.grad_clip_norm, "
@@ -195,12 +195,13 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:200]
 
 
-def _shapes(tree) -> dict:
+def shapes_by_path(tree) -> dict:
+    """{"blocks_0/attn/qkv/kernel": shape, ...} for arrays, ShapeDtypeStructs or Orbax metadata."""
     return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_same_shapes(stored_params, expected_params, where: str) -> None:
-    stored, expected = _shapes(stored_params), _shapes(expected_params)
+    stored, expected = shapes_by_path(stored_params), shapes_by_path(expected_params)
     for path, shape in expected.items():
         if path not in stored:
             raise UserError(f"{where} has no parameter {path}: it was written by a different model "

@@ -101,9 +101,8 @@ class Pretrained:
             self.fingerprints = None  # a checkpoint without them: nothing to check against
         if not isinstance(self.config.get("model"), dict):
             raise UserError(f"{self.where} stores no model config: it was not written by gptlab; {_FIX}")
-        leaves = jax.tree_util.tree_leaves_with_path(stored)
-        self.shapes = {optim.path_str(p): tuple(m.shape) for p, m in leaves}
-        self.dtypes = {optim.path_str(p): np.dtype(m.dtype) for p, m in leaves}
+        self.shapes = checkpoint_lib.shapes_by_path(stored)
+        self.dtypes = {optim.path_str(p): np.dtype(m.dtype) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
 
     def restore_params(self, template: dict) -> dict:
         """The parameters named by the nested dict `template`, restored into its leaves' placement
@@ -243,10 +242,6 @@ def classify_loss_fn(model: model_lib.GPT) -> train.LossFn:
     return loss_fn
 
 
-def _shapes(params) -> dict:
-    return {optim.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-
-
 def _place_like(value, template):
     """`value` with the placement and dtype of `template` (a sharded jax.Array or a host array)."""
     if isinstance(template, jax.Array):
@@ -299,7 +294,7 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     make_params = lambda: init_params(model_cfg, ft.task, num_classes, init_key)
     params = jax.eval_shape(make_params)  # shapes only
-    plan = plan_restore(source.shapes, _shapes(params), ft.task, source.where)  # fails before any training
+    plan = plan_restore(source.shapes, checkpoint_lib.shapes_by_path(params), ft.task, source.where)  # fails before any training
     trainable = adapt.trainable_mask(params, ft.strategy, model_cfg.n_layer, ft.last_k, tuple(ft.trainable))
     schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
     tx = adapt.optimizer(config.optimizer, schedule, params, trainable)
