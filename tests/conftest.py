@@ -17,9 +17,8 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
+def refuse_network(monkeypatch) -> None:
+    """Any attempt to open a network connection (while `monkeypatch` is active) fails the test."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("network access attempted")
@@ -27,6 +26,12 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    refuse_network(monkeypatch)
 
 
 def tiny_config(data_dir, **overrides):

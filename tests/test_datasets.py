@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO, tiny_config
+from conftest import REPO, refuse_network, tiny_config
 from configs import pretrain as pretrain_config
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
@@ -25,15 +25,6 @@ from gptlab.errors import UserError
 SHAKESPEARE_DIR = REPO.parent / "shared" / "data" / "tinyshakespeare"  # never copied into the repository
 needs_shakespeare = pytest.mark.skipif(not (SHAKESPEARE_DIR / "input.txt").is_file(),
                                        reason=f"the offline Tiny Shakespeare file is not at {SHAKESPEARE_DIR}")
-
-
-def _refuse_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def shakespeare_config(data_dir, preset="tiny", **overrides):
@@ -56,7 +47,7 @@ def shakespeare(data_dir):
     if not (SHAKESPEARE_DIR / "input.txt").is_file():
         pytest.skip(f"the offline Tiny Shakespeare file is not at {SHAKESPEARE_DIR}")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _refuse_network(monkeypatch)
+        refuse_network(monkeypatch)
         builder = pipeline.prepare(shakespeare_config(data_dir).data)
     return builder
 
