@@ -1,9 +1,9 @@
 """What fine-tuning trains: strategies as masks over parameter paths, and an optimizer
 that leaves every frozen parameter exactly where it was.
 
-Each strategy is a tuple of regexes (`re.fullmatch` on `/`-joined parameter paths,
-as everywhere in gptlab) turned into a bool tree with the params' structure by
-`gptlab.optim.match_mask`, so a regex that matches nothing is an error naming it.
+A strategy is a bool tree with the params' structure; `finetune.trainable` adds
+regexes (`re.fullmatch` on `/`-joined parameter paths, as everywhere in gptlab,
+through `gptlab.optim.match_mask`, so a regex that matches nothing is an error naming it).
 
 | strategy    | trains                                                         |
 | ----------- | -------------------------------------------------------------- |
@@ -11,94 +11,83 @@ as everywhere in gptlab) turned into a bool tree with the params' structure by
 | `head`      | the output head only (a linear probe)                          |
 | `last_k`    | the last k blocks, the final LayerNorm and the head            |
 | `bitfit`    | biases only (Ben Zaken et al., 2021)                           |
-| `layernorm` | LayerNorm scales and biases only                               |
+| `layernorm` | norm scales and biases only (LayerNorm or RMSNorm)             |
 | `lora`      | the low-rank adapters `lora_a`/`lora_b` only (Hu et al., 2021)  |
 | `regex`     | the parameters matching `finetune.trainable`                   |
 
-"The head" is `lm_head` when the model has one, the token embedding `wte` when the
-head is tied to it (training it then also moves the input embedding; fine-tuning
-unties it by default, see configs/finetune.py), and `cls_head` for classification.
-A freshly initialised `cls_head` always trains, whatever the strategy.
+Which parameters are "the head", "biases", "norms" or "the last k blocks" is what the
+model says about its parameters (`gptlab.model.describe`), so the strategies hold for
+every architecture it builds. "The head" is `lm_head` when the model has one, the
+token embedding `wte` when the head is tied to it (training it then also moves the
+input embedding; fine-tuning unties it by default, see configs/finetune.py), and
+`cls_head` for classification. A freshly initialised `cls_head` always trains,
+whatever the strategy.
 """
 import dataclasses
 import json
-import re
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from gptlab import lora
+from gptlab import model as model_lib
 from gptlab import optim
 from gptlab.errors import UserError
 
 STRATEGIES = ("full", "head", "last_k", "bitfit", "layernorm", "lora", "regex")
-LAYERNORM = r"(blocks_\d+/ln_[12]|ln_f)/(scale|bias)"
-LORA = r".*/lora_[ab]"
+TASK_HEAD = "cls_head"  # the classification head fine-tuning adds (gptlab.finetune)
 
 
-def head_rules(params) -> tuple:
-    """The output head: the classifier, the untied LM head, or the tied token embedding."""
-    if "cls_head" in params:
-        return (r"cls_head/.*",)
-    if "lm_head" in params:
-        return (r"lm_head/.*",)
-    return (r"wte/embedding",)
-
-
-def strategy_rules(strategy: str, params, n_layer: int, last_k: int = 2, trainable: Sequence[str] = ()) -> tuple:
-    """The regexes of the parameters `strategy` trains, plus the extra `trainable` ones."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown finetune.strategy={strategy!r}: choose one of {STRATEGIES}")
+def _selects(strategy: str, paths, infos: dict, n_layer: int, last_k: int) -> set:
+    """The paths `strategy` itself trains (without finetune.trainable and a task head)."""
     if strategy == "full":
-        rules = (r".*",)
-    elif strategy == "head":
-        rules = head_rules(params)
-    elif strategy == "last_k":
+        return set(paths)
+    if strategy == "head":
+        return {p for p, info in infos.items() if info.is_head}
+    if strategy == "last_k":
         if not 1 <= last_k <= n_layer:
             raise UserError(f"finetune.last_k={last_k} does not fit the model's {n_layer} layers: "
                             f"choose 1 <= last_k <= {n_layer}")
-        blocks = "|".join(str(i) for i in range(n_layer - last_k, n_layer))
-        rules = (rf"blocks_({blocks})/.*", r"ln_f/.*", *head_rules(params))
-    elif strategy == "bitfit":
-        if not any(p.endswith("/bias") for p in optim.param_paths(params)):
+        if any(info.stage == "block" and info.layer is None for info in infos.values()):
+            raise UserError("finetune.strategy=last_k selects blocks, but model.scan_layers=True stacks them into "
+                            "one array each: set --config.model.scan_layers=False to fine-tune the last blocks")
+        return {p for p, info in infos.items() if info.is_head or info.stage == "output"
+                or (info.stage == "block" and info.layer >= n_layer - last_k)}
+    if strategy == "bitfit":
+        biases = {p for p, info in infos.items() if info.leaf == "bias"}
+        if not biases:
             raise UserError("finetune.strategy=bitfit trains biases, but this model has none (model.bias=False): "
                             "choose another strategy, e.g. layernorm or lora")
-        rules = (r".*/bias",)
-    elif strategy == "layernorm":
-        rules = (LAYERNORM,)
-    elif strategy == "lora":
-        if not any(re.fullmatch(LORA, p) for p in optim.param_paths(params)):
+        return biases
+    if strategy == "layernorm":
+        return {p for p, info in infos.items() if info.role == "norm"}
+    if strategy == "lora":
+        adapters = {p for p in paths if lora.is_adapter(p)}
+        if not adapters:
             raise UserError("finetune.strategy=lora, but the model has no LoRA adapters: set finetune.lora_rank > 0 "
                             "and finetune.lora_targets to kernels of dense layers")
-        rules = (LORA,)
-    else:  # regex
-        if not trainable:
-            raise UserError("finetune.strategy=regex needs finetune.trainable, a tuple of regexes over parameter "
-                            "paths, e.g. --config.finetune.trainable=\"('blocks_3/.*', 'ln_f/.*')\"")
-        rules = ()  # only `trainable` (added below), plus a new classification head
-    if "cls_head" in params:  # a new, randomly initialised head must learn, whatever else is frozen
-        rules = (*rules, r"cls_head/.*")
-    return tuple(dict.fromkeys((*rules, *trainable)))
+        return adapters
+    return set()  # regex: only finetune.trainable
 
 
 def trainable_mask(params, strategy: str, n_layer: int, last_k: int = 2, trainable: Sequence[str] = ()):
-    """A bool tree with `params`' structure: True where fine-tuning with `strategy` trains."""
-    rules = strategy_rules(strategy, params, n_layer, last_k, trainable)
+    """A bool tree with `params`' structure: True where fine-tuning with `strategy` trains.
+
+    The strategy's own parameters (from the model's description of them), a new task
+    head, and whatever the regexes `trainable` match (each must match something).
+    """
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown finetune.strategy={strategy!r}: choose one of {STRATEGIES}")
+    if strategy == "regex" and not trainable:
+        raise UserError("finetune.strategy=regex needs finetune.trainable, a tuple of regexes over parameter "
+                        "paths, e.g. --config.finetune.trainable=\"('blocks_3/.*', 'ln_f/.*')\"")
+    paths = optim.param_paths(params)
+    chosen = _selects(strategy, paths, model_lib.describe(params), n_layer, last_k)
+    chosen |= {p for p in paths if p.startswith(TASK_HEAD + "/")}  # a new, random head must learn
     what = "finetune.trainable" if strategy == "regex" else f"finetune.strategy={strategy} (+ finetune.trainable)"
-    return optim.match_mask(params, rules, what)
-
-
-def check_lora_targets(params, targets: Sequence[str]) -> None:
-    """LoRA adapts dense layers: every target must match, and match only kernels."""
-    if not targets:
-        raise UserError("finetune.lora_targets is empty: give regexes over kernel paths, "
-                        r"e.g. ('blocks_\d+/attn/(qkv|proj)/kernel',)")
-    mask = optim.match_mask(params, targets, "finetune.lora_targets")
-    for path, hit in zip(optim.param_paths(params), jax.tree.leaves(mask)):
-        if hit and not path.endswith("/kernel"):
-            raise UserError(f"finetune.lora_targets matches {path}, which is not the kernel of a dense layer: "
-                            "LoRA adapts kernels (paths ending in /kernel)")
+    extra = jax.tree.leaves(optim.match_mask(params, tuple(trainable), what)) if trainable else [False] * len(paths)
+    return jax.tree.unflatten(jax.tree.structure(params), [p in chosen or bool(e) for p, e in zip(paths, extra)])
 
 
 def optimizer(opt_cfg, schedule: optax.Schedule, params, trainable) -> optax.GradientTransformation:
@@ -117,31 +106,6 @@ def optimizer(opt_cfg, schedule: optax.Schedule, params, trainable) -> optax.Gra
     return optax.partition({"trainable": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
-def merge_lora(params, cfg):
-    """Folds every LoRA adapter into its kernel, W + (alpha / rank) A B, and drops the adapters.
-
-    Returns (params, cfg) of the plain model (lora_rank=0), which computes what the
-    adapted model computed, up to float rounding.
-    """
-    if not cfg.lora_rank:
-        return params, cfg
-    scale = cfg.lora_alpha / cfg.lora_rank
-
-    def merge(tree):
-        if not isinstance(tree, dict):
-            return tree
-        if "lora_a" not in tree:
-            return {k: merge(v) for k, v in tree.items()}
-        kernel = tree["kernel"]
-        delta = jnp.matmul(jnp.asarray(tree["lora_a"], jnp.float32), jnp.asarray(tree["lora_b"], jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
-        merged = {k: v for k, v in tree.items() if k not in ("lora_a", "lora_b")}
-        merged["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
-        return merged
-
-    return merge(params), dataclasses.replace(cfg, lora_rank=0)
-
-
 def flops_per_token(params, trainable, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Training FLOPs per token when only `trainable` parameters learn (for MFU).
 
@@ -153,22 +117,26 @@ def flops_per_token(params, trainable, n_layer: int, n_embd: int, seq_len: int) 
     `gptlab.model.flops_per_token`'s 6N + 12 * n_layer * seq_len * n_embd (which
     counts an untied token embedding as a matmul too). Position embeddings are not
     counted (a lookup), nor the token embedding when a classifier replaces the LM head.
+    Adapters count with the block they sit in; stacked (scanned) blocks as block 0.
     """
-    classify = "cls_head" in params
+    classify = any(p.startswith(TASK_HEAD + "/") for p in optim.param_paths(params))
+    infos = model_lib.describe(params)
 
-    def layer(path):  # -1: embeddings, 0..n_layer-1: blocks, n_layer: ln_f and the heads
-        top = path.split("/")[0]
-        if top in ("wte", "wpe"):
-            return -1
-        return int(top[len("blocks_"):]) if top.startswith("blocks_") else n_layer
+    def layer(path):  # -1: embeddings, 0..n_layer-1: blocks, n_layer: final norm and the heads
+        info = infos.get(path) or infos.get(path.rsplit("/", 1)[0] + "/kernel")  # an adapter: its kernel's
+        if info is None:
+            return n_layer  # a task head
+        return {"input": -1, "output": n_layer}.get(info.stage, info.layer or 0)
 
     sizes = {path: _size(leaf.shape) for path, leaf in zip(optim.param_paths(params), jax.tree.leaves(params))}
     trains = dict(zip(sizes, jax.tree.leaves(trainable)))
-    counted = {p: n for p, n in sizes.items() if p != "wpe/embedding" and not (classify and p == "wte/embedding")}
+    embedding = [p for p, info in infos.items() if info.role == "embedding"]
+    counted = {p: n for p, n in sizes.items() if not (p in infos and infos[p].role == "position")
+               and not (classify and p in embedding)}
     lowest = min(layer(p) for p, t in trains.items() if t)
     head = {p: n for p, n in counted.items() if layer(p) == n_layer}
-    if not classify and "lm_head/kernel" not in sizes:  # the tied head is the token embedding
-        head["wte/embedding"] = sizes["wte/embedding"]
+    if not classify:  # a tied head is the token embedding
+        head.update({p: sizes[p] for p, info in infos.items() if info.is_head and info.role == "embedding"})
     attention = 4 * seq_len * n_embd  # per layer, forward
     forward = 2 * sum(counted.values()) + n_layer * attention
     passed = [p for p in counted if 0 <= layer(p) < n_layer and layer(p) >= lowest]
@@ -219,12 +187,11 @@ def summarize(strategy: str, params, trainable, decay, opt_state, full_opt_state
     decays = [bool(d and t) for d, t in zip(jax.tree.leaves(decay), trains)]
     rows = {}
     for path, leaf, t, d in zip(paths, leaves, trains, decays):
-        match = re.match(r"blocks_(\d+)/(.*)", path)
-        name, layer = (match.group(2), int(match.group(1))) if match else (path, None)
+        name, layer = model_lib.split_layer(path)
         row = rows.setdefault((name, tuple(leaf.shape), t, d), [])
         if layer is not None:
             row.append(layer)
-    names = {key: (f"blocks_{_ranges(layers)}/{key[0]}" if layers else key[0]) for key, layers in rows.items()}
+    names = {key: (model_lib.layer_path(_ranges(layers), key[0]) if layers else key[0]) for key, layers in rows.items()}
     width = max(len(n) for n in names.values())
     lines = [f"  {'parameter'.ljust(width)}  {'shape':>14}  {'size':>10}  trains  weight decay"]
     for key, layers in rows.items():
@@ -248,10 +215,9 @@ def collapse_paths(paths) -> list:
     """Paths with their layer indices gathered: blocks_{0-3}/attn/qkv/kernel, in first-seen order."""
     layers = {}
     for path in paths:
-        match = re.match(r"blocks_(\d+)/(.*)", path)
-        name, layer = (match.group(2), int(match.group(1))) if match else (path, None)
+        name, layer = model_lib.split_layer(path)
         layers.setdefault(name, []).append(layer)
-    return [f"blocks_{_ranges(ids)}/{name}" if ids[0] is not None else name for name, ids in layers.items()]
+    return [model_lib.layer_path(_ranges(ids), name) if ids[0] is not None else name for name, ids in layers.items()]
 
 
 def _size(shape) -> int:

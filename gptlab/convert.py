@@ -25,16 +25,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import lora
 from gptlab import model as model_lib
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.errors import UserError
-from gptlab.optim import path_str
 
 # Tensors of HF checkpoints that are not parameters: old exports carry the attention mask buffers.
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 GPT2_VOCAB_SIZE = 50257
-# Fine-tuning settings that shape the model: a LoRA run keeps them in its `finetune` group.
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclasses.dataclass
@@ -58,12 +56,9 @@ def checkpoint_steps(checkpoints: pathlib.Path) -> list:
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir())
 
 
-def model_config(config: dict, has_lora: bool = False) -> model_lib.GPTConfig:
-    """The GPTConfig a run's stored (JSON) config describes; `has_lora`: its parameters hold LoRA adapters."""
+def model_config(config: dict) -> model_lib.GPTConfig:
+    """The GPTConfig a run's stored (JSON) config describes."""
     fields = dict(config["model"])
-    if has_lora:  # the adapters' settings are the fine-tuning run's
-        finetune = config.get("finetune") or {}
-        fields.update({k: finetune[k] for k in LORA_FIELDS if k in finetune})
     # JSON turns tuples into lists; the config must stay hashable (it is a static jit argument).
     return model_lib.GPTConfig.from_config({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
@@ -73,6 +68,8 @@ def load_workdir(workdir, step=None, strict: bool = True) -> Loaded:
 
     `strict`: the parameters must be exactly those of the GPT the config describes
     (a task head such as a classifier's makes that false; task evaluators pass False).
+    A LoRA run's adapters come back merged into their kernels (`gptlab.lora.merge`):
+    the plain model then computes exactly what the adapted one did.
     """
     directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
     steps = checkpoint_steps(directory)
@@ -99,9 +96,10 @@ def load_workdir(workdir, step=None, strict: bool = True) -> Loaded:
                         "pass --step=N for an earlier checkpoint") from None
     finally:
         checkpoints.close()
+    if lora.has_adapters(params):
+        params = lora.merge(params, lora.LoRA.from_run(config).scale)
     try:
-        has_lora = any(path_str(p).endswith("/lora_a") for p, _ in jax.tree_util.tree_leaves_with_path(params))
-        model_cfg = model_config(config, has_lora)
+        model_cfg = model_config(config)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"the config stored in {directory / str(step)} does not describe a gptlab GPT ({e}): "
                         "it was written by an incompatible gptlab version") from None
@@ -357,10 +355,8 @@ def to_hf(workdir, hf_dir, step=None, log=print) -> pathlib.Path:
     """Exports a workdir's model as a HF GPT-2 folder (config.json + model.safetensors)."""
     from safetensors.numpy import save_file
 
-    from gptlab import adapt  # LoRA merging lives with fine-tuning
-
-    loaded = load_workdir(workdir, step)
-    params, cfg = adapt.merge_lora(loaded.params, loaded.model_cfg)  # a no-op without adapters
+    loaded = load_workdir(workdir, step)  # a LoRA run's adapters come merged
+    params, cfg = loaded.params, loaded.model_cfg
     tensors = to_hf_tensors(params, cfg)
     out = pathlib.Path(hf_dir).expanduser().absolute()
     if out.exists() and any(out.iterdir()):

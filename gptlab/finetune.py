@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import lora
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import tokenizers as tokenizers_lib
@@ -158,7 +159,7 @@ def resolve_config(config, source: Pretrained):
 class RestorePlan:
     loaded: list  # paths read from the checkpoint
     initialised: list  # paths new in the fine-tuning model: LoRA adapters, the classification head
-    untied: list  # lm_head/kernel initialised as wte/embedding^T
+    untied: list  # the untied head's kernel, initialised as the tied token embedding^T
     left_out: list  # checkpoint paths the task does not use (the LM head when classifying, ...)
 
     def to_json(self, source: Pretrained) -> dict:
@@ -166,8 +167,10 @@ class RestorePlan:
                 **dataclasses.asdict(self)}
 
 
-def _is_new(path: str) -> bool:
-    return path.startswith("cls_head/") or path.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
+def tied_embedding(shapes: dict):
+    """The path of the token embedding that is also the head, if the head is tied to it."""
+    return next((p for p, info in model_lib.describe_paths(shapes).items()
+                 if info.is_head and info.role == "embedding"), None)
 
 
 def plan_restore(stored: dict, target: dict, task: str, where: str) -> RestorePlan:
@@ -175,17 +178,21 @@ def plan_restore(stored: dict, target: dict, task: str, where: str) -> RestorePl
 
     Every parameter of the fine-tuning model is loaded with its exact shape, or
     is one the strategy or task adds (LoRA adapters, the untied LM head, the
-    classification head); anything else is a UserError naming the parameter.
+    classification head: what is not a parameter of the model itself); anything
+    else is a UserError naming the parameter.
     """
     plan = RestorePlan([], [], [], [])
+    own, stored_own = model_lib.describe_paths(target), model_lib.describe_paths(stored)
+    embedding = tied_embedding(stored)
     fix = ("leave the model.* fields unset (None) to take the pretrained run's values, "
            "or choose a checkpoint of this architecture")
     for path, shape in target.items():
         if path in stored and stored[path] == shape:
             plan.loaded.append(path)
-        elif path == "lm_head/kernel" and path not in stored and stored.get("wte/embedding") == shape[::-1]:
+        elif (path in own and own[path].role == "head" and path not in stored and embedding
+              and stored[embedding] == shape[::-1]):
             plan.untied.append(path)
-        elif _is_new(path):
+        elif path not in own:
             plan.initialised.append(path)
         elif path in stored:
             raise UserError(f"{where} does not fit the fine-tuning model: parameter {path} has shape "
@@ -195,13 +202,14 @@ def plan_restore(stored: dict, target: dict, task: str, where: str) -> RestorePl
     for path in stored:
         if path in target:
             continue
-        unused_head = path.startswith("lm_head/") if task == "classify" else path.startswith("cls_head/")
+        is_lm_head = path in stored_own and stored_own[path].role == "head"
+        unused_head = is_lm_head if task == "classify" else path.startswith(adapt.TASK_HEAD + "/")
         if unused_head:
             plan.left_out.append(path)
-        elif _is_new(path):
+        elif lora.is_adapter(path):
             raise UserError(f"{where} holds LoRA adapter {path} (it is a LoRA fine-tuning run): use the merged "
                             "export it wrote, --config.finetune.init_from=THAT_RUN/merged")
-        elif path.startswith("lm_head/"):
+        elif is_lm_head:
             raise UserError(f"{where} has an untied {path} but model.tie_embeddings=True: leave "
                             "model.tie_embeddings unset (None) or set it to False")
         else:
@@ -209,14 +217,17 @@ def plan_restore(stored: dict, target: dict, task: str, where: str) -> RestorePl
     return plan
 
 
-def init_params(model_cfg: model_lib.GPTConfig, task: str, num_classes, key) -> dict:
-    """Fresh parameters of the fine-tuning model: the GPT (with any LoRA adapters) and, for
-    classify, `cls_head` in place of the unused LM head."""
-    gpt_key, head_key = jax.random.split(key)
+def init_params(model_cfg: model_lib.GPTConfig, task: str, num_classes, key, adapters=None) -> dict:
+    """Fresh parameters of the fine-tuning model: the GPT, LoRA adapters (`adapters`, a `lora.LoRA`)
+    and, for classify, `cls_head` in place of the unused LM head."""
+    gpt_key, head_key, lora_key = jax.random.split(key, 3)
     params = model_lib.init_params(model_cfg, gpt_key)
-    if task == "classify":
-        params = {k: v for k, v in params.items() if k != "lm_head"}  # the classifier reads hidden states
-        params["cls_head"] = {
+    if adapters is not None:
+        params = lora.add(params, adapters, lora_key)
+    if task == "classify":  # the classifier reads hidden states
+        heads = {p.split("/")[0] for p, info in model_lib.describe(params).items() if info.role == "head"}
+        params = {k: v for k, v in params.items() if k not in heads}
+        params[adapt.TASK_HEAD] = {
             "kernel": 0.02 * jax.random.normal(head_key, (model_cfg.n_embd, num_classes), jnp.dtype(model_cfg.param_dtype)),
             "bias": jnp.zeros((num_classes,), model_cfg.param_dtype)}
     return params
@@ -226,12 +237,12 @@ def classify_loss_fn(model: model_lib.GPT) -> train.LossFn:
     """Cross-entropy of `cls_head` on the final hidden state of each row's last real token (GPT-1)."""
 
     def loss_fn(params, batch, dropout_key):
-        body = {k: v for k, v in params.items() if k != "cls_head"}
+        body = {k: v for k, v in params.items() if k != adapt.TASK_HEAD}
         rngs = {} if dropout_key is None else {"dropout": dropout_key}
         hidden = model.apply({"params": body}, batch["tokens"], deterministic=dropout_key is None, rngs=rngs,
                              return_hidden=True)
         last = jnp.take_along_axis(hidden, (batch["lengths"] - 1)[:, None, None], axis=1)[:, 0]
-        head = params["cls_head"]
+        head = params[adapt.TASK_HEAD]
         logits = last.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         weights = batch["weights"]
@@ -261,8 +272,7 @@ def finetune_and_evaluate(config, workdir) -> dict:
             raise UserError(f"--workdir={workdir} is inside the pretraining run {source.workdir}, which fine-tuning "
                             "never writes to: choose a --workdir outside it")
         config = resolve_config(config, source)
-        final = train.run_experiment(
-            config, workdir, lambda *args: _finetune(*args, source=source))
+        final = train.run_experiment(config, workdir, lambda *args: _finetune(*args, source=source))
     finally:
         source.close()
     if (config.finetune.strategy == "lora" and config.finetune.export_merged and final["step"] > 0
@@ -272,77 +282,84 @@ def finetune_and_evaluate(config, workdir) -> dict:
 
 
 def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) -> dict:
+    """Pretraining's assembly and loop, with fine-tuning's data and `Finetuning` additions."""
     ft = config.finetune
     tokenizer = tokenizers_lib.from_json(source.tokenizer_json)
     seq_len = train.resolve_seq_len(config)
-    model_cfg = train.resolve_model_config(config, tokenizer)
-    if ft.strategy == "lora":
-        if ft.lora_rank < 1:
-            raise UserError(f"finetune.lora_rank={ft.lora_rank}: LoRA needs a rank of at least 1 (typical: 4-16)")
-        model_cfg = dataclasses.replace(model_cfg, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
-                                        lora_targets=tuple(ft.lora_targets))
-        adapt.check_lora_targets(jax.eval_shape(
-            lambda: model_lib.init_params(dataclasses.replace(model_cfg, lora_rank=0), jax.random.key(0))),
-            model_cfg.lora_targets)
     process = (jax.process_index(), jax.process_count())
     if ft.task == "lm":
         data, num_classes = pipeline.Data(config.data, seq_len, config.seed, tokenizer, *process, log=log), None
     else:
         data = supervised.SupervisedData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log)
         num_classes = data.num_classes if ft.task == "classify" else None
-
-    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    make_params = lambda: init_params(model_cfg, ft.task, num_classes, init_key)
-    params = jax.eval_shape(make_params)  # shapes only
-    plan = plan_restore(source.shapes, checkpoint_lib.shapes_by_path(params), ft.task, source.where)  # fails before any training
-    trainable = adapt.trainable_mask(params, ft.strategy, model_cfg.n_layer, ft.last_k, tuple(ft.trainable))
-    schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
-    tx = adapt.optimizer(config.optimizer, schedule, params, trainable)
-    decay = optim.match_mask(params, config.optimizer.weight_decay_on, "optimizer.weight_decay_on")
-    full_tx = optim.adamw(config.optimizer, schedule, params)
-    summary = adapt.summarize(ft.strategy, params, trainable, decay, jax.eval_shape(tx.init, params),
-                              jax.eval_shape(full_tx.init, params))
-    num_params = model_lib.count_params(params)
-    log(f"model: {num_params / 1e6:.2f}M parameters (excluding position embeddings), {model_cfg.n_layer} layers, "
-        f"{model_cfg.n_head} heads, {model_cfg.n_embd} wide, context {model_cfg.block_size}, "
-        f"vocab {model_cfg.vocab_size}, {model_cfg.dtype} compute; task {ft.task}")
-    log(f"fine-tuning strategy {ft.strategy}: what trains\n{summary.table}")
+    finetuning = Finetuning(config, source, workdir, log, is_main, num_classes)
     if is_main:
-        summary.write(workdir / "trainable.json")
         tokenizers_lib.save(tokenizer, workdir)  # like every run's workdir: the tokenizer beside the config
+    return train.start_and_run(config, workdir, checkpoints, log, is_main,
+                               train.pretrain_experiment(config, data, log, finetuning))
 
-    def load_pretrained(state, abstract):
+
+class Finetuning:
+    """What fine-tuning adds to pretraining's assembly (`train.pretrain_experiment`): adapters and a
+    task head on the parameters, the task's loss, the mask of what trains, and `init_from`'s weights."""
+
+    def __init__(self, config, source: Pretrained, workdir, log, is_main: bool, num_classes):
+        ft = self.ft = config.finetune
+        self.config, self.source, self.workdir, self.log, self.is_main = config, source, workdir, log, is_main
+        self.num_classes = num_classes
+        self.adapters = lora.LoRA(ft.lora_rank, ft.lora_alpha, tuple(ft.lora_targets)) if ft.strategy == "lora" else None
+        self.plan = self.model_cfg = None
+
+    def init_params(self, model_cfg: model_lib.GPTConfig, key):
+        self.model_cfg = model_cfg
+        return lambda: init_params(model_cfg, self.ft.task, self.num_classes, key, self.adapters)
+
+    def loss_fn(self, model) -> train.LossFn:
+        if self.adapters is not None:
+            model = lora.Adapted(model, self.adapters.scale)
+        return classify_loss_fn(model) if self.ft.task == "classify" else train.lm_loss_fn(model)
+
+    def describe(self) -> str:
+        return f"; task {self.ft.task}"
+
+    def trainable(self, params, decay, schedule) -> tuple:
+        """(mask of what trains, optimizer), after checking the checkpoint fits (before any training)."""
+        ft = self.ft
+        self.plan = plan_restore(self.source.shapes, checkpoint_lib.shapes_by_path(params), ft.task, self.source.where)
+        mask = adapt.trainable_mask(params, ft.strategy, self.model_cfg.n_layer, ft.last_k, tuple(ft.trainable))
+        tx = adapt.optimizer(self.config.optimizer, schedule, params, mask)
+        full_tx = optim.adamw(self.config.optimizer, schedule, params)
+        summary = adapt.summarize(ft.strategy, params, mask, decay, jax.eval_shape(tx.init, params),
+                                  jax.eval_shape(full_tx.init, params))
+        self.log(f"fine-tuning strategy {ft.strategy}: what trains\n{summary.table}")
+        if self.is_main:
+            summary.write(self.workdir / "trainable.json")
+        return mask, tx
+
+    def load(self, state, abstract):
         """Pretrained parameters into the fresh state (whose optimizer state and step stay fresh)."""
+        plan, source, log = self.plan, self.source, self.log
         fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
         targets = flax.traverse_util.flatten_dict(abstract.params, sep="/")
         template = flax.traverse_util.unflatten_dict({p: targets[p] for p in plan.loaded}, sep="/")
         loaded = flax.traverse_util.flatten_dict(source.restore_params(template), sep="/")
         fresh.update(loaded)
+        embedding = tied_embedding(source.shapes)
         for path in plan.untied:
-            fresh[path] = _place_like(jnp.transpose(jnp.asarray(loaded["wte/embedding"])), fresh[path])
+            fresh[path] = _place_like(jnp.transpose(jnp.asarray(loaded[embedding])), fresh[path])
         size = sum(int(np.prod(source.shapes[p])) for p in plan.loaded)
         log(f"init_from {source.directory / str(source.step)} (step {source.step}, read-only): loaded "
             f"{len(plan.loaded)} parameter arrays ({size:,d} values): " + ", ".join(adapt.collapse_paths(plan.loaded)))
         if plan.initialised:
             log("  initialised fresh: " + ", ".join(adapt.collapse_paths(plan.initialised)))
         if plan.untied:
-            log("  untied head: lm_head/kernel initialised as wte/embedding^T (the model starts equal; "
+            log(f"  untied head: {', '.join(plan.untied)} initialised as {embedding}^T (the model starts equal; "
                 "the head now trains apart from the input embedding)")
         if plan.left_out:
-            log(f"  not loaded (unused by task {ft.task}): " + ", ".join(plan.left_out))
-        if is_main:
-            (workdir / "restore.json").write_text(json.dumps(plan.to_json(source), indent=2) + "\n")
+            log(f"  not loaded (unused by task {self.ft.task}): " + ", ".join(plan.left_out))
+        if self.is_main:
+            (self.workdir / "restore.json").write_text(json.dumps(plan.to_json(source), indent=2) + "\n")
         return state.replace(params=flax.traverse_util.unflatten_dict(fresh, sep="/"))
-
-    model = model_lib.GPT(model_cfg)
-    loss_fn = classify_loss_fn(model) if ft.task == "classify" else train.lm_loss_fn(model)
-    return train.start_and_run(config, workdir, checkpoints, log, is_main, train.Experiment(
-        init_params=make_params, rng=jax.random.key_data(dropout_key), loss_fn=loss_fn, tx=tx, schedule=schedule,
-        batches=data.train, eval_batches=data.eval_batches(config.train.eval_batches), tokenizer=tokenizer,
-        config_json=train.resolved_config_json(config, model_cfg, seq_len),
-        flops_per_token=adapt.flops_per_token(params, trainable, model_cfg.n_layer, model_cfg.n_embd, seq_len),
-        dtype=model_cfg.dtype,
-        init_from=load_pretrained, trainable=None if all(jax.tree.leaves(trainable)) else trainable))
 
 
 def export_merged(workdir, log=print):
@@ -361,7 +378,7 @@ def export_merged(workdir, log=print):
     if convert.checkpoint_steps(out / "checkpoints") == [run.step]:
         log(f"merged export: {out} already holds step {run.step}")
         return out
-    merged, _ = adapt.merge_lora(run.params, run.model_cfg)
+    merged = run.params  # load_workdir merges a LoRA run's adapters into their kernels
     config = {**run.config, "merged_lora_from": str(workdir)}
     fresh = workdir / "merged.tmp"  # written apart, then swapped in: a crash never leaves a half export
     shutil.rmtree(fresh, ignore_errors=True)

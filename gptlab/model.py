@@ -1,17 +1,27 @@
-"""GPT-2 in Flax linen, used purely functionally: `GPT(cfg).apply(params, tokens)`.
+"""GPT-2 and Llama-style decoders in Flax linen, used purely functionally: `GPT(cfg).apply(params, tokens)`.
 
-Reads top to bottom like the paper: config, attention, MLP, block, GPT. Parameter
-paths are stable and readable (`blocks_3/attn/qkv/kernel`) because fine-tuning
-masks, weight-decay rules and checkpoint checks select parameters by path.
+Reads top to bottom like the papers: config, attention, MLP, block, GPT, then what the
+rest of gptlab asks the model about its parameters (`describe`: roles, blocks, counts,
+FLOPs), so that fine-tuning strategies, weight decay tables, sharding logs, restore
+plans and converters never parse parameter names themselves. Paths are stable and
+readable (`blocks_3/attn/qkv/kernel`) because user-facing rules select by path.
+
+GPT-2 is the default; Llama-style models are configuration: `position="rope"`,
+`norm="rmsnorm"`, `mlp="swiglu"`, `n_kv_head < n_head` (grouped-query attention),
+`bias=False`, `tie_embeddings=False`. LoRA lives outside (`gptlab.lora` transforms the
+parameter tree), and so does the choice of a custom dense-layer gradient (`dot_general`,
+set by whoever builds the training model).
 """
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gptlab.optim import param_paths
 
 # Activation-rematerialisation policies selectable by name from the config.
 REMAT_POLICIES = {
@@ -22,6 +32,9 @@ REMAT_POLICIES = {
 }
 ATTENTION_IMPLS = ("xla", "cudnn", "explicit")
 DTYPES = ("float32", "bfloat16", "float16")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +44,22 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int = 0  # key/value heads; 0: n_head (multi-head), fewer: grouped-query attention
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
+    qkv_bias: bool = False  # biases on the query/key/value projection even when bias=False (Qwen2)
     tie_embeddings: bool = True  # LM head reuses the token embedding matrix
+    position: str = "learned"  # see POSITIONS: learned absolute embeddings (GPT-2) or rotary (Llama)
+    rope_theta: float = 10000.0  # position=rope: base of the rotary frequencies
+    norm: str = "layernorm"  # see NORMS
+    norm_eps: float = 1e-5  # epsilon of every norm
+    mlp: str = "gelu"  # see MLPS: GPT-2's tanh-GELU MLP or Llama's SwiGLU
+    mlp_hidden: int = 0  # MLP width; 0: 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 64 (swiglu)
+    scan_layers: bool = False  # one nn.scan over stacked blocks (compiles once, whatever the depth)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of parameters
     attention: str = "xla"  # see ATTENTION_IMPLS
     remat: str = "none"  # see REMAT_POLICIES
-    dense_backward: str = "xla"  # see DENSE_DOTS
-    lora_rank: int = 0  # LoRA adapters of this rank on the kernels matching lora_targets; 0: none
-    lora_alpha: float = 16.0  # LoRA scale is lora_alpha / lora_rank
-    lora_targets: tuple = (r"blocks_\d+/attn/(qkv|proj)/kernel",)  # regexes (fullmatch) over kernel paths
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -51,19 +69,20 @@ class GPTConfig:
             raise ValueError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
                 "choose n_embd a multiple of n_head")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} "
+                             "(0: as many as n_head)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position=rope needs an even head size, got n_embd/n_head={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
-            raise ValueError(f"model.dtype/param_dtype must be one of {DTYPES}, "
-                             f"got {self.dtype!r}/{self.param_dtype!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
-        if self.dense_backward not in DENSE_DOTS:
-            raise ValueError(f"model.dense_backward={self.dense_backward!r} is not one of {tuple(DENSE_DOTS)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0: no adapters)")
+        choices = {"dtype": DTYPES, "param_dtype": DTYPES, "attention": ATTENTION_IMPLS,
+                   "remat": tuple(REMAT_POLICIES), "position": POSITIONS, "norm": NORMS, "mlp": MLPS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.mlp_hidden < 0 or self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError("model.mlp_hidden must be >= 0, model.rope_theta and model.norm_eps positive")
 
     @classmethod
     def from_config(cls, model_config, **overrides) -> "GPTConfig":
@@ -79,166 +98,138 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 3 // 64) * 64
+
 
 def _init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
-@jax.custom_vjp
-def _matmul_narrow_transpose(x, kernel):
-    return jnp.dot(x, kernel)
+def _dense(cfg: GPTConfig, dot_general, features: int, std: float, name: str, bias: Optional[bool] = None):
+    return nn.Dense(features, use_bias=cfg.bias if bias is None else bias, kernel_init=_init(std), dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name=name, dot_general=dot_general or jax.lax.dot_general)
 
 
-def _matmul_fwd(x, kernel):
-    return jnp.dot(x, kernel), (x, kernel)
+def _norm(cfg: GPTConfig, name: str):
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        name=name)
 
 
-def _matmul_bwd(residuals, grad):
-    x, kernel = residuals
-    rows_x, rows_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-    # The kernel gradient contracts over the rows of both. XLA's CPU dot would rewrite the
-    # (wide) output gradient transposed, inside its elementwise producer (GELU's backward),
-    # which is the slowest part of the CPU backward pass; transposing the narrower operand
-    # explicitly, behind a barrier so XLA cannot fold it back into the dot, is cheaper.
-    if rows_x.shape[1] <= rows_grad.shape[1]:
-        kernel_grad = jnp.dot(jax.lax.optimization_barrier(rows_x.T), rows_grad)
-    else:  # the gradient is the narrower one: transpose it, and the small result back
-        kernel_grad = jnp.dot(jax.lax.optimization_barrier(rows_grad.T), rows_x).T
-    return jnp.dot(grad, kernel.T), kernel_grad.astype(kernel.dtype)
+def rope(x, positions, theta: float):
+    """Rotary position embedding (Su et al., 2021) in Llama's half-split layout.
 
-
-_matmul_narrow_transpose.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def dot_narrow_transpose(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """A `dot_general` for nn.Dense (x @ kernel) whose backward pass uses `_matmul_bwd`."""
-    del dimension_numbers, precision, preferred_element_type  # nn.Dense's: contract x's last axis with kernel's first
-    return _matmul_narrow_transpose(lhs, rhs)
-
-
-# model.dense_backward: how dense layers compute their kernel gradient. "xla": as XLA
-# decides; "narrow_transpose": see _matmul_bwd (faster on CPUs, measured by experiments.benchmark).
-DENSE_DOTS = {"xla": None, "narrow_transpose": dot_narrow_transpose}
-
-
-class Dense(nn.Dense):
-    """nn.Dense plus, when its kernel's path matches `cfg.lora_targets`, a LoRA adapter.
-
-    LoRA (Hu et al., 2021): y = x W + b + (alpha / rank) x A B, with A (in, rank)
-    drawn normal and B (rank, out) zeros, so an adapted model starts exactly equal
-    to its base model; fine-tuning trains A and B while W stays frozen.
+    x (batch, seq, heads, head_dim), positions int (batch, seq): the first and second
+    halves of each head are the two coordinates of head_dim/2 rotating pairs.
     """
-    cfg: Any = None  # the GPTConfig with the LoRA settings; None: a plain Dense
+    half = x.shape[-1] // 2
+    frequencies = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None, None].astype(jnp.float32) * frequencies  # (batch, seq, 1, half)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    first, second = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1).astype(x.dtype)
 
-    @nn.compact
-    def __call__(self, x):
-        y = super().__call__(x)
-        cfg = self.cfg
-        kernel_path = "/".join(self.path) + "/kernel"
-        if cfg is None or not cfg.lora_rank or not any(re.fullmatch(t, kernel_path) for t in cfg.lora_targets):
-            return y
-        a = self.param("lora_a", _init(1.0 / math.sqrt(x.shape[-1])), (x.shape[-1], cfg.lora_rank), self.param_dtype)
-        b = self.param("lora_b", nn.initializers.zeros, (cfg.lora_rank, self.features), self.param_dtype)
-        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
-        return y + (x @ a) @ b * (cfg.lora_alpha / cfg.lora_rank)
+
+def attend(q, k, v, visible, dropout=lambda p: p):
+    """Softmax attention written out: q (b, t, heads, d), k/v (b, s, kv_heads, d), visible bool (b|1, t, s).
+
+    Heads share key/value heads in groups (head h uses kv head h // (heads / kv_heads)).
+    Scores and softmax are float32 for stability.
+    """
+    b, t, heads, d = q.shape
+    q = q.reshape(b, t, k.shape[2], heads // k.shape[2], d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / math.sqrt(d)
+    scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, d)
 
 
 class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
+    dot_general: Any = None
 
     @nn.compact
-    def __call__(self, x, deterministic: bool, cache=None, cache_index=None):
-        """With a `cache` (sampling), also returns it with this call's keys and values written in."""
+    def __call__(self, x, positions, deterministic: bool, cache_index=None):
+        """With `cache_index` (sampling), attends over the `cache` collection and writes this call's keys in."""
         cfg = self.cfg
         batch, seq_len, _ = x.shape
-        dense = lambda features, std, name: Dense(
-            features, use_bias=cfg.bias, kernel_init=_init(std), dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, name=name, cfg=cfg, dot_general=DENSE_DOTS[cfg.dense_backward])
-        qkv = dense(3 * cfg.n_embd, 0.02, "qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(batch, seq_len, 3 * cfg.n_head, cfg.head_dim), 3, axis=2)
-        attn_dropout = cfg.dropout > 0 and not deterministic
-        if cache is not None:
-            y, cache = cached_attention(q, k, v, cache, cache_index)
-        elif cfg.attention == "explicit" or attn_dropout:
-            # jax.nn.dot_product_attention has no dropout, so nanoGPT's attention
-            # dropout needs the explicit form (softmax in float32 for stability).
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
-            causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-            scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-            probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
-            y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        heads, kv_heads = cfg.n_head, cfg.kv_heads
+        qkv = _dense(cfg, self.dot_general, (heads + 2 * kv_heads) * cfg.head_dim, 0.02, "qkv",
+                     bias=cfg.bias or cfg.qkv_bias)(x)
+        q, k, v = jnp.split(qkv.reshape(batch, seq_len, heads + 2 * kv_heads, cfg.head_dim),
+                            [heads, heads + kv_heads], axis=2)
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        dropout = lambda probs: nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
+        if cache_index is not None:
+            # A variable's initialiser runs only in `init_cache`: the capacity is that call's length.
+            keys = self.variable("cache", "keys", jnp.zeros, k.shape, k.dtype)
+            values = self.variable("cache", "values", jnp.zeros, v.shape, v.dtype)
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (i, 0, 0)))
+            keys.value, values.value = write(keys.value, k, cache_index), write(values.value, v, cache_index)
+            # A query sees the slots up to its own, so stale slots beyond it are ignored.
+            visible = jnp.arange(keys.value.shape[1]) <= positions[:, :, None]
+            y = attend(q, keys.value, values.value, visible)
+        elif cfg.attention == "explicit" or (cfg.dropout > 0 and not deterministic):
+            # jax.nn.dot_product_attention has no dropout, so nanoGPT's attention dropout needs the explicit form.
+            y = attend(q, k, v, jnp.tril(jnp.ones((1, seq_len, seq_len), bool)), dropout)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
         y = y.reshape(batch, seq_len, cfg.n_embd)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) at init.
-        y = dense(cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), "proj")(y)
-        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
-        return y if cache is None else (y, cache)
-
-
-def cached_attention(q, k, v, cache, cache_index):
-    """Causal attention of new tokens over a key/value cache, for sampling.
-
-    cache: (keys, values), each (batch, capacity, n_head, head_dim); cache_index: int
-    (batch,), the slot of each row's first new token. The new keys and values are
-    written there; a query sees the slots up to its own, so stale slots beyond are ignored.
-    """
-    write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (i, 0, 0)))
-    k_all, v_all = write(cache[0], k, cache_index), write(cache[1], v, cache_index)
-    query_slots = cache_index[:, None] + jnp.arange(q.shape[1])  # (batch, new tokens)
-    visible = jnp.arange(k_all.shape[1]) <= query_slots[:, :, None]  # (batch, new tokens, capacity)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_all) / math.sqrt(q.shape[-1])
-    scores = jnp.where(visible[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v_all), (k_all, v_all)
+        y = _dense(cfg, self.dot_general, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), "proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
 class MLP(nn.Module):
     cfg: GPTConfig
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.cfg
-        common = dict(use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, cfg=cfg,
-                      dot_general=DENSE_DOTS[cfg.dense_backward])
-        x = Dense(4 * cfg.n_embd, kernel_init=_init(0.02), name="fc", **common)(x)
-        x = nn.gelu(x, approximate=True)  # GPT-2 uses the tanh approximation
-        x = Dense(cfg.n_embd, kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layer)),
-                     name="proj", **common)(x)
+        dense = lambda features, std, name: _dense(cfg, self.dot_general, features, std, name)
+        if cfg.mlp == "swiglu":  # Llama: down(silu(gate(x)) * up(x))
+            x = nn.silu(dense(cfg.hidden, 0.02, "gate")(x)) * dense(cfg.hidden, 0.02, "fc")(x)
+        else:
+            x = nn.gelu(dense(cfg.hidden, 0.02, "fc")(x), approximate=True)  # GPT-2 uses the tanh approximation
+        x = dense(cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), "proj")(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
 class Block(nn.Module):
     cfg: GPTConfig
+    dot_general: Any = None
 
     @nn.compact
-    def __call__(self, x, deterministic: bool, cache=None, cache_index=None):
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_bias=self.cfg.bias, dtype=self.cfg.dtype,
-                                         param_dtype=self.cfg.param_dtype, name=name)
-        attn = CausalSelfAttention(self.cfg, name="attn")
-        if cache is None:
-            x = x + attn(norm("ln_1")(x), deterministic)
-        else:
-            y, cache = attn(norm("ln_1")(x), deterministic, cache, cache_index)
-            x = x + y
-        x = x + MLP(self.cfg, name="mlp")(norm("ln_2")(x), deterministic)
-        return x if cache is None else (x, cache)
+    def __call__(self, x, positions, deterministic: bool, cache_index=None):
+        cfg = self.cfg
+        x = x + CausalSelfAttention(cfg, self.dot_general, name="attn")(
+            _norm(cfg, "ln_1")(x), positions, deterministic, cache_index)
+        return x + MLP(cfg, self.dot_general, name="mlp")(_norm(cfg, "ln_2")(x), deterministic)
 
 
 class GPT(nn.Module):
     cfg: GPTConfig
+    dot_general: Any = None  # how every dense layer multiplies (None: jax.lax.dot_general); see train.training_model
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic: bool = True, return_hidden: bool = False,
-                 cache=None, cache_index=None):
+    def __call__(self, tokens, *, deterministic: bool = True, return_hidden: bool = False, cache_index=None):
         """tokens: int (batch, seq_len) -> logits (batch, seq_len, vocab_size).
 
-        With `return_hidden=True`, returns the final-LayerNorm hidden states
+        With `return_hidden=True`, returns the final-norm hidden states
         (batch, seq_len, n_embd) instead, for task heads built on the body.
-        Sampling passes a key/value `cache` (`init_cache`) and `cache_index` (batch,),
-        the cache slot and position of each row's first token; the call then
-        returns (logits, cache) with this call's keys and values written in.
+        Sampling passes `cache_index` (batch,), the cache slot and position of each
+        row's first token, with the `cache` collection (`init_cache`) mutable.
         """
         cfg = self.cfg
         seq_len = tokens.shape[-1]
@@ -248,29 +239,29 @@ class GPT(nn.Module):
         embed = lambda num, name: nn.Embed(num, cfg.n_embd, embedding_init=_init(0.02),
                                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
         wte = embed(cfg.vocab_size, "wte")
-        positions = jnp.arange(seq_len) if cache is None else cache_index[:, None] + jnp.arange(seq_len)
-        x = wte(tokens) + embed(cfg.block_size, "wpe")(positions)
+        offset = jnp.zeros((tokens.shape[0], 1), jnp.int32) if cache_index is None else cache_index[:, None]
+        positions = offset + jnp.arange(seq_len)
+        x = wte(tokens)
+        if cfg.position == "learned":
+            x = x + embed(cfg.block_size, "wpe")(positions)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,))
-        new_cache = []
-        for i in range(cfg.n_layer):
-            if cache is None:
-                x = block(cfg, name=f"blocks_{i}")(x, deterministic)
-            else:  # sampling differentiates nothing, so there is nothing to rematerialise
-                x, layer_cache = Block(cfg, name=f"blocks_{i}")(x, deterministic, cache[i], cache_index)
-                new_cache.append(layer_cache)
-        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, name="ln_f")(x)
-        if return_hidden:
-            out = x
-        elif cfg.tie_embeddings:
-            out = wte.attend(x)
+        if cfg.remat != "none" and cache_index is None:  # sampling differentiates nothing
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
+        if cfg.scan_layers:
+            scan = nn.scan(lambda module, x, _: (module(x, positions, deterministic, cache_index), None),
+                           variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                           length=cfg.n_layer)
+            x, _ = scan(block(cfg, self.dot_general, name="blocks"), x, None)
         else:
-            out = Dense(cfg.vocab_size, use_bias=False, kernel_init=_init(0.02), dtype=cfg.dtype,
-                        param_dtype=cfg.param_dtype, name="lm_head", cfg=cfg)(x)
-        return out if cache is None else (out, new_cache)
+            for i in range(cfg.n_layer):
+                x = block(cfg, self.dot_general, name=f"blocks_{i}")(x, positions, deterministic, cache_index)
+        x = _norm(cfg, "ln_f")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_embeddings:
+            return wte.attend(x)
+        return _dense(cfg, None, cfg.vocab_size, 0.02, "lm_head", bias=False)(x)
 
 
 def init_params(cfg: GPTConfig, key: jax.Array) -> Any:
@@ -279,17 +270,95 @@ def init_params(cfg: GPTConfig, key: jax.Array) -> Any:
     return GPT(cfg).init({"params": key}, tokens)["params"]
 
 
-def init_cache(cfg: GPTConfig, batch_size: int, capacity: int = 0) -> list:
-    """An empty key/value cache: per layer (keys, values), each (batch, capacity, n_head, head_dim)."""
-    shape = (batch_size, capacity or cfg.block_size, cfg.n_head, cfg.head_dim)
-    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer)]
+def init_cache(cfg: GPTConfig, batch_size: int, capacity: int = 0) -> dict:
+    """An empty key/value cache (the `cache` collection) for `capacity` tokens (0: block_size) per row."""
+    tokens = jnp.zeros((batch_size, capacity or cfg.block_size), jnp.int32)
+    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), tokens,
+                                                  cache_index=jnp.zeros((batch_size,), jnp.int32))["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def count_params(params, exclude_position_embeddings: bool = True) -> int:
-    """Parameter count; like nanoGPT, position embeddings are left out by default."""
-    total = sum(x.size for x in jax.tree.leaves(params))
-    if exclude_position_embeddings and "wpe" in params:
-        total -= params["wpe"]["embedding"].size
+# --- what the model says about its parameters ---------------------------------------------
+
+ROLES = ("embedding", "position", "attention", "mlp", "norm", "head")
+_BLOCK = re.compile(r"blocks(?:_(\d+))?/(.*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """What one parameter is, for the code that treats kinds of parameters differently."""
+    role: str  # one of ROLES
+    stage: str  # input (embeddings), block, or output (final norm and head): the order of computation
+    layer: Optional[int]  # the block it belongs to; None outside the blocks and for stacked (scanned) blocks
+    leaf: str  # kernel, bias, scale or embedding
+    is_head: bool  # computes the logits (the token embedding does too when the head is tied to it)
+
+
+def split_layer(path: str) -> tuple:
+    """'blocks_3/attn/qkv/kernel' -> ('attn/qkv/kernel', 3); outside the blocks -> (path, None)."""
+    match = _BLOCK.fullmatch(path)
+    return (match.group(2), int(match.group(1)) if match.group(1) else None) if match else (path, None)
+
+
+def layer_path(layers: str, name: str) -> str:
+    """The inverse of `split_layer` for display: layer_path('{0-3}', 'attn/qkv/kernel')."""
+    return f"blocks_{layers}/{name}"
+
+
+def any_layer(path: str) -> str:
+    """'blocks_3/attn/qkv/kernel' -> 'blocks_*/attn/qkv/kernel': one name for a parameter of every block."""
+    name, layer = split_layer(path)
+    return layer_path("*", name) if layer is not None else path
+
+
+def describe(params) -> dict:
+    """{path: ParamInfo} for the model's own parameters; others (LoRA adapters, task heads) are absent."""
+    return describe_paths(param_paths(params))
+
+
+def describe_paths(paths) -> dict:
+    """`describe` for `/`-joined parameter paths (of a checkpoint, say) rather than a tree."""
+    paths = list(paths)
+    tied = not any(p.startswith("lm_head/") for p in paths)
+    infos = {}
+    for path in paths:
+        name, layer = split_layer(path)
+        top, leaf = name.split("/")[0], name.rsplit("/", 1)[-1]
+        if leaf not in ("kernel", "bias", "scale", "embedding"):
+            continue
+        in_block = name != path
+        if in_block and top in ("attn", "mlp"):
+            info = ParamInfo("attention" if top == "attn" else "mlp", "block", layer, leaf, False)
+        elif in_block and top in ("ln_1", "ln_2"):
+            info = ParamInfo("norm", "block", layer, leaf, False)
+        elif path == "wte/embedding":
+            info = ParamInfo("embedding", "input", None, leaf, tied)
+        elif path == "wpe/embedding":
+            info = ParamInfo("position", "input", None, leaf, False)
+        elif top == "ln_f":
+            info = ParamInfo("norm", "output", None, leaf, False)
+        elif top == "lm_head":
+            info = ParamInfo("head", "output", None, leaf, True)
+        else:
+            continue
+        infos[path] = info
+    return infos
+
+
+def count_params(params, exclude_position_embeddings: bool = True, non_embedding: bool = False) -> int:
+    """Parameter count; like nanoGPT, position embeddings are left out by default.
+
+    `non_embedding`: also leave out the token embedding (Kaplan et al.'s N; a tied head with it).
+    """
+    infos = describe(params)
+    left_out = {"position"} if exclude_position_embeddings or non_embedding else set()
+    if non_embedding:
+        left_out.add("embedding")
+    total = 0
+    for path, leaf in zip(param_paths(params), jax.tree.leaves(params)):
+        info = infos.get(path)
+        if info is None or info.role not in left_out:
+            total += leaf.size
     return int(total)
 
 
@@ -297,6 +366,6 @@ def flops_per_token(cfg: GPTConfig, num_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls forward and backward plus attention.
 
     N excludes position embeddings (as nanoGPT and the PaLM appendix count it);
-    the attention term is 6 * n_layer * seq_len * n_embd * 2 (QK^T and AV).
+    the attention term is 6 * n_layer * seq_len * n_embd * 2 (QK^T and AV over every query head).
     """
     return 6.0 * num_params + 12.0 * cfg.n_layer * cfg.n_embd * seq_len

@@ -20,7 +20,6 @@ batch (`WindowBatches` splits them by process index), assembled with
 `jax.make_array_from_process_local_data` under `jit`.
 """
 import os
-import re
 import socket
 import time
 
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from gptlab import model as model_lib
 from gptlab.errors import UserError
 from gptlab.optim import path_str
 
@@ -247,5 +247,5 @@ def describe_shardings(state) -> str:
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
         spec = getattr(leaf.sharding, "spec", None)
         if spec and any(s is not None for s in spec):
-            lines.append(f"{re.sub(r'blocks_[0-9]+', 'blocks_*', path_str(path))}: {spec}")
+            lines.append(f"{model_lib.any_layer(path_str(path))}: {spec}")
     return "\n".join(sorted(set(lines)))

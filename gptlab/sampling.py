@@ -14,7 +14,8 @@ produced the end token or `max_new_tokens` tokens.
 Beyond the context: a prompt longer than `block_size` keeps its last `block_size`
 tokens (with a warning). When a row's next token would not fit in the cache, the
 cache is rebuilt in one forward pass from the row's last `block_size // 2` tokens
-(learned absolute position embeddings rule out a rolling cache), so every token is
+(learned absolute position embeddings rule out a rolling cache; rotary ones
+are rebuilt the same way, so both compute what a full recompute computes), so every token is
 predicted from at least half a context, and a rebuild is amortised over
 `block_size // 2` cheap steps. Within the context, sampling with the cache computes
 exactly what recomputing the full forward pass at every step computes.
@@ -76,7 +77,9 @@ def _generate(params, prompts, lengths, key, temperature, top_k, top_p, end_toke
     zeros = jnp.zeros((batch,), jnp.int32)
 
     def forward(tokens, cache, cache_index):
-        return model.apply({"params": params}, tokens, cache=cache, cache_index=cache_index)
+        logits, variables = model.apply({"params": params, "cache": cache}, tokens, cache_index=cache_index,
+                                        mutable=["cache"])
+        return logits, variables["cache"]
 
     logits, cache = forward(prompts, model_lib.init_cache(cfg, batch, capacity), zeros)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, rows)  # sample i depends on (seed, i) only

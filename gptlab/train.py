@@ -7,7 +7,6 @@ initialise (from scratch for pretraining, from `init_from` for fine-tuning).
 import dataclasses
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -22,7 +21,9 @@ import numpy as np
 import optax
 import tqdm
 
+from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import dense_backward
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
@@ -202,7 +203,7 @@ def rules_table(params, decay_mask) -> str:
     """Parameters grouped over layers (blocks_* collapsed), with shapes and the decay rule."""
     rows = {}
     for (path, leaf), decays in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(decay_mask)):
-        name = re.sub(r"blocks_\d+", "blocks_*", optim.path_str(path))
+        name = model_lib.any_layer(optim.path_str(path))
         row = rows.setdefault(name, [tuple(leaf.shape), 0, decays])
         row[1] += 1
     width = max(len(n) for n in rows)
@@ -273,33 +274,57 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
     return start_and_run(config, workdir, checkpoints, log, is_main, pretrain_experiment(config, data, log))
 
 
-def pretrain_experiment(config, data, log) -> "Experiment":
+def training_model(config, model_cfg: model_lib.GPTConfig) -> model_lib.GPT:
+    """The model the train step differentiates.
+
+    `model.dense_backward` picks, here and nowhere else, how its dense layers compute
+    kernel gradients (`gptlab.dense_backward`); evaluation and sampling use the plain model.
+    """
+    return model_lib.GPT(model_cfg, dot_general=dense_backward.dot_general(config.model.get("dense_backward", "xla")))
+
+
+def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
     """Model, optimizer and batches of pretraining; `data` has `tokenizer`, `train`, `eval_batches(n)`.
 
     The training loop and `gptlab.benchmark` (which may pass synthetic data) both start from it.
+    Fine-tuning is this assembly plus `finetuning` (a `gptlab.finetune.Finetuning`): what it
+    adds to the parameters (adapters, a task head), its loss, the mask of what trains, and
+    the pretrained initialisation.
     """
     seq_len = resolve_seq_len(config)
     tokenizer = data.tokenizer
     model_cfg = resolve_model_config(config, tokenizer)
-    model = model_lib.GPT(model_cfg)
+    model = training_model(config, model_cfg)
 
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, init_key))  # shapes only
+    init_params = lambda: model_lib.init_params(model_cfg, init_key)
+    loss_fn = lm_loss_fn(model)
+    if finetuning is not None:
+        init_params, loss_fn = finetuning.init_params(model_cfg, init_key), finetuning.loss_fn(model)
+    params = jax.eval_shape(init_params)  # shapes only
     schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
-    tx = optim.adamw(config.optimizer, schedule, params)
+    decay = optim.match_mask(params, config.optimizer.weight_decay_on, "optimizer.weight_decay_on")
 
     num_params = model_lib.count_params(params)
     log(f"model: {num_params / 1e6:.2f}M parameters (excluding position embeddings), "
         f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
-        f"context {model_cfg.block_size}, vocab {model_cfg.vocab_size}, {model_cfg.dtype} compute")
-    log(rules_table(params, optim.match_mask(params, config.optimizer.weight_decay_on, "optimizer.weight_decay_on")))
+        f"context {model_cfg.block_size}, vocab {model_cfg.vocab_size}, {model_cfg.dtype} compute"
+        + (finetuning.describe() if finetuning is not None else ""))
+    if finetuning is None:
+        trainable, tx = None, optim.adamw(config.optimizer, schedule, params)
+        flops = model_lib.flops_per_token(model_cfg, num_params, seq_len)
+        log(rules_table(params, decay))
+    else:
+        trainable, tx = finetuning.trainable(params, decay, schedule)
+        flops = adapt.flops_per_token(params, trainable, model_cfg.n_layer, model_cfg.n_embd, seq_len)
 
     return Experiment(
-        init_params=lambda: model_lib.init_params(model_cfg, init_key), rng=jax.random.key_data(dropout_key),
-        loss_fn=lm_loss_fn(model), tx=tx, schedule=schedule, batches=data.train,
+        init_params=init_params, rng=jax.random.key_data(dropout_key),
+        loss_fn=loss_fn, tx=tx, schedule=schedule, batches=data.train,
         eval_batches=data.eval_batches(config.train.eval_batches), tokenizer=tokenizer,
-        config_json=resolved_config_json(config, model_cfg, seq_len),
-        flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len), dtype=model_cfg.dtype)
+        config_json=resolved_config_json(config, model_cfg, seq_len), flops_per_token=flops, dtype=model_cfg.dtype,
+        init_from=finetuning and finetuning.load,
+        trainable=None if trainable is None or all(jax.tree.leaves(trainable)) else trainable)
 
 
 def resolved_config_json(config, model_cfg: model_lib.GPTConfig, seq_len: int) -> dict:

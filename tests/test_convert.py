@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import REPO
-from gptlab import convert
+from gptlab import convert, lora
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig, init_params
 
@@ -76,9 +76,11 @@ def test_imported_gpt2_gives_hugging_faces_logits(tmp_path, shape):
     assert difference < TOLERANCE
 
 
-def _random_gptlab(cfg, seed=0):
+def _random_gptlab(cfg, seed=0, adapters=None):
     """Initialised parameters with biases and LayerNorms moved off 0 and 1, so they are exercised."""
     params = init_params(cfg, jax.random.key(seed))
+    if adapters is not None:
+        params = lora.add(params, adapters, jax.random.key(seed + 2))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
@@ -165,18 +167,21 @@ def test_a_damaged_checkpoint_is_refused_with_the_fix(tmp_path):
 
 
 def test_a_lora_fine_tuned_checkpoint_exports_with_its_adapters_merged(tmp_path):
-    import dataclasses
-
-    cfg = GPTConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=16, lora_rank=2)
-    params = _random_gptlab(cfg)  # lora_b moved off zero, so the adapters change the logits
-    config = convert.run_config(dataclasses.replace(cfg, lora_rank=0), "byte")
-    config["finetune"] = {"strategy": "lora", "task": "lm", "lora_rank": 2, "lora_alpha": cfg.lora_alpha,
-                          "lora_targets": list(cfg.lora_targets)}
+    cfg = GPTConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    adapters = lora.LoRA(rank=2, alpha=16.0, targets=(r"blocks_\d+/attn/(qkv|proj)/kernel",))
+    params = _random_gptlab(cfg, adapters=adapters)  # lora_b moved off zero, so the adapters change the logits
+    config = convert.run_config(cfg, "byte")
+    config["finetune"] = {"strategy": "lora", "task": "lm", "lora_rank": 2, "lora_alpha": adapters.alpha,
+                          "lora_targets": list(adapters.targets)}
     convert.save_workdir(tmp_path / "run", params, config, {"kind": "byte"}, source="test")
-    assert convert.load_workdir(tmp_path / "run").model_cfg == cfg
+    loaded = convert.load_workdir(tmp_path / "run")  # the adapters come back merged into the plain model
+    assert loaded.model_cfg == cfg and not lora.has_adapters(loaded.params)
+    adapted_logits = np.asarray(lora.Adapted(GPT(cfg), adapters.scale).apply({"params": params}, np.zeros((1, 12), int)))
+    np.testing.assert_array_equal(gptlab_logits(loaded.params, cfg, np.zeros((1, 12), int)), adapted_logits)
     convert.to_hf(tmp_path / "run", tmp_path / "hf", log=lambda *_: None)
     reference = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     tokens = np.random.default_rng(2).integers(0, 61, (2, 12))
-    difference = float(np.max(np.abs(gptlab_logits(params, cfg, tokens) - hf_logits(reference, tokens))))
+    adapted = lora.Adapted(GPT(cfg), adapters.scale).apply({"params": params}, tokens)
+    difference = float(np.max(np.abs(np.asarray(adapted) - hf_logits(reference, tokens))))
     print(f"\nmerged LoRA export: max |logits difference| after from_pretrained = {difference:.3g}")
     assert difference < TOLERANCE, difference

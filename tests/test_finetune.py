@@ -19,13 +19,14 @@ import pytest
 
 from conftest import REPO, restore_state_numpy, tiny_config
 from configs import finetune as finetune_config
-from gptlab import adapt, convert, finetune, optim, tokenizers, train
+from gptlab import adapt, convert, finetune, lora, optim, tokenizers, train
 from gptlab.data import supervised, task_corpora
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig, init_params
 
 TINY = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False)
+LORA = lora.LoRA(rank=4, alpha=16.0, targets=(r"blocks_\d+/attn/(qkv|proj)/kernel",))
 STRATEGY_ARGS = {"last_k": dict(last_k=1), "regex": dict(trainable=(r"blocks_1/mlp/.*", r"ln_f/scale"))}
 
 
@@ -33,12 +34,12 @@ def paths_where(params, mask) -> set:
     return {p for p, m in zip(optim.param_paths(params), jax.tree.leaves(mask)) if m}
 
 
-def make_params(cfg=TINY, task="lm", num_classes=3, seed=0):
-    return jax.jit(lambda key: finetune.init_params(cfg, task, num_classes, key))(jax.random.key(seed))
+def make_params(cfg=TINY, task="lm", num_classes=3, seed=0, adapters=None):
+    return jax.jit(lambda key: finetune.init_params(cfg, task, num_classes, key, adapters))(jax.random.key(seed))
 
 
-def param_shapes(cfg=TINY, task="lm", num_classes=3):
-    return jax.eval_shape(lambda: finetune.init_params(cfg, task, num_classes, jax.random.key(0)))
+def param_shapes(cfg=TINY, task="lm", num_classes=3, adapters=None):
+    return jax.eval_shape(lambda: finetune.init_params(cfg, task, num_classes, jax.random.key(0), adapters))
 
 
 def mask_for(params, strategy, cfg=TINY):
@@ -46,8 +47,13 @@ def mask_for(params, strategy, cfg=TINY):
     return adapt.trainable_mask(params, strategy, cfg.n_layer, kwargs.get("last_k", 2), kwargs.get("trainable", ()))
 
 
-def config_for(cfg: GPTConfig, strategy: str) -> GPTConfig:
-    return dataclasses.replace(cfg, lora_rank=4) if strategy == "lora" else cfg
+def adapters_for(strategy: str):
+    return LORA if strategy == "lora" else None
+
+
+def model_for(cfg: GPTConfig, strategy: str):
+    """The model a strategy trains: LoRA's is the plain model applied to the merged parameter tree."""
+    return lora.Adapted(GPT(cfg), LORA.scale) if strategy == "lora" else GPT(cfg)
 
 
 # -- masks ---------------------------------------------------------------------------------------
@@ -68,8 +74,8 @@ def test_each_strategy_trains_exactly_its_parameters():
         mask = mask_for(plain, strategy)
         assert jax.tree.structure(mask) == jax.tree.structure(plain)
         assert paths_where(plain, mask) == wanted, strategy
-    lora = param_shapes(config_for(TINY, "lora"))
-    assert paths_where(lora, mask_for(lora, "lora")) == {
+    adapted = param_shapes(adapters=LORA)
+    assert paths_where(adapted, mask_for(adapted, "lora")) == {
         f"blocks_{i}/attn/{m}/lora_{ab}" for i in range(2) for m in ("qkv", "proj") for ab in "ab"}
     # Tied: the head is the token embedding. Classification: the new head always trains.
     tied = param_shapes(dataclasses.replace(TINY, tie_embeddings=True))
@@ -98,9 +104,9 @@ def test_bad_strategy_settings_are_one_line_user_errors():
     with pytest.raises(UserError, match="has none \\(model.bias=False\\)"):
         adapt.trainable_mask(param_shapes(dataclasses.replace(TINY, bias=False)), "bitfit", 2)
     with pytest.raises(UserError, match="matches blocks_0/attn/qkv/bias, which is not the kernel"):
-        adapt.check_lora_targets(params, (r"blocks_0/attn/qkv/.*",))
+        lora.check_targets(params, (r"blocks_0/attn/qkv/.*",))
     with pytest.raises(UserError, match="finetune.lora_targets: regex 'attn/qkv' matches no parameter"):
-        adapt.check_lora_targets(params, ("attn/qkv",))
+        lora.check_targets(params, ("attn/qkv",))
 
 
 # -- the masked optimizer --------------------------------------------------------------------------
@@ -114,15 +120,16 @@ def opt_config(weight_decay=0.1):
 
 @pytest.mark.parametrize("strategy,task", [(s, "lm") for s in adapt.STRATEGIES] + [("bitfit", "classify")])
 def test_frozen_leaves_stay_bit_identical_and_trainable_ones_move(strategy, task):
-    cfg = config_for(TINY, strategy)
-    params = make_params(cfg, task)
+    cfg = TINY
+    params = make_params(cfg, task, adapters=adapters_for(strategy))
     # A "pretrained" model: nonzero biases and LoRA B, so moving any of them would show.
     rng = np.random.default_rng(7)
     params = jax.tree.map(lambda p: p + np.float32(0.01) * rng.standard_normal(p.shape, np.float32), params)
     mask = mask_for(params, strategy, cfg)
     schedule = optax.constant_schedule(1e-2)
     tx = adapt.optimizer(opt_config(weight_decay=0.5), schedule, params, mask)
-    loss_fn = finetune.classify_loss_fn(GPT(cfg)) if task == "classify" else train.lm_loss_fn(GPT(cfg))
+    model = model_for(cfg, strategy)
+    loss_fn = finetune.classify_loss_fn(model) if task == "classify" else train.lm_loss_fn(model)
     trainable = None if all(jax.tree.leaves(mask)) else mask
     accumulate = 2 if strategy == "lora" or task == "classify" else 1  # the scan path, where it matters most
     step = jax.jit(train.make_train_step(loss_fn, tx, schedule, grad_accum_steps=accumulate, trainable=trainable))
@@ -152,8 +159,8 @@ def test_optimizer_state_holds_moments_only_for_trainable_parameters():
     state_bytes = {}
     for strategy, task in [("full", "lm"), ("head", "classify"), ("head", "lm"), ("last_k", "lm"),
                            ("bitfit", "lm"), ("layernorm", "lm"), ("lora", "lm")]:
-        cfg = config_for(dataclasses.replace(preset, tie_embeddings=strategy != "head"), strategy)
-        params = param_shapes(cfg, task, num_classes=8)
+        cfg = dataclasses.replace(preset, tie_embeddings=strategy != "head")
+        params = param_shapes(cfg, task, num_classes=8, adapters=adapters_for(strategy))
         mask = mask_for(params, strategy, cfg)
         opt_state = jax.eval_shape(adapt.optimizer(opt_config(), schedule, params, mask).init, params)
         trainable = sum(x.size for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
@@ -171,22 +178,22 @@ def test_optimizer_state_holds_moments_only_for_trainable_parameters():
 
 def test_lora_starts_equal_and_its_merged_export_reproduces_the_adapted_model():
     base = make_params(seed=0)
-    cfg = config_for(TINY, "lora")
-    adapted = make_params(cfg, seed=1)
+    adapted = make_params(seed=1, adapters=LORA)
     adapted = jax.tree_util.tree_map_with_path(
         lambda path, x: x if optim.path_str(path).split("/")[-1].startswith("lora_") else
         base_leaf(base, optim.path_str(path)), adapted)
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
-    logits = lambda c, p: jax.jit(lambda p: GPT(c).apply({"params": p}, tokens))(p)
-    np.testing.assert_array_equal(logits(TINY, base), logits(cfg, adapted))  # B = 0: exactly the base model
+    logits = lambda model, p: jax.jit(lambda p: model.apply({"params": p}, tokens))(p)
+    plain, lora_model = GPT(TINY), model_for(TINY, "lora")
+    np.testing.assert_array_equal(logits(plain, base), logits(lora_model, adapted))  # B = 0: exactly the base model
     # After training, B is nonzero: the merged plain model computes what the adapted one does.
     trained = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape)
         if optim.path_str(path).endswith("lora_b") else x, adapted)
-    assert not np.allclose(logits(cfg, trained), logits(TINY, base), atol=1e-3)
-    merged, plain_cfg = adapt.merge_lora(trained, cfg)
-    assert plain_cfg.lora_rank == 0 and jax.tree.structure(merged) == jax.tree.structure(base)
-    np.testing.assert_allclose(logits(plain_cfg, merged), logits(cfg, trained), atol=2e-5, rtol=1e-5)
+    assert not np.allclose(logits(lora_model, trained), logits(plain, base), atol=1e-3)
+    merged = lora.merge(trained, LORA.scale)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    np.testing.assert_allclose(logits(plain, merged), logits(lora_model, trained), atol=2e-5, rtol=1e-5)
 
 
 def base_leaf(tree, path):
@@ -201,7 +208,7 @@ def base_leaf(tree, path):
 def test_restore_plan_names_what_is_loaded_added_and_refused():
     shapes = lambda params: {p: tuple(x.shape) for p, x in zip(optim.param_paths(params), jax.tree.leaves(params))}
     tied = shapes(param_shapes(dataclasses.replace(TINY, tie_embeddings=True)))
-    plan = finetune.plan_restore(tied, shapes(param_shapes(config_for(TINY, "lora"))), "lm", "ckpt")
+    plan = finetune.plan_restore(tied, shapes(param_shapes(adapters=LORA)), "lm", "ckpt")
     assert plan.untied == ["lm_head/kernel"] and set(plan.loaded) == set(tied)
     assert len(plan.initialised) == 8 and all(p.endswith(("lora_a", "lora_b")) for p in plan.initialised)
     plan = finetune.plan_restore(shapes(param_shapes()), shapes(param_shapes(task="classify")), "classify", "ckpt")
@@ -210,7 +217,7 @@ def test_restore_plan_names_what_is_loaded_added_and_refused():
     with pytest.raises(UserError, match=r"ckpt does not fit the fine-tuning model: parameter \S+ has shape"):
         finetune.plan_restore(tied, wider, "lm", "ckpt")
     with pytest.raises(UserError, match="holds LoRA adapter .* use the merged export"):
-        finetune.plan_restore(shapes(param_shapes(config_for(TINY, "lora"))), shapes(param_shapes()), "lm", "ckpt")
+        finetune.plan_restore(shapes(param_shapes(adapters=LORA)), shapes(param_shapes()), "lm", "ckpt")
     deeper = shapes(param_shapes(dataclasses.replace(TINY, n_layer=3)))
     with pytest.raises(UserError, match="has parameter blocks_2/.* which the fine-tuning model lacks"):
         finetune.plan_restore(deeper, shapes(param_shapes()), "lm", "ckpt")
@@ -319,11 +326,10 @@ def test_lora_run_exports_a_merged_plain_checkpoint_that_init_from_accepts(pretr
     merged = restore_state_numpy(tmp_path / "lora" / "merged", 4)["params"]
     config = json.loads((tmp_path / "lora" / "config.json").read_text())
     cfg = GPTConfig.from_config(config["model"])
-    lora_cfg = dataclasses.replace(cfg, lora_rank=8, lora_alpha=16.0)
     assert not any("lora" in p for p in optim.param_paths(merged))
     tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
     np.testing.assert_allclose(GPT(cfg).apply({"params": merged}, tokens),
-                               GPT(lora_cfg).apply({"params": adapted}, tokens), atol=2e-5, rtol=1e-5)
+                               lora.Adapted(GPT(cfg), 16.0 / 8).apply({"params": adapted}, tokens), atol=2e-5, rtol=1e-5)
     final = finetune.finetune_and_evaluate(
         ft_config(data_dir, tmp_path / "lora" / "merged", "full,tiny", train__num_steps=0), tmp_path / "eval")
     assert final["step"] == 0 and np.isfinite(final["eval_loss"])  # num_steps=0: evaluation only

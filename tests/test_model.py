@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptlab import dense_backward as dense_backward_lib
+from gptlab import lora
 from gptlab.model import GPT, GPTConfig, count_params, init_params
 from gptlab.optim import param_paths
 
@@ -100,12 +102,13 @@ def test_bad_model_config_is_rejected_with_the_fix():
 
 def test_narrow_transpose_backward_gives_the_same_gradients():
     """model.dense_backward only changes how kernel gradients are laid out, not what they are."""
-    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, lora_rank=2)
-    params = init_params(cfg, jax.random.key(0))
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    adapters = lora.LoRA(rank=2, alpha=16.0, targets=(r"blocks_\d+/attn/(qkv|proj)/kernel",))
+    params = lora.add(init_params(cfg, jax.random.key(0)), adapters, jax.random.key(2))
     tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, 50)
 
     def grads(dense_backward):
-        model = GPT(dataclasses.replace(cfg, dense_backward=dense_backward))
+        model = lora.Adapted(GPT(cfg, dot_general=dense_backward_lib.dot_general(dense_backward)), adapters.scale)
         return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
 
     (loss, expected), (loss_nt, actual) = grads("xla"), grads("narrow_transpose")

@@ -37,15 +37,15 @@ def test_prefill_then_one_token_at_a_time_gives_the_full_forward_logits():
     full = logits(params, tokens)
     # Rows at different positions in one call: row 0 prefills 5 tokens, row 1 prefills 9.
     lengths = jnp.array([5, 9])
-    apply = jax.jit(lambda tokens, cache, index: GPT(CFG).apply({"params": params}, tokens, cache=cache,
-                                                                cache_index=index))
-    out, cache = apply(tokens[:, :9], init_cache(CFG, 2), jnp.zeros(2, jnp.int32))
+    apply = jax.jit(lambda tokens, cache, index: GPT(CFG).apply(
+        {"params": params, "cache": cache}, tokens, cache_index=index, mutable=["cache"]))
+    out, cache = apply(tokens[:, :9], init_cache(CFG, 2), jnp.zeros(2, jnp.int32))  # cache: {"cache": ...}
     np.testing.assert_allclose(out[0, :5], full[0, :5], atol=1e-5)
     np.testing.assert_allclose(out[1], full[1, :9], atol=1e-5)
     for step in range(CFG.block_size - 9):
         position = lengths + step
         token = tokens[jnp.arange(2), position][:, None]
-        out, cache = apply(token, cache, position)
+        out, cache = apply(token, cache["cache"], position)
         np.testing.assert_allclose(out[:, 0], full[jnp.arange(2), position], atol=1e-5)
 
 
