@@ -10,6 +10,13 @@ Presets:
              and the held-out `email` package: the README quick start, about 2
              minutes on a 2-core CPU; train loss 4.42 at step 25 -> 1.96, eval 1.84.
   gpt2_124m  GPT-2 small (12 layers, 768 wide, context 1024, bf16): for GPUs.
+  small_llama
+             `small` as a Llama-style model: rotary positions, RMSNorm, SwiGLU, 4 heads
+             sharing 2 key/value heads, no biases; a CPU preset beside `small`.
+  smollm2_135m
+             SmolLM2-135M's architecture and size (30 layers, 576 wide, 9 heads, 3 key/
+             value heads, SwiGLU 1536, RoPE theta 100000, tied, context 2048, vocabulary
+             49152: 134.5M parameters), byte tokens, bf16, scanned blocks: for GPUs.
   shakespeare_char
              nanoGPT's baby GPT on tiny_shakespeare, character level (6 layers, 6 heads,
              384 wide, context 256, batch 64, dropout 0.2, lr 1e-3 -> 1e-4 cosine over
@@ -45,11 +52,20 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     model.n_layer = 4  # number of transformer blocks
     model.n_head = 4  # attention heads per block
     model.n_embd = 128  # width of the residual stream
+    model.n_kv_head = 0  # key/value heads; 0: n_head (multi-head), fewer: grouped-query attention (Llama 2/3)
     model.block_size = 128  # the model's context: longest sequence in tokens
     model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's; larger pads (e.g. 50304)
     model.dropout = 0.0  # dropout on embeddings, attention and residual branches
     model.bias = True  # biases in Linear and LayerNorm layers (GPT-2: True)
+    model.qkv_bias = False  # biases on the query/key/value projection even when bias=False (Qwen2: True)
     model.tie_embeddings = True  # output head shares the token embedding matrix (GPT-2: True)
+    model.position = "learned"  # position information: learned (GPT-2 absolute embeddings) or rope (Llama)
+    model.rope_theta = 10000.0  # position=rope: base of the rotary frequencies
+    model.norm = "layernorm"  # layernorm (GPT-2) or rmsnorm (Llama)
+    model.norm_eps = 1e-5  # epsilon of every norm
+    model.mlp = "gelu"  # gelu (GPT-2's 4x tanh-GELU MLP) or swiglu (Llama)
+    model.mlp_hidden = 0  # MLP width; 0: 4*n_embd (gelu) or 8/3*n_embd rounded up to 64 (swiglu)
+    model.scan_layers = False  # nn.scan over stacked blocks: compile time independent of depth
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay param_dtype)
     model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     model.attention = "xla"  # xla (any backend), cudnn (NVIDIA GPUs) or explicit (einsum)
@@ -125,9 +141,10 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
         train.checkpoint_every = 20
     elif preset == "small":
         pass  # the defaults above
-    elif preset == "gpt2_124m":
-        model.n_layer, model.n_head, model.n_embd, model.block_size = 12, 12, 768, 1024
-        model.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 128 for fast matmuls
+    elif preset == "small_llama":
+        model.n_kv_head = 2
+        model.bias, model.position, model.norm, model.mlp = False, "rope", "rmsnorm", "swiglu"
+    elif preset in ("gpt2_124m", "smollm2_135m"):  # GPU runs: bf16 compute, cuDNN attention, GPT-2's schedule
         model.dtype = "bfloat16"
         model.attention = "cudnn"
         data.exclude = (HELD_OUT_PACKAGE,)
@@ -136,6 +153,15 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
         opt.b2 = 0.95
         train.num_steps, train.log_every, train.eval_every, train.eval_batches = 20000, 50, 1000, 20
         train.checkpoint_every = 1000
+        if preset == "gpt2_124m":
+            model.n_layer, model.n_head, model.n_embd, model.block_size = 12, 12, 768, 1024
+            model.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 128 for fast matmuls
+        else:  # HuggingFaceTB/SmolLM2-135M's config.json
+            model.n_layer, model.n_head, model.n_kv_head, model.n_embd, model.block_size = 30, 9, 3, 576, 2048
+            model.bias, model.position, model.norm, model.mlp = False, "rope", "rmsnorm", "swiglu"
+            model.mlp_hidden, model.rope_theta, model.scan_layers = 1536, 100000.0, True
+            model.vocab_size = 49152  # SmolLM2's vocabulary, so the count is its 134.5M (byte tokens pad it)
+            opt.learning_rate, opt.min_learning_rate = 3e-3, 3e-4  # SmolLM2's peak learning rate
     elif preset in ("shakespeare_char", "shakespeare_char_cpu"):
         # nanoGPT's config/train_shakespeare_char.py ("baby GPT"), field for field.
         model.n_layer, model.n_head, model.n_embd, model.block_size = 6, 6, 384, 256
@@ -160,8 +186,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
             data.batch_size = 12
             train.num_steps, train.log_every, train.eval_batches = 2000, 50, 20
     else:
-        raise ValueError(f"unknown preset {preset!r}: choose tiny, small, gpt2_124m, shakespeare_char "
-                         "or shakespeare_char_cpu")
+        raise ValueError(f"unknown preset {preset!r}: choose tiny, small, small_llama, gpt2_124m, smollm2_135m, "
+                         "shakespeare_char or shakespeare_char_cpu")
 
     config.lock()
     return config

@@ -83,8 +83,12 @@ def trainable_mask(params, strategy: str, n_layer: int, last_k: int = 2, trainab
         raise UserError("finetune.strategy=regex needs finetune.trainable, a tuple of regexes over parameter "
                         "paths, e.g. --config.finetune.trainable=\"('blocks_3/.*', 'ln_f/.*')\"")
     paths = optim.param_paths(params)
-    chosen = _selects(strategy, paths, model_lib.describe(params), n_layer, last_k)
-    chosen |= {p for p in paths if p.startswith(TASK_HEAD + "/")}  # a new, random head must learn
+    infos = model_lib.describe(params)
+    task_head = {p for p in paths if p.startswith(TASK_HEAD + "/")}
+    if task_head:  # the task's head replaces the LM head: "the head" is the task's
+        infos = {p: dataclasses.replace(info, is_head=False) for p, info in infos.items()}
+    chosen = _selects(strategy, paths, infos, n_layer, last_k)
+    chosen |= task_head  # a new, random head must learn
     what = "finetune.trainable" if strategy == "regex" else f"finetune.strategy={strategy} (+ finetune.trainable)"
     extra = jax.tree.leaves(optim.match_mask(params, tuple(trainable), what)) if trainable else [False] * len(paths)
     return jax.tree.unflatten(jax.tree.structure(params), [p in chosen or bool(e) for p, e in zip(paths, extra)])

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from gptlab import hf_llama
 from gptlab import parallel as parallel_lib
 from gptlab import perf
 from gptlab import train
@@ -197,7 +198,8 @@ class TorchSteps(TimedSteps):
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
             tie_word_embeddings=model_cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
             attn_implementation="sdpa")
-        self.model = transformers.GPT2LMHeadModel(hf_config).to(self.device).train()
+        self.model = (hf_llama.transformers_model(model_cfg) if hf_llama.is_llama_style(model_cfg)  # same architecture
+                      else transformers.GPT2LMHeadModel(hf_config)).to(self.device).train()
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
                                            eps=opt.eps, weight_decay=opt.weight_decay)
@@ -309,7 +311,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
     if torch_steps:
         peer = summary(torch_steps.times, tokens_per_step)
         result.update({f"torch_{k}": v for k, v in peer.items()})
-        result["torch_peer"] = (f"transformers GPT2LMHeadModel (sdpa), torch {torch_steps.torch.__version__}, "
+        result["torch_peer"] = (f"transformers {type(torch_steps.model).__name__} (sdpa), torch {torch_steps.torch.__version__}, "
                                 f"AdamW, {torch_steps.autocast_dtype or 'float32'} on {torch_steps.device.type}, "
                                 f"{torch_steps.torch.get_num_threads()} threads"
                                 + ("" if model_cfg.bias else ", with biases (GPT-2 always has them)"))

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import hf_llama
 from gptlab import lora
 from gptlab import model as model_lib
 from gptlab import tokenizers as tokenizers_lib
@@ -215,33 +216,38 @@ def _resolve_hf_dir(source: str) -> pathlib.Path:
 
 
 def read_hf_config(hf_dir: pathlib.Path) -> model_lib.GPTConfig:
-    """The gptlab model config of a HF GPT-2 folder; other architectures and variants are refused."""
+    """The gptlab model config of a HF GPT-2 or Llama/Qwen2 folder; other architectures and variants are refused."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json: point --from_hf at a folder saved with save_pretrained")
     hf = json.loads(path.read_text())
     model_type = hf.get("model_type")
-    if model_type != "gpt2":
-        raise UserError(f"{hf_dir} holds a {model_type!r} model ({', '.join(hf.get('architectures') or [])}), "
-                        "not GPT-2: gptlab imports GPT-2 checkpoints (model_type 'gpt2') only")
-    n_embd = hf.get("n_embd", 768)
-    unsupported = {
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-        "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
-    }
+    if model_type in hf_llama.ARCHITECTURES:
+        unsupported, fields = hf_llama.variants(hf), hf_llama.config_fields(hf)
+    elif model_type == "gpt2":
+        n_embd = hf.get("n_embd", 768)
+        unsupported = {
+            "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+            "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
+            "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+            "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+            "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+            "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
+        }
+        fields = dict(vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE),
+                      block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), n_layer=hf.get("n_layer", 12),
+                      n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0, bias=True,
+                      tie_embeddings=hf.get("tie_word_embeddings", True))
+    else:
+        raise UserError(f"{hf_dir} holds a {model_type!r} model ({', '.join(hf.get('architectures') or [])}): "
+                        f"gptlab imports GPT-2 and {'/'.join(hf_llama.ARCHITECTURES)} checkpoints (model_type "
+                        f"{['gpt2', *hf_llama.ARCHITECTURES]})")
     for key, (value, allowed) in unsupported.items():
         if value not in allowed:
-            raise UserError(f"{hf_dir}/config.json has {key}={value!r}, a GPT-2 variant gptlab's model does not "
-                            f"implement (it supports {key} in {list(allowed)}): import a standard GPT-2")
+            raise UserError(f"{hf_dir}/config.json has {key}={value!r}, a {model_type} variant gptlab's model does "
+                            f"not implement (it supports {key} in {list(allowed)}): import a standard {model_type}")
     try:
-        return model_lib.GPTConfig(
-            vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE), block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0, bias=True,
-            tie_embeddings=hf.get("tie_word_embeddings", True))
+        return model_lib.GPTConfig(**fields)
     except ValueError as e:
         raise UserError(f"{hf_dir}/config.json: {e}") from None
 
@@ -264,43 +270,55 @@ def _read_safetensors(hf_dir: pathlib.Path) -> dict:
         # framework="flax" reads bfloat16/float16 files too, which numpy cannot represent.
         with safe_open(str(hf_dir / name), framework="flax") as f:
             for key in f.keys():
-                tensors[key.removeprefix("transformer.")] = f.get_tensor(key)
+                tensors[key.removeprefix("transformer.").removeprefix("model.")] = f.get_tensor(key)
     return tensors
 
 
+def _gpt2_params(tensors: dict, cfg: model_lib.GPTConfig, hf_dir) -> tuple:
+    """({gptlab path: array}, HF tensor names used) of a GPT2LMHeadModel folder's tensors."""
+    flat = {}
+    for path, name in hf_names(cfg).items():
+        if name not in tensors:
+            raise UserError(f"{hf_dir} has no tensor {name!r} (gptlab's {path}), which a GPT-2 with "
+                            f"{cfg.n_layer} layers needs: the checkpoint is incomplete or of another model")
+        flat[path] = tensors[name].T if path == "lm_head/kernel" else tensors[name]
+    return flat, set(hf_names(cfg).values()) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+
+
 def from_hf(source: str, workdir, log=print) -> Loaded:
-    """Imports a HF GPT-2 folder (or hub id) into `workdir` as a gptlab checkpoint at step 0."""
+    """Imports a HF GPT-2 or Llama/Qwen2 folder (or hub id) into `workdir` as a gptlab checkpoint at step 0."""
     hf_dir = _resolve_hf_dir(source)
     cfg = read_hf_config(hf_dir)
+    llama = hf_llama.is_llama_style(cfg)
+    family = "Llama-style" if llama else "GPT-2"
     tensors = _read_safetensors(hf_dir)
-    names = hf_names(cfg)
+    flat, used = (hf_llama.params_from if llama else _gpt2_params)(tensors, cfg, hf_dir)
     expected = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-    flat = {}
-    for key_path, leaf in flax.traverse_util.flatten_dict(expected, sep="/").items():
-        name = names[key_path]
-        if name not in tensors:
-            raise UserError(f"{hf_dir} has no tensor {name!r} (gptlab's {key_path}), which a GPT-2 with "
-                            f"{cfg.n_layer} layers needs: the checkpoint is incomplete or of another model")
-        value = tensors[name].T if key_path == "lm_head/kernel" else tensors[name]
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise UserError(f"{hf_dir}: tensor {name!r} has shape {tuple(value.shape)} but config.json implies "
-                            f"{tuple(leaf.shape)}: the config and the weights do not belong together")
-        flat[key_path] = jnp.asarray(value, jnp.float32)
-    used = set(names.values()) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    extra = sorted(k for k in tensors if k not in used and not k.endswith(HF_BUFFERS))
+    for path, leaf in flax.traverse_util.flatten_dict(expected, sep="/").items():
+        if tuple(flat[path].shape) != tuple(leaf.shape):
+            raise UserError(f"{hf_dir}: the tensor(s) of gptlab's {path} have shape {tuple(flat[path].shape)} but "
+                            f"config.json implies {tuple(leaf.shape)}: the config and the weights do not belong together")
+        flat[path] = jnp.asarray(flat[path], jnp.float32)
+    extra = sorted(k for k in tensors if k not in used and not k.endswith(HF_BUFFERS)
+                   and not k.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise UserError(f"{hf_dir} has tensor {extra[0]!r} that GPT-2 does not: it is not a plain "
-                        "GPT2LMHeadModel checkpoint")
+        raise UserError(f"{hf_dir} has tensor {extra[0]!r} that a plain {family} model does not: it is not a "
+                        "checkpoint of an architecture gptlab imports")
     params = flax.traverse_util.unflatten_dict(flat, sep="/")
-    if cfg.vocab_size < GPT2_VOCAB_SIZE:
-        log(f"note: vocabulary {cfg.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE}: "
-            "text must be tokenised with the tokenizer this model was trained with")
-    tokenizer_spec = gpt2_tokenizer_spec(log)
-    config = run_config(cfg, "gpt2")
+    if llama:  # gptlab does not run Hugging Face tokenizers: token ids must come from the model's own
+        tokenizer_spec, tokenizer = {"kind": "huggingface", "source": str(source)}, "huggingface"
+        log("note: gptlab has no tokenizer for this model (it runs byte, char, SentencePiece and GPT-2 tokenizers): "
+            "its weights, logits and exports are exact, but text must be tokenised outside gptlab")
+    else:
+        if cfg.vocab_size < GPT2_VOCAB_SIZE:
+            log(f"note: vocabulary {cfg.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE}: "
+                "text must be tokenised with the tokenizer this model was trained with")
+        tokenizer_spec, tokenizer = gpt2_tokenizer_spec(log), "gpt2"
+    config = run_config(cfg, tokenizer)
     directory = save_workdir(workdir, params, config, tokenizer_spec, source=f"huggingface:{source}")
-    log(f"imported GPT-2 from {hf_dir}: {model_lib.count_params(params) / 1e6:.2f}M parameters, "
-        f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}, "
-        f"vocab {cfg.vocab_size}; wrote {directory}")
+    log(f"imported {family} from {hf_dir}: {model_lib.count_params(params) / 1e6:.2f}M parameters, "
+        f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} key/value), {cfg.n_embd} wide, context "
+        f"{cfg.block_size}, vocab {cfg.vocab_size}; wrote {directory}")
     return Loaded(params, cfg, config, tokenizer_spec, 0, directory)
 
 
@@ -332,8 +350,18 @@ def hf_config(cfg: model_lib.GPTConfig, eot_id=None) -> dict:
 
 
 def to_hf_tensors(params, cfg: model_lib.GPTConfig) -> dict:
-    """HF GPT2LMHeadModel tensors (float32 numpy) from gptlab parameters."""
+    """HF GPT2LMHeadModel or LlamaForCausalLM tensors (float32 numpy) from gptlab parameters."""
     flat = {k: np.asarray(v, np.float32) for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+    if cfg.scan_layers:  # stacked blocks: HF has one set of tensors per layer
+        flat = {(model_lib.layer_path(str(i), k.split("/", 1)[1]) if k.startswith("blocks/") else k): (v[i] if k.startswith("blocks/") else v)
+                for k, v in flat.items() for i in (range(cfg.n_layer) if k.startswith("blocks/") else [0])}
+    if hf_llama.is_llama_style(cfg):
+        return hf_llama.tensors_from(flat, cfg)
+    if (cfg.position, cfg.norm, cfg.mlp, cfg.kv_heads, cfg.qkv_bias, cfg.norm_eps) != (
+            "learned", "layernorm", "gelu", cfg.n_head, False, 1e-5):
+        raise UserError(f"this model (position={cfg.position}, norm={cfg.norm}, mlp={cfg.mlp}, n_kv_head="
+                        f"{cfg.n_kv_head}, bias={cfg.bias}) is neither GPT-2 nor Llama-style: only those export to "
+                        "Hugging Face folders")
     names = hf_names(cfg)
     extra = sorted(set(flat) - set(names))
     if extra:
@@ -352,7 +380,7 @@ def to_hf_tensors(params, cfg: model_lib.GPTConfig) -> dict:
 
 
 def to_hf(workdir, hf_dir, step=None, log=print) -> pathlib.Path:
-    """Exports a workdir's model as a HF GPT-2 folder (config.json + model.safetensors)."""
+    """Exports a workdir's model as a HF GPT-2 or Llama/Qwen2 folder (config.json + model.safetensors)."""
     from safetensors.numpy import save_file
 
     loaded = load_workdir(workdir, step)  # a LoRA run's adapters come merged
@@ -367,10 +395,11 @@ def to_hf(workdir, hf_dir, step=None, log=print) -> pathlib.Path:
         eot_id = tokenizer.eot_id if tokenizer.vocab_size <= loaded.model_cfg.vocab_size else None
     except UserError:  # a tokenizer this gptlab cannot build: the weights export all the same
         eot_id = None
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, eot_id), indent=2) + "\n")
+    config = (hf_llama.hf_config if hf_llama.is_llama_style(cfg) else hf_config)(cfg, eot_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # transformers refuses safetensors files whose metadata does not name a framework.
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    log(f"exported {loaded.directory} (step {loaded.step}) to {out} as GPT2LMHeadModel "
+    log(f"exported {loaded.directory} (step {loaded.step}) to {out} as {config['architectures'][0]} "
         f"({model_lib.count_params(loaded.params) / 1e6:.2f}M parameters, {loaded.tokenizer_spec.get('kind')} "
         "tokenizer)")
     return out

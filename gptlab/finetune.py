@@ -15,9 +15,12 @@
   not also move the input embedding), and a classification head `cls_head`
   (task `classify`). The restore logs, and writes to WORKDIR/restore.json, which
   parameters were loaded, which initialised, and which were left out.
-- Start-up and loop are pretraining's (`train.start_and_run`): a workdir with
-  its own checkpoints resumes its full state instead of loading `init_from`.
-- Masks, optimizer and the LoRA merge live in `gptlab.adapt`. A LoRA run ends by
+- The experiment is pretraining's assembly (`train.pretrain_experiment`) plus a
+  `Finetuning`: what it adds to the parameters, the task's loss, the mask of what
+  trains and the pretrained initialisation. Start-up and loop are pretraining's
+  (`train.start_and_run`): a workdir with its own checkpoints resumes its full
+  state instead of loading `init_from`.
+- Masks and the optimizer live in `gptlab.adapt`, LoRA in `gptlab.lora`. A LoRA run ends by
   writing WORKDIR/merged/: the adapters folded into plain kernels, a checkpoint
   that the plain model (and `init_from`) loads.
 

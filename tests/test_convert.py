@@ -45,6 +45,19 @@ def gptlab_logits(params, cfg, tokens):
     return np.asarray(GPT(cfg).apply({"params": params}, tokens))
 
 
+def imported_reference(tmp_path, make_model, spec):
+    """(the transformers model `make_model(**spec)` saved to tmp_path/hf, its import into tmp_path/run)."""
+    reference = make_model(tmp_path / "hf", **spec)
+    return reference, convert.from_hf(str(tmp_path / "hf"), tmp_path / "run", log=lambda *_: None)
+
+
+def assert_logits_match(label, ours, theirs):
+    difference = float(np.max(np.abs(ours - theirs)))
+    print(f"\n{label}: max |logits difference| vs transformers = {difference:.3g} "
+          f"(logits up to {np.max(np.abs(theirs)):.3g})")
+    assert difference < TOLERANCE, difference
+
+
 SHAPES = {
     # vocabulary 50257 (GPT-2's own) with a non-power-of-two head count
     "gpt2-vocab-3-heads": dict(vocab_size=50257, n_layer=2, n_head=3, n_embd=48, n_positions=32),
@@ -56,8 +69,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES)
 def test_imported_gpt2_gives_hugging_faces_logits(tmp_path, shape):
     spec = SHAPES[shape]
-    reference = hf_model(tmp_path / "hf", **spec)
-    imported = convert.from_hf(str(tmp_path / "hf"), tmp_path / "run", log=lambda *_: None)
+    reference, imported = imported_reference(tmp_path, hf_model, spec)
     cfg = imported.model_cfg
     assert (cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (
         spec["vocab_size"], spec["n_layer"], spec["n_head"], spec["n_embd"], spec["n_positions"])
@@ -69,11 +81,8 @@ def test_imported_gpt2_gives_hugging_faces_logits(tmp_path, shape):
     for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(loaded.params)):
         np.testing.assert_array_equal(a, b)
     tokens = np.random.default_rng(0).integers(0, spec["vocab_size"], (2, spec["n_positions"]))
-    ours, theirs = gptlab_logits(loaded.params, cfg, tokens), hf_logits(reference, tokens)
-    difference = float(np.max(np.abs(ours - theirs)))
-    print(f"\n{shape}: max |logits difference| vs transformers = {difference:.3g} "
-          f"(logits up to {np.max(np.abs(theirs)):.3g})")
-    assert difference < TOLERANCE
+    theirs = hf_logits(reference, tokens)
+    assert_logits_match(shape, gptlab_logits(loaded.params, cfg, tokens), theirs)
 
 
 def _random_gptlab(cfg, seed=0, adapters=None):
@@ -113,12 +122,11 @@ def test_other_architectures_and_incomplete_folders_are_refused(tmp_path):
     hf_model(tmp_path / "hf", vocab_size=50, n_layer=2, n_head=2, n_embd=16, n_positions=8)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
 
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama",
-                                                   "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(UserError, match="holds a 'llama' model .* gptlab imports GPT-2"):
-        convert.from_hf(str(llama), tmp_path / "a")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(UserError, match="holds a 'bert' model .* gptlab imports GPT-2 and llama/qwen2"):
+        convert.from_hf(str(bert), tmp_path / "a")
 
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
@@ -185,3 +193,77 @@ def test_a_lora_fine_tuned_checkpoint_exports_with_its_adapters_merged(tmp_path)
     difference = float(np.max(np.abs(np.asarray(adapted) - hf_logits(reference, tokens))))
     print(f"\nmerged LoRA export: max |logits difference| after from_pretrained = {difference:.3g}")
     assert difference < TOLERANCE, difference
+
+
+# --- Llama-family (LlamaForCausalLM, Qwen2ForCausalLM) ----------------------------------------
+
+LLAMA_SHAPES = {
+    # grouped-query attention with 6 heads sharing 2 key/value heads, untied head, non-default RoPE theta
+    "gqa-6-heads-2-kv-untied-theta-5000": dict(model_type="llama", vocab_size=97, hidden_size=48, intermediate_size=80,
+                                               num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                               max_position_embeddings=32, rope_theta=5000.0, rms_norm_eps=1e-5,
+                                               tie_word_embeddings=False),
+    "mha-tied-3-layers": dict(model_type="llama", vocab_size=61, hidden_size=40, intermediate_size=72,
+                              num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=5,
+                              max_position_embeddings=24, tie_word_embeddings=True),
+    "qwen2-qkv-biases-mqa": dict(model_type="qwen2", vocab_size=83, hidden_size=32, intermediate_size=56,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                 max_position_embeddings=20, rope_theta=1e6, tie_word_embeddings=False),
+}
+
+
+def hf_llama_model(directory, model_type="llama", seed=0, **spec):
+    """A LlamaForCausalLM (or Qwen2ForCausalLM) with every parameter random, saved offline."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    model = model_class(config_class(**spec, bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("shape", LLAMA_SHAPES)
+def test_imported_llama_gives_hugging_faces_logits_and_exports_back(tmp_path, shape):
+    spec, (reference, imported) = LLAMA_SHAPES[shape], imported_reference(tmp_path, hf_llama_model, LLAMA_SHAPES[shape])
+    cfg = imported.model_cfg
+    assert (cfg.position, cfg.norm, cfg.mlp, cfg.bias, cfg.qkv_bias) == (
+        "rope", "rmsnorm", "swiglu", False, spec["model_type"] == "qwen2")
+    assert (cfg.n_head, cfg.kv_heads, cfg.hidden, cfg.tie_embeddings) == (
+        spec["num_attention_heads"], spec["num_key_value_heads"], spec["intermediate_size"], spec["tie_word_embeddings"])
+    loaded = convert.load_workdir(tmp_path / "run")
+    assert loaded.model_cfg == cfg
+    tokens = np.random.default_rng(0).integers(0, spec["vocab_size"], (2, spec["max_position_embeddings"]))
+    theirs = hf_logits(reference, tokens)
+    assert_logits_match(shape, gptlab_logits(loaded.params, cfg, tokens), theirs)
+    # Exported again, transformers loads it and computes the same logits; its tensors are the originals.
+    convert.to_hf(tmp_path / "run", tmp_path / "out", log=lambda *_: None)
+    exported = type(reference).from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(hf_logits(exported, tokens), theirs, atol=1e-6)
+    original, back = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(back) == set(original) - {"lm_head.weight"} * spec["tie_word_embeddings"]
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+
+
+def test_llama_variants_gptlab_cannot_compute_are_refused(tmp_path):
+    spec = dict(LLAMA_SHAPES["mha-tied-3-layers"])
+    hf_llama_model(tmp_path / "hf", **spec)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    with pytest.raises(UserError, match="rope_scaling=.* a llama variant gptlab's model does not implement"):
+        convert.from_hf(str(scaled), tmp_path / "a")
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(UserError, match="holds a 'mistral' model"):
+        convert.from_hf(str(mistral), tmp_path / "b")

@@ -118,9 +118,30 @@ def opt_config(weight_decay=0.1):
     return opt
 
 
-@pytest.mark.parametrize("strategy,task", [(s, "lm") for s in adapt.STRATEGIES] + [("bitfit", "classify")])
-def test_frozen_leaves_stay_bit_identical_and_trainable_ones_move(strategy, task):
-    cfg = TINY
+# Llama-style: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head.
+LLAMA = dataclasses.replace(TINY, n_head=4, n_kv_head=2, bias=False, position="rope", norm="rmsnorm", mlp="swiglu")
+
+
+def test_strategies_ask_the_model_so_they_hold_for_a_llama_style_model():
+    params = param_shapes(LLAMA)
+    paths = set(optim.param_paths(params))
+    assert paths_where(params, mask_for(params, "head", LLAMA)) == {"lm_head/kernel"}
+    assert paths_where(params, mask_for(params, "last_k", LLAMA)) == {
+        p for p in paths if p.startswith(("blocks_1/", "ln_f/", "lm_head/"))}
+    assert paths_where(params, mask_for(params, "layernorm", LLAMA)) == {
+        "blocks_0/ln_1/scale", "blocks_0/ln_2/scale", "blocks_1/ln_1/scale", "blocks_1/ln_2/scale", "ln_f/scale"}
+    with pytest.raises(UserError, match="bitfit trains biases, but this model has none"):
+        mask_for(params, "bitfit", LLAMA)
+    scanned = param_shapes(dataclasses.replace(LLAMA, scan_layers=True))
+    with pytest.raises(UserError, match="last_k selects blocks, but model.scan_layers=True"):
+        mask_for(scanned, "last_k", LLAMA)
+    assert paths_where(scanned, mask_for(scanned, "head", LLAMA)) == {"lm_head/kernel"}
+
+
+@pytest.mark.parametrize("strategy,task,cfg", [(s, "lm", TINY) for s in adapt.STRATEGIES] + [("bitfit", "classify", TINY)]
+                         + [(s, "lm", LLAMA) for s in adapt.STRATEGIES if s != "bitfit"] + [("lora", "classify", LLAMA)],
+                         ids=lambda x: "llama" if x is LLAMA else ("gpt2" if x is TINY else None))
+def test_frozen_leaves_stay_bit_identical_and_trainable_ones_move(strategy, task, cfg):
     params = make_params(cfg, task, adapters=adapters_for(strategy))
     # A "pretrained" model: nonzero biases and LoRA B, so moving any of them would show.
     rng = np.random.default_rng(7)

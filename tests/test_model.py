@@ -7,7 +7,7 @@ import pytest
 
 from gptlab import dense_backward as dense_backward_lib
 from gptlab import lora
-from gptlab.model import GPT, GPTConfig, count_params, init_params
+from gptlab.model import GPT, GPTConfig, ParamInfo, count_params, describe, init_params, rope
 from gptlab.optim import param_paths
 
 
@@ -115,3 +115,78 @@ def test_narrow_transpose_backward_gives_the_same_gradients():
     assert loss == loss_nt
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(actual)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+# --- Llama-style: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases ----------
+
+LLAMA = GPTConfig(vocab_size=53, block_size=16, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, bias=False,
+                  tie_embeddings=False, position="rope", rope_theta=5000.0, norm="rmsnorm", mlp="swiglu", mlp_hidden=80)
+
+
+def llama_formula(cfg: GPTConfig) -> int:
+    d, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    per_block = d * (d + 2 * kv) + d * d + 3 * d * cfg.hidden + 2 * d
+    return cfg.n_layer * per_block + cfg.vocab_size * d * (1 + (not cfg.tie_embeddings)) + d
+
+
+def test_llama_style_parameters_roles_and_counts():
+    params = init_params(LLAMA, jax.random.key(0))
+    assert count_params(params) == llama_formula(LLAMA)  # no position embeddings to leave out
+    assert count_params(params, non_embedding=True) == llama_formula(LLAMA) - 53 * 48
+    infos = describe(params)
+    assert set(infos) == set(param_paths(params))  # the model describes every parameter it has
+    assert {p for p, i in infos.items() if i.role == "norm"} == {
+        "blocks_0/ln_1/scale", "blocks_0/ln_2/scale", "blocks_1/ln_1/scale", "blocks_1/ln_2/scale", "ln_f/scale"}
+    assert {p for p, i in infos.items() if i.is_head} == {"lm_head/kernel"}
+    assert not any(i.leaf == "bias" for i in infos.values())
+    assert params["blocks_1"]["attn"]["qkv"]["kernel"].shape == (48, 48 + 2 * 16)  # 6 query heads, 2 kv heads of 8
+    assert infos["blocks_1/mlp/gate/kernel"] == ParamInfo("mlp", "block", 1, "kernel", False)
+    gpt2 = describe(init_params(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8), jax.random.key(0)))
+    assert gpt2["wte/embedding"].is_head and gpt2["wpe/embedding"].role == "position"
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_shared_keys():
+    """Each of the 6 query heads attends with key/value head h // 3: as MHA with those heads repeated."""
+    params = init_params(LLAMA, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 53)
+    mha = dataclasses.replace(LLAMA, n_kv_head=0)
+    d, hd = 48, 8
+    qkv = params["blocks_0"]["attn"]["qkv"]["kernel"]
+    repeat = lambda w: jnp.repeat(w.reshape(d, 2, hd), 3, axis=1).reshape(d, 6 * hd)
+    widened = jax.tree.map(lambda x: x, params)
+    for block in ("blocks_0", "blocks_1"):
+        qkv = params[block]["attn"]["qkv"]["kernel"]
+        q, k, v = qkv[:, :d], qkv[:, d:d + 2 * hd], qkv[:, d + 2 * hd:]
+        widened[block]["attn"]["qkv"]["kernel"] = jnp.concatenate([q, repeat(k), repeat(v)], axis=1)
+    for attention in ("xla", "explicit"):
+        gqa = GPT(dataclasses.replace(LLAMA, attention=attention)).apply({"params": params}, tokens)
+        np.testing.assert_allclose(gqa, GPT(mha).apply({"params": widened}, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, dataclasses.replace(LLAMA, n_kv_head=1, tie_embeddings=True, qkv_bias=True)])
+def test_llama_style_model_is_causal_and_rotary_positions_are_relative(cfg):
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 53)
+    logits = GPT(cfg).apply({"params": params}, tokens)
+    changed = GPT(cfg).apply({"params": params}, tokens.at[:, 9].set((tokens[:, 9] + 1) % 53))
+    np.testing.assert_array_equal(logits[:, :9], changed[:, :9])
+    # Rotary embeddings make a query-key score depend on the positions' difference only.
+    q, k = jax.random.normal(jax.random.key(2), (2, 1, 5, 1, 8))
+    score = lambda i, j: jnp.sum(rope(q, jnp.array([[i]]), 5000.0) * rope(k, jnp.array([[j]]), 5000.0), axis=-1)
+    np.testing.assert_allclose(score(7, 3), score(4, 0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(score(7, 3), score(7, 4), atol=1e-3)
+
+
+def test_scanned_blocks_compute_what_the_loop_computes():
+    for cfg in (GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32), LLAMA):
+        looped = init_params(cfg, jax.random.key(0))
+        scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+        stacked = {k: v for k, v in looped.items() if not k.startswith("blocks_")}
+        stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[looped[f"blocks_{i}"] for i in range(cfg.n_layer)])
+        assert jax.tree.structure(stacked) == jax.tree.structure(init_params(scanned_cfg, jax.random.key(0)))
+        tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+        np.testing.assert_allclose(GPT(scanned_cfg).apply({"params": stacked}, tokens),
+                                   GPT(cfg).apply({"params": looped}, tokens), atol=2e-5)
+        infos = describe(stacked)
+        assert infos["blocks/attn/qkv/kernel"].stage == "block" and infos["blocks/attn/qkv/kernel"].layer is None
+        assert count_params(stacked) == count_params(looped)

@@ -1,4 +1,5 @@
 """KV-cache sampling: the cache computes what the full forward pass computes, and the knobs do what they say."""
+import dataclasses
 import functools
 import os
 import subprocess
@@ -49,15 +50,22 @@ def test_prefill_then_one_token_at_a_time_gives_the_full_forward_logits():
         np.testing.assert_allclose(out[:, 0], full[jnp.arange(2), position], atol=1e-5)
 
 
-def test_greedy_with_the_cache_equals_greedy_by_full_recompute_for_a_batch_of_different_lengths():
-    params = random_params()
+# Llama-style: rotary positions, RMSNorm, SwiGLU, 6 query heads sharing 2 key/value heads, no biases, untied.
+LLAMA = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=6, n_kv_head=2, n_embd=24, bias=False,
+                  tie_embeddings=False, position="rope", norm="rmsnorm", mlp="swiglu")
+
+
+@pytest.mark.parametrize("cfg", [CFG, LLAMA, dataclasses.replace(LLAMA, scan_layers=True)],
+                         ids=["gpt2", "llama", "llama-scanned"])
+def test_greedy_with_the_cache_equals_greedy_by_full_recompute_for_a_batch_of_different_lengths(cfg):
+    params = random_params(cfg)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, CFG.vocab_size, n) for n in (5, 1, 16, 23)]
+    prompts = [rng.integers(0, cfg.vocab_size, n) for n in (5, 1, 16, 23)]
     with pytest.warns(UserWarning, match="prompt 3 has 23 tokens, more than the model's context of 16"):
-        outputs = sampling.generate(params, CFG, prompts, 40, temperature=0.0)
+        outputs = sampling.generate(params, cfg, prompts, 40, temperature=0.0)
     # 40 new tokens run far past the 16-token context, so the cache is rebuilt several times per row.
     for prompt, output in zip(prompts, outputs):
-        expected = sampling.greedy_by_recompute(params, CFG, prompt, 40)
+        expected = sampling.greedy_by_recompute(params, cfg, prompt, 40)
         np.testing.assert_array_equal(output, expected)
         assert len(set(output.tolist())) > 2  # a real test: the continuation is not one repeated token
 
