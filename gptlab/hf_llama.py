@@ -25,13 +25,19 @@ def variants(hf: dict) -> dict:
     heads, hidden = hf.get("num_attention_heads", 32), hf.get("hidden_size", 4096)
     return {
         "hidden_act": (hf.get("hidden_act", "silu"), ("silu",)),
-        "rope_scaling": (hf.get("rope_scaling"), (None,)),
+        "rope_scaling": (hf.get("rope_scaling"), (None,)),  # transformers 4
+        "rope_parameters.rope_type": ((hf.get("rope_parameters") or {}).get("rope_type", "default"), ("default",)),
         "attention_bias": (hf.get("attention_bias", False), (False,)),
         "mlp_bias": (hf.get("mlp_bias", False), (False,)),
         "head_dim": (hf.get("head_dim"), (None, hidden // heads)),
         "use_sliding_window": (hf.get("use_sliding_window", False), (False,)),
         "pretraining_tp": (hf.get("pretraining_tp", 1), (1,)),
     }
+
+
+def rope_theta(hf: dict) -> float:
+    """transformers 5 keeps it in `rope_parameters`, transformers 4 at the top level."""
+    return (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta", 10000.0)
 
 
 def config_fields(hf: dict) -> dict:
@@ -41,7 +47,7 @@ def config_fields(hf: dict) -> dict:
                 n_layer=hf.get("num_hidden_layers", 32), n_head=heads, n_embd=hf.get("hidden_size", 4096),
                 n_kv_head=hf.get("num_key_value_heads") or heads, dropout=0.0, bias=False,
                 qkv_bias=hf["model_type"] == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False),
-                position="rope", rope_theta=float(hf.get("rope_theta", 10000.0)), norm="rmsnorm",
+                position="rope", rope_theta=float(rope_theta(hf)), norm="rmsnorm",
                 norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hf.get("intermediate_size", 11008))
 
 
@@ -111,8 +117,10 @@ def hf_config(cfg: model_lib.GPTConfig, eot_id=None) -> dict:
         "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
-        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "head_dim": cfg.head_dim,
+        # Both spellings: transformers 5 reads rope_parameters, transformers 4 rope_theta.
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "attention_dropout": cfg.dropout, "initializer_range": 0.02, "use_cache": True,
         "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
         "torch_dtype": "float32",

@@ -106,7 +106,7 @@ class GPTConfig:
     def hidden(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 3 // 64) * 64
+        return 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)  # Llama's sizing
 
 
 def _init(std: float):
@@ -276,6 +276,11 @@ def init_cache(cfg: GPTConfig, batch_size: int, capacity: int = 0) -> dict:
     shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), tokens,
                                                   cache_index=jnp.zeros((batch_size,), jnp.int32))["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def cache_batch_axis(cfg: GPTConfig) -> int:
+    """The batch axis of every `cache` array (stacked, scanned blocks put the layer axis first)."""
+    return 1 if cfg.scan_layers else 0
 
 
 # --- what the model says about its parameters ---------------------------------------------

@@ -105,8 +105,12 @@ def _generate(params, prompts, lengths, key, temperature, top_k, top_p, end_toke
             new_start = jnp.maximum(length - keep, 0)
             window = jax.vmap(lambda row, i: jax.lax.dynamic_slice(row, (i,), (keep,)))(tokens, new_start)
             window_logits, window_cache = forward(window, model_lib.init_cache(cfg, batch, capacity), zeros)
-            pick = lambda new, old: jnp.where(full.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
-            return (pick(window_logits[:, -1], logits), jax.tree.map(pick, window_cache, cache),
+
+            def pick(new, old, axis=0):  # rows of `new` where full, along the batch axis
+                return jnp.where(jnp.expand_dims(full, [d for d in range(old.ndim) if d != axis]), new, old)
+
+            pick_cache = lambda new, old: pick(new, old, model_lib.cache_batch_axis(cfg))
+            return (pick(window_logits[:, -1], logits), jax.tree.map(pick_cache, window_cache, cache),
                     jnp.where(full, new_start, start))
 
         if total > cfg.block_size:  # otherwise the cache holds the whole sequence and never fills
