@@ -247,3 +247,51 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(
     ckpts.close()
     state = restore_state_numpy(tiny_disk, 3)
     assert int(state["step"]) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def text_folder_data(make_config, tmp_path, **overrides):
+    data = make_config().data
+    data.dataset, data.text_dir, data.data_dir, data.exclude = "text_folder", str(tmp_path / "texts"), str(tmp_path / "tfds"), ()
+    data.include = ()
+    for field, value in overrides.items():
+        data[field] = value
+    return data
+
+
+@pytest.fixture
+def latin1_folder(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(30):  # enough files for every split
+        (folder / f"ok_{i}.txt").write_text(f"plain text number {i}\n" * 5, encoding="utf-8")
+    (folder / "caf\u00e9.txt").write_bytes("un caf\u00e9 cr\u00e8me, s'il vous pla\u00eet\n".encode("latin-1"))
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
+    return folder
+
+
+def test_text_that_does_not_decode_is_refused_with_file_and_offset_by_default(make_config, tmp_path, latin1_folder):
+    from gptlab.data import pipeline
+
+    with pytest.raises(UserError, match=r"caf\u00e9.txt is not valid utf-8: byte 6 \(0xe9\) does not decode.*"
+                                        r"data.encoding.*data.decode_errors=replace"):
+        pipeline.prepare(text_folder_data(make_config, tmp_path))
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))  # refused before anything was written
+
+
+def test_replace_counts_bad_bytes_binary_files_are_skipped_and_latin_1_decodes(make_config, tmp_path, latin1_folder):
+    from gptlab.data import corpora, pipeline
+
+    builder = pipeline.prepare(text_folder_data(make_config, tmp_path, decode_errors="replace"))
+    note = corpora.decoding_note(builder)
+    assert "1 binary file(s) skipped (e.g. image.png)" in note and "3 undecodable byte sequence(s) in 1 file(s)" in note
+    texts = [t for split in ("train", "validation", "test") if split in builder.info.splits
+             for t in pipeline.read_texts(builder, split, "text")]
+    assert len(texts) == 31 and not any("PNG" in t for t in texts)
+    builder = pipeline.prepare(text_folder_data(make_config, tmp_path, encoding="latin-1"))
+    assert corpora.decoding_note(builder) == "data: " + builder.info.full_name + ": 1 binary file(s) skipped (e.g. image.png)"
+    texts = [t for split in builder.info.splits for t in pipeline.read_texts(builder, split, "text")]
+    assert any("caf\u00e9 cr\u00e8me" in t for t in texts) and not any("\ufffd" in t for t in texts)
+    with pytest.raises(UserError, match="data.decode_errors='ignore' must be one of"):
+        pipeline.prepare(text_folder_data(make_config, tmp_path, decode_errors="ignore"))
+    with pytest.raises(UserError, match="data.encoding='utf-9' is not a known text encoding"):
+        pipeline.prepare(text_folder_data(make_config, tmp_path, encoding="utf-9"))
