@@ -114,16 +114,24 @@ class FileLock:
     def __init__(self, path, record: bool = True):
         self.path = pathlib.Path(path)
         self.fd, self.exclusive_file = None, False
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            fd, created = os.open(self.path, os.O_RDWR), False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
                 raise LockHeld(self.path, read_holder(self.path)) from None
             if e.errno not in _FLOCK_UNSUPPORTED:
+                os.close(fd)
                 raise
-            self._create_exclusive()
+            if created:  # the exclusive create above was the lock
+                self.fd, self.exclusive_file = fd, True
+            else:
+                os.close(fd)
+                self._create_exclusive()
         else:
             self.fd = fd
         if record:

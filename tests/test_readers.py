@@ -106,44 +106,46 @@ def test_a_step_rotated_away_while_it_is_pinned_is_replaced_by_the_newest(saved,
 
 @pytest.mark.slow
 def test_evaluate_sample_and_init_from_read_a_training_run_without_disturbing_it(tmp_path, data_dir):
-    steps, every, keep = 40, 2, 2
+    steps, every, keep = 160, 2, 2  # a save every 2 steps and only 2 kept: steps rotate away constantly
     proc = subprocess.Popen(pretrain_cmd(tmp_path, data_dir, f"--config.train.num_steps={steps}",
                                          f"--config.train.checkpoint_every={every}",
                                          f"--config.checkpoint.max_to_keep={keep}"),
                             cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    readers = []
     try:
         deadline = time.monotonic() + 300
         while not checkpoint_lib.complete_steps(tmp_path / "checkpoints"):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.05)
-        steps_read = []
-        # Real entry points, while the run trains: evaluate and sample (a process each) ...
-        evaluate = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
-                                   f"--config.data.data_dir={data_dir}", "--config.num_batches=1"],
-                                  cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-        assert evaluate.returncode == 0, evaluate.stderr
-        assert "evaluating " in evaluate.stdout and "(step " in evaluate.stdout  # says which step it read
-        sample = subprocess.run([sys.executable, "-m", "experiments.sample", f"--workdir={tmp_path}",
-                                 "--prompt=def ", "--max_new_tokens=4"],
-                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-        assert sample.returncode == 0, sample.stderr
-        assert "loaded step " in sample.stdout
-        # ... and, many times over, the library readers they and init_from use, as fast as they go.
+        # The real entry points, while the run trains: evaluate and sample ...
+        readers = [subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for cmd in ([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
+                                f"--config.data.data_dir={data_dir}", "--config.num_batches=1"],
+                               [sys.executable, "-m", "experiments.sample", f"--workdir={tmp_path}",
+                                "--prompt=def ", "--max_new_tokens=4"])]
+        # ... and, over and over, the library readers they and fine-tuning's init_from use.
+        steps_read, readers_done_while_training = [], False
         while proc.poll() is None:
+            readers_done_while_training = all(r.poll() is not None for r in readers)
             loaded = convert.load_workdir(tmp_path)
             steps_read.append(loaded.step)
             source = finetune.Pretrained(tmp_path)
             try:
-                time.sleep(0.1)  # init_from holds its step while the fine-tuning run compiles
+                time.sleep(0.2)  # init_from holds its step while the fine-tuning run compiles
                 source.restore_params(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                                    dict(source.reader.stored["params"])))
                 steps_read.append(source.step)
             finally:
                 source.close()
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
+        (evaluated, _), (sampled, _) = [r.communicate(timeout=300) for r in readers]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in [proc, *readers]:
+            if p.poll() is None:
+                p.kill()
+    assert [r.returncode for r in readers] == [0, 0], [r.stderr.read() for r in readers]
+    assert readers_done_while_training
+    assert "evaluating " in evaluated and "(step " in evaluated and "loaded step " in sampled  # say which step
     assert len(steps_read) >= 4 and all(s % every == 0 for s in steps_read), steps_read
     assert checkpoint_lib.complete_steps(tmp_path / "checkpoints") == list(range(steps - (keep - 1) * every,
                                                                                     steps + 1, every))
