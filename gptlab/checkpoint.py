@@ -367,7 +367,7 @@ def check_same_shapes(stored_params, expected_params, where: str) -> None:
                         "different model config; use that run's model settings or start a fresh --workdir")
 
 
-def check_writable(workdir) -> pathlib.Path:
+def check_writable(workdir, what: str = "--workdir=") -> pathlib.Path:
     """Creates `workdir` if needed and proves it writable before any work is done."""
     path = pathlib.Path(workdir).expanduser().absolute()
     try:
@@ -376,8 +376,8 @@ def check_writable(workdir) -> pathlib.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to --workdir={workdir} ({e.strerror or e}): "
-                        "choose a directory you can write to") from None
+        raise UserError(f"cannot write to {what}{workdir} ({e.strerror or e}): "
+                        "choose a directory you can write to (or fix its permissions or mount)") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"cannot write to --workdir={workdir}: choose a directory you can write to")
+        raise UserError(f"cannot write to {what}{workdir}: choose a directory you can write to")
     return path

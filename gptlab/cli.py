@@ -121,8 +121,9 @@ def run(main) -> None:
 
     def absl_main(argv):
         if not _VERBOSE.value:
-            # Orbax and TFDS log every file operation; keep the terminal for our own lines.
-            logging.set_verbosity(logging.ERROR)
+            # Orbax and TFDS log every file operation, and Orbax's writer threads log each failure with a
+            # traceback before the main thread reports it in one line; --verbose shows them all.
+            logging.set_verbosity(logging.FATAL)
             import tensorflow_datasets as tfds
 
             tfds.disable_progress_bar()

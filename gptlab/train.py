@@ -248,6 +248,8 @@ def run_experiment(config, workdir, experiment) -> dict:
     workdir = checkpoint_lib.check_writable(workdir)
     writer_lock = lock_workdir(workdir, is_main)  # before anything in the workdir is written or cleaned
     try:
+        # Proven writable now, in seconds, rather than at the first save inside Orbax's writer threads.
+        checkpoint_lib.check_writable(workdir / "checkpoints", what="the checkpoint directory ")
         checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
                                                  config.checkpoint.async_save)
     except BaseException:
