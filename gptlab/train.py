@@ -246,6 +246,11 @@ def run_experiment(config, workdir, experiment) -> dict:
     is_main = jax.process_index() == 0
     log = Logger(is_main)
     workdir = checkpoint_lib.check_writable(workdir)
+    finished = already_finished(workdir, config)
+    if finished is not None:  # rerunning a finished command changes nothing, not even the lock's record
+        log(f"already finished: {workdir / results.FILENAME} holds step {finished['step']} of this same config; "
+            f"nothing to do (move it away to evaluate again)")
+        return finished
     writer_lock = lock_workdir(workdir, is_main)  # before anything in the workdir is written or cleaned
     try:
         # Proven writable now, in seconds, rather than at the first save inside Orbax's writer threads.
@@ -272,6 +277,20 @@ def run_experiment(config, workdir, experiment) -> dict:
         finally:
             if writer_lock:
                 writer_lock.release()
+
+
+def already_finished(workdir, config):
+    """WORKDIR/result.json's contents if it records a finished run of `config` (all its steps), else None."""
+    try:
+        stored = json.loads((workdir / results.FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    current, stored_config = json.loads(config.to_json_best_effort()), stored.get("config") or {}
+    for group, field in (("model", "vocab_size"), ("data", "seq_len")):  # resolved at the start of the run
+        if current.get(group, {}).get(field) is None and group in current:
+            current[group][field] = (stored_config.get(group) or {}).get(field)
+    finished = stored_config == current and stored.get("steps") == config.train.num_steps
+    return stored if finished and "step" in stored else None
 
 
 WRITER_LOCK = ".writer.lock"  # in the workdir; names the process that trains there

@@ -316,3 +316,19 @@ def test_a_signal_at_any_moment_ends_in_a_checkpoint_or_a_clean_exit_and_the_rer
     rerun = start(tmp_path, data_dir)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     assert_identical_runs(reference, tmp_path)
+
+
+def test_rerunning_a_finished_command_changes_nothing(make_config, tmp_path):
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    config = make_config(train__num_steps=3, train__checkpoint_every=2)
+    first = train.train_and_evaluate(config, tmp_path)
+    before = snapshot()
+    assert "result.json" in before and any(k.startswith("tensorboard/") for k in before)
+    again = train.train_and_evaluate(make_config(train__num_steps=3, train__checkpoint_every=2), tmp_path)
+    assert snapshot() == before  # result.json, metrics.jsonl, TensorBoard events, checkpoints: untouched
+    assert again["eval_loss"] == first["eval_loss"] and again["step"] == 3
+    longer = train.train_and_evaluate(make_config(train__num_steps=4, train__checkpoint_every=2), tmp_path)
+    assert longer["step"] == 4  # a different command (more steps) still resumes and trains on
