@@ -211,7 +211,7 @@ def read_hf_config(hf_dir: pathlib.Path) -> model_lib.GPTConfig:
 
 
 def _read_safetensors(hf_dir: pathlib.Path) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -226,9 +226,14 @@ def _read_safetensors(hf_dir: pathlib.Path) -> dict:
     tensors = {}
     for name in files:
         # framework="flax" reads bfloat16/float16 files too, which numpy cannot represent.
-        with safe_open(str(hf_dir / name), framework="flax") as f:
-            for key in f.keys():
-                tensors[key.removeprefix("transformer.")] = f.get_tensor(key)
+        try:
+            with safe_open(str(hf_dir / name), framework="flax") as f:
+                for key in f.keys():
+                    tensors[key.removeprefix("transformer.")] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:  # a truncated or damaged file
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"{hf_dir / name} cannot be read ({reason}): it is truncated or damaged; "
+                            "download it or save_pretrained it again") from None
     return tensors
 
 

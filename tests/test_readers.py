@@ -248,3 +248,19 @@ def test_a_lock_left_by_kill_9_is_taken_over_and_the_run_resumes(tmp_path, data_
     rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed from" in rerun.stdout
+
+
+def test_a_truncated_safetensors_file_is_refused_in_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=8,
+                                                              vocab_size=61))
+    hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = subprocess.run([sys.executable, "-m", "experiments.convert", f"--from_hf={tmp_path / 'hf'}",
+                             f"--workdir={tmp_path / 'out'}"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {weights} cannot be read") and "truncated or damaged" in last
+    assert not (tmp_path / "out" / "checkpoints").exists()
