@@ -1,7 +1,9 @@
 """Faults a long run meets: preemption, kill -9, damaged checkpoints, NaNs, a full disk."""
 import json
 import os
+import pathlib
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -332,3 +334,16 @@ def test_rerunning_a_finished_command_changes_nothing(make_config, tmp_path):
     assert again["eval_loss"] == first["eval_loss"] and again["step"] == 3
     longer = train.train_and_evaluate(make_config(train__num_steps=4, train__checkpoint_every=2), tmp_path)
     assert longer["step"] == 4  # a different command (more steps) still resumes and trains on
+
+
+def test_a_damaged_prepared_file_is_refused_in_one_line_naming_the_folder(make_config, tmp_path, latin1_folder):
+    from gptlab.data import pipeline
+
+    builder = pipeline.prepare(text_folder_data(make_config, tmp_path, encoding="latin-1"))
+    (records,) = pathlib.Path(builder.data_dir).glob("*-train.array_record-*")
+    raw = bytearray(records.read_bytes())
+    raw[64: len(raw) // 2] = bytes(len(raw) // 2 - 64)  # past the file header, into the records
+    records.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"prepared dataset .* cannot be read \(.*\): it is damaged; delete "
+                                        rf"{re.escape(builder.data_dir)} and rerun"):
+        list(pipeline.read_texts(builder, "train", "text"))

@@ -92,12 +92,23 @@ def read_texts(builder, split: str, text_key: str) -> Iterator[str]:
                     for example in source.__getitems__(list(range(start, min(start + 256, len(source))))))
     else:
         examples = catalog.iterate_numpy(builder, split)
-    for example in examples:
+    for example in _damage_reported(examples, builder, split):
         if text_key not in example:
             raise UserError(f"dataset {builder.name!r} has no feature data.text_key={text_key!r}; "
                             f"its features are {sorted(example)}")
         text = example[text_key]
         yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def _damage_reported(examples, builder, split: str):
+    """`examples`, with a prepared file that fails to read (e.g. "Corrupted Riegeli/records file": a
+    truncated or overwritten array_record) reported in one line naming the folder to delete."""
+    try:
+        yield from examples
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"the prepared dataset {builder.info.full_name} ({split}) in {builder.data_dir} cannot be read "
+                        f"({catalog.first_line(e)}): it is damaged; delete {builder.data_dir} and rerun to prepare "
+                        "it again") from None
 
 
 def check_split(builder, split: str) -> None:
