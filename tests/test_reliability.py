@@ -347,3 +347,23 @@ def test_a_damaged_prepared_file_is_refused_in_one_line_naming_the_folder(make_c
     with pytest.raises(UserError, match=rf"prepared dataset .* cannot be read \(.*\): it is damaged; delete "
                                         rf"{re.escape(builder.data_dir)} and rerun"):
         list(pipeline.read_texts(builder, "train", "text"))
+
+
+def test_config_paths_work_from_any_directory_and_a_misspelling_is_one_line(tmp_path, data_dir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+
+    def pretrain(config, cwd):
+        return subprocess.run([sys.executable, "-m", "experiments.pretrain", f"--config={config}",
+                               f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}",
+                               "--config.train.num_steps=0"], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    result = pretrain("configs/pretain.py:tiny", REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --config file configs/pretain.py does not exist (looked in {REPO} and in {REPO}): "
+        "did you mean --config=configs/pretrain.py:tiny?")
+    assert not (tmp_path / "run").exists()
+    result = pretrain("configs/pretrain.py:tiny", tmp_path)  # run from another directory
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["config"]["preset"] == "tiny"
