@@ -26,6 +26,7 @@ _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Random tokens instead of the
 _COMPARE = flags.DEFINE_enum("compare", "", list(benchmark.COMPARE),
                              "Also time PyTorch: torch (both peers), transformers or nanogpt.")
 _BLOCKS = flags.DEFINE_integer("blocks", 4, "With --compare: the timed steps alternate in this many blocks each.")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "With --compare: run the PyTorch peers under torch.compile.")
 _SAMPLE = flags.DEFINE_bool("sample", False, "Also time sampling (vs Hugging Face generate with --compare).")
 _SAMPLE_ONLY = flags.DEFINE_bool("sample_only", False, "Time sampling only, no train step.")
 _SAMPLE_BATCHES = flags.DEFINE_list("sample_batch_sizes", ["1", "8"], "Batch sizes to sample with.")
@@ -44,7 +45,7 @@ def main():
     result = {}
     if not _SAMPLE_ONLY.value:
         result = benchmark.run(_CONFIG.value, _STEPS.value, _WARMUP.value, _SYNTHETIC.value, _COMPARE.value,
-                               _BLOCKS.value, log=log)
+                               _BLOCKS.value, log=log, torch_compile=_TORCH_COMPILE.value)
     if _SAMPLE.value or _SAMPLE_ONLY.value:
         result.update(benchmark.sampling(_CONFIG.value, batch_sizes, _SAMPLE_PROMPT.value, _SAMPLE_NEW.value,
                                          compare=bool(_COMPARE.value), log=log))

@@ -241,7 +241,7 @@ def import_torch_peers():
 class TorchSteps(TimedSteps):
     """A PyTorch peer (`gptlab.torch_peers`) with the same shapes, batch, optimizer and precision."""
 
-    def __init__(self, peer: str, config, model_cfg, host_batches: list, threads: int):
+    def __init__(self, peer: str, config, model_cfg, host_batches: list, threads: int, compile_model: bool = False):
         torch_peers = import_torch_peers()
         torch = torch_peers.torch
         self.torch, self.peer = torch, peer
@@ -255,6 +255,9 @@ class TorchSteps(TimedSteps):
             self.autocast_dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else None
         self.model, self.logits = torch_peers.build(peer, model_cfg, self.device)
         self.description = torch_peers.describe(peer, model_cfg)
+        if compile_model:  # compiled at the first (untimed) step
+            self.logits = torch.compile(self.logits)
+            self.description += ", torch.compile"
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
                                            eps=opt.eps, weight_decay=opt.weight_decay)
@@ -292,11 +295,12 @@ class TorchSteps(TimedSteps):
 
 
 def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: str = "", blocks: int = 4,
-        log=print) -> dict:
+        log=print, torch_compile: bool = False) -> dict:
     """Measures `steps` timed train steps (after `warmup` untimed ones); returns one flat-ish dict.
 
     With `compare` the PyTorch peers run `1 + warmup` + `steps` steps too, and the
-    timed steps of all alternate in `blocks` blocks. At least one untimed step follows
+    timed steps of all alternate in `blocks` blocks (`torch_compile`: the peers' models under
+    `torch.compile`, the fair peer on a GPU). At least one untimed step follows
     the compiling one (it measures the step's memory).
     """
     if steps < 1:
@@ -340,7 +344,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
             import_torch_peers()
         for peer in peers:  # one after the other: each one's memory above what was there before it
             memory.start()
-            peer_steps[peer] = TorchSteps(peer, config, model_cfg, host_batches, num_threads())
+            peer_steps[peer] = TorchSteps(peer, config, model_cfg, host_batches, num_threads(), torch_compile)
             peer_steps[peer].run(1 + warmup, record=False)
             peer_memory[peer] = memory.increase()
         for block in blocks_of(steps, blocks if peers else 1):
