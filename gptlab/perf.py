@@ -161,6 +161,8 @@ def start_cpu_devices(config) -> tuple:
     multi_process = (par.get("coordinator_address") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
                      or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
     if _backend_started():
+        if _cpu_devices_choice[0] is not None:  # set by an earlier call, before the backend started
+            return _cpu_devices_choice
         count, why = None, "JAX's backend had already started in this process"
     elif requested is not None:
         count, why = requested, "parallel.cpu_devices"

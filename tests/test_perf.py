@@ -42,6 +42,7 @@ def test_explicit_values_override_the_automatic_choice(make_config):
 def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
     """The count JAX starts with: automatic, parallel.cpu_devices, or left to XLA_FLAGS."""
     updates = []
+    monkeypatch.setattr(perf, "_cpu_devices_choice", (None, ""))  # restored afterwards
     monkeypatch.setattr(perf, "_backend_started", lambda: False)
     monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
     monkeypatch.setattr(perf, "usable_cores", lambda: 4)

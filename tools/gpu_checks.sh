@@ -7,7 +7,7 @@
 #      command's start until the validation loss reaches nanoGPT's 1.4697 (target: < 90 s).
 #
 # Two steps. Here, on a machine with PyPI and ../shared/data (the GPU machine reaches neither):
-#     bash tools/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/
+#     [SHAKESPEARE_DIR=DIR_OF_input.txt] bash tools/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/ (git-ignored)
 # Then on the GPU machine (the device tool's `run`, carry [".gpu"], timeout 600):
 #     bash tools/gpu_checks.sh                # prints a compact summary; logs and JSON in ${OUT:-/tmp}/gpu_checks
 set -euo pipefail
@@ -15,19 +15,20 @@ cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
 if [[ "${1:-}" == "--prepare" ]]; then
   PY=${PYTHON:-python}
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-path info/exclude)"
   mkdir -p "$GPU_DIR/wheels"
-  # What gptlab needs that the GPU image (Python 3.12; jax, flax, optax, orbax, torch, transformers...) lacks.
+  # What gptlab needs that the GPU image (Python 3.12; jax, flax, optax, orbax, torch, transformers...) lacks:
+  # compiled ones as manylinux wheels for Python 3.12, pure-Python ones as wheels (built here from an sdist if need be).
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform any -d "$GPU_DIR/wheels" \
-    ml_collections==1.1.0 tensorflow-datasets==4.9.10 array_record==0.8.6 tensorboardX==2.6.5 \
-    importlib_resources==7.1.0 dm-tree==0.1.10 immutabledict promise simple_parsing docstring_parser \
-    tensorflow-metadata googleapis-common-protos termcolor toml
+    --platform manylinux2014_x86_64 -d "$GPU_DIR/wheels" array_record==0.8.6 dm-tree==0.1.10
+  "$PY" -m pip wheel -q --no-deps -w "$GPU_DIR/wheels" ml_collections==1.1.0 tensorflow-datasets==4.9.10 \
+    tensorboardX==2.6.5 importlib_resources==7.1.0 immutabledict==4.3.1 promise==2.3 simple_parsing==0.1.9 \
+    docstring_parser==0.18.0 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 termcolor==3.3.0 \
+    toml==0.10.2
   # tiny_shakespeare prepared (array_record) and tokenised (token cache) here, where TensorFlow is.
   PYTHONPATH=$PWD "$PY" -m experiments.pretrain --config=configs/pretrain.py:shakespeare_char \
-    --config.data.data_dir="$GPU_DIR/tfds" --config.data.manual_dir=../shared/data/tinyshakespeare \
-    --config.train.num_steps=0 --config.model.dtype=float32 --workdir="$(mktemp -d)/prepare" > /dev/null
+    --config.data.data_dir="$GPU_DIR/tfds" --config.data.manual_dir="${SHAKESPEARE_DIR:-../shared/data/tinyshakespeare}" \
+    --config.train.num_steps=0 --config.train.eval_batches=1 --config.model.dtype=float32 --workdir="$(mktemp -d)/prepare" > /dev/null
   du -sh "$GPU_DIR"
   exit 0
 fi
