@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import pathlib
 import platform
@@ -109,7 +108,6 @@ def choose_cpu_devices(cores: int, rows_per_step: int) -> tuple:
             why = f"one per core ({cores} cores)" if count == cores else (
                 f"{cores} cores, at most {MAX_CPU_DEVICES}, dividing the {rows_per_step} rows per step")
             return count, why
-    return 1, "batch"  # unreachable: 1 divides everything
 
 
 def choose_attention(platform_name: str, dtype: str) -> tuple:
