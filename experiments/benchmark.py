@@ -8,6 +8,7 @@
 and a nanoGPT-style model), alternating blocks of steps with gptlab's (pip install -e ".[bench]");
 --sample also times sampling (gptlab's generate, and with --compare Hugging Face generate).
 """
+import contextlib
 import json
 import sys
 
@@ -43,12 +44,13 @@ def main():
     if any(b < 1 for b in batch_sizes) or _SAMPLE_NEW.value < 1 or _SAMPLE_PROMPT.value < 1:
         raise UserError("--sample_batch_sizes, --sample_prompt_len and --sample_new_tokens must be positive")
     result = {}
-    if not _SAMPLE_ONLY.value:
-        result = benchmark.run(_CONFIG.value, _STEPS.value, _WARMUP.value, _SYNTHETIC.value, _COMPARE.value,
-                               _BLOCKS.value, log=log, torch_compile=_TORCH_COMPILE.value)
-    if _SAMPLE.value or _SAMPLE_ONLY.value:
-        result.update(benchmark.sampling(_CONFIG.value, batch_sizes, _SAMPLE_PROMPT.value, _SAMPLE_NEW.value,
-                                         compare=bool(_COMPARE.value), log=log))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON line alone (TFDS prints when preparing)
+        if not _SAMPLE_ONLY.value:
+            result = benchmark.run(_CONFIG.value, _STEPS.value, _WARMUP.value, _SYNTHETIC.value, _COMPARE.value,
+                                   _BLOCKS.value, log=log, torch_compile=_TORCH_COMPILE.value)
+        if _SAMPLE.value or _SAMPLE_ONLY.value:
+            result.update(benchmark.sampling(_CONFIG.value, batch_sizes, _SAMPLE_PROMPT.value, _SAMPLE_NEW.value,
+                                             compare=bool(_COMPARE.value), log=log))
     print(json.dumps(result), flush=True)
 
 
