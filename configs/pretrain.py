@@ -68,9 +68,9 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     model.scan_layers = False  # nn.scan over stacked blocks: compile time independent of depth
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay param_dtype)
     model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
-    model.attention = "xla"  # xla (any backend), cudnn (NVIDIA GPUs) or explicit (einsum)
+    model.attention = "auto"  # auto (gptlab/perf.py picks for the machine), xla, cudnn (NVIDIA GPUs) or explicit (einsum)
     model.remat = "none"  # activation rematerialisation: none, full, dots or dots_all
-    model.dense_backward = "xla"  # kernel gradients: xla, or narrow_transpose (faster on CPUs; README "Speed")
+    model.dense_backward = "auto"  # kernel gradients: auto (narrow_transpose on CPUs), xla or narrow_transpose
 
     config.data = data = config_dict.ConfigDict()
     data.dataset = "python_stdlib"  # python_stdlib, text_folder or any TFDS catalog name (tiny_shakespeare, lm1b, ...)
@@ -79,6 +79,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.manual_dir = config_dict.placeholder(str)  # where a catalog builder finds files it cannot download
     data.text_dir = config_dict.placeholder(str)  # the folder of text files, for dataset=text_folder
     data.text_glob = "**/*"  # which files under data.text_dir, for dataset=text_folder
+    data.encoding = "utf-8"  # python_stdlib/text_folder: the files' text encoding (e.g. latin-1, cp1252)
+    data.decode_errors = "strict"  # bytes that do not decode: strict (refuse, naming file and byte) or replace (U+FFFD, counted)
     data.include = ()  # python_stdlib/text_folder: keep files whose path matches one of these globs
     data.exclude = ("test/*", HELD_OUT_PACKAGE)  # ... then drop files matching any of these
     data.tokenizer = "byte"  # byte (nothing to train), char, sentencepiece (both trained on train_split) or gpt2
@@ -93,7 +95,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.train_split = "train"  # the split to train on
     data.train_fraction = 1.0  # train on the first fraction of train_split's tokens, e.g. 0.01 (data-size ablations)
     data.eval_split = "validation"  # the split eval_loss is measured on
-    data.prefetch = 2  # batches read ahead and placed on the devices by a background thread; 0: off
+    data.prefetch = config_dict.placeholder(int)  # batches read ahead by a background thread; 0: off; None: auto
 
     config.optimizer = opt = config_dict.ConfigDict()
     opt.learning_rate = 2e-3  # peak learning rate, reached after warmup
@@ -118,10 +120,13 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.skip_nonfinite_steps = False  # skip updates with a non-finite gradient instead of stopping
     train.max_nonfinite_in_a_row = 10  # with skipping: stop after this many non-finite steps in a row
     train.compilation_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache; None: off
+    train.profile_steps = ()  # (first, last): write a jax.profiler trace of these steps; (): none
+    train.profile_dir = config_dict.placeholder(str)  # where the trace goes; None: WORKDIR/profile
 
     config.parallel = par = config_dict.ConfigDict()
     par.mode = "jit"  # jit (device mesh: data parallel + FSDP) or pmap (classic data parallel)
     par.mesh = (-1, 1)  # jit: (data, fsdp) mesh shape; data=-1 takes the devices fsdp leaves
+    par.cpu_devices = config_dict.placeholder(int)  # XLA CPU devices the batch is split over; None: auto
     par.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port" of process 0
     par.num_processes = config_dict.placeholder(int)  # multi-host: how many processes in all
     par.process_id = config_dict.placeholder(int)  # multi-host: this process's index, 0..num_processes-1

@@ -24,6 +24,7 @@ import tqdm
 from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import dense_backward
+from gptlab import lock as lock_lib
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
@@ -190,11 +191,15 @@ def check_train_config(config) -> None:
     if config.seed < 0:
         raise UserError(f"seed={config.seed} must be non-negative")
     resolve_seq_len(config)
+    perf.StepProfiler(tuple(train.get("profile_steps") or ()), "")  # validates train.profile_steps
     optim.learning_rate_schedule(config.optimizer, train.num_steps)  # validates the schedule's fields
     if config.optimizer.weight_decay < 0:
         raise UserError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be non-negative")
-    try:  # the model's own checks, before any data is read (the vocabulary size comes later)
-        model_lib.GPTConfig.from_config(config.model, vocab_size=config.model.vocab_size or 1)
+    # The model's own checks, before any data is read (the vocabulary size comes later);
+    # "auto" fields are valid here, perf.resolve_auto fills them in for the machine.
+    fields = {k: ("xla" if v == perf.AUTO else v) for k, v in config.model.items()}
+    try:
+        model_lib.GPTConfig.from_config(fields, vocab_size=config.model.vocab_size or 1)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -240,14 +245,29 @@ def run_experiment(config, workdir, experiment) -> dict:
     """Runs `experiment(config, workdir, checkpoints, log, is_main) -> final metrics` (`_train` for
     pretraining, `gptlab.finetune` for fine-tuning) with what all experiments share: checks,
     distributed start-up, a writable workdir and its checkpoint manager."""
+    perf.start_cpu_devices(config)  # before anything starts JAX's backend
     check_train_config(config)
     parallel_lib.initialize_distributed(config.parallel)  # before anything touches devices
     enable_compilation_cache(config.train.get("compilation_cache_dir"))  # before anything is compiled
     is_main = jax.process_index() == 0
     log = Logger(is_main)
+    perf.resolve_auto(config, log)  # "auto" speed settings, before the config is used or stored
     workdir = checkpoint_lib.check_writable(workdir)
-    checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
-                                             config.checkpoint.async_save)
+    finished = already_finished(workdir, config)
+    if finished is not None:  # rerunning a finished command changes nothing, not even the lock's record
+        log(f"already finished: {workdir / results.FILENAME} holds step {finished['step']} of this same config; "
+            f"nothing to do (move it away to evaluate again)")
+        return finished
+    writer_lock = lock_workdir(workdir, is_main)  # before anything in the workdir is written or cleaned
+    try:
+        # Proven writable now, in seconds, rather than at the first save inside Orbax's writer threads.
+        checkpoint_lib.check_writable(workdir / "checkpoints", what="the checkpoint directory ")
+        checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
+                                                 config.checkpoint.async_save)
+    except BaseException:
+        if writer_lock:
+            writer_lock.release()
+        raise
     try:
         while True:
             try:
@@ -259,7 +279,50 @@ def run_experiment(config, workdir, experiment) -> dict:
                 moved = checkpoints.quarantine(e.step)
                 log(f"warning: {e}; moved it to {moved} and falling back to the previous checkpoint")
     finally:
-        checkpoints.close()
+        try:
+            checkpoints.close()
+        finally:
+            if writer_lock:
+                writer_lock.release()
+
+
+def already_finished(workdir, config):
+    """WORKDIR/result.json's contents if it records a finished run of `config` (all its steps), else None."""
+    try:
+        stored = json.loads((workdir / results.FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    current, stored_config = json.loads(config.to_json_best_effort()), stored.get("config") or {}
+    for group, field in (("model", "vocab_size"), ("data", "seq_len")):  # resolved at the start of the run
+        if current.get(group, {}).get(field) is None and group in current:
+            current[group][field] = (stored_config.get(group) or {}).get(field)
+    finished = stored_config == current and stored.get("steps") == config.train.num_steps
+    return stored if finished and "step" in stored else None
+
+
+WRITER_LOCK = ".writer.lock"  # in the workdir; names the process that trains there
+
+
+def lock_workdir(workdir, is_main: bool):
+    """One writer per workdir: process 0 takes WORKDIR/.writer.lock (see gptlab.lock), or every process
+    stops with one line naming the live writer. The other processes of a multi-host run learn the outcome
+    from process 0, so they stop with it. Returns the lock (None on processes other than 0)."""
+    held, refusal = None, ""
+    if is_main:
+        try:
+            held = lock_lib.FileLock(workdir / WRITER_LOCK)
+        except lock_lib.LockHeld as e:
+            refusal = (f"--workdir={workdir} is in use by another run: {e.strerror}; wait for it to finish or stop "
+                       f"it (kill {e.holder.get('pid', 'PID')}), or choose another --workdir")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(bool(refusal))):
+            return held
+        refusal = refusal or f"--workdir={workdir} is in use by another run (process 0 was refused its lock)"
+    if refusal:
+        raise UserError(refusal)
+    return held
 
 
 def _train(config, workdir, checkpoints, log, is_main) -> dict:
@@ -277,10 +340,12 @@ def _train(config, workdir, checkpoints, log, is_main) -> dict:
 def training_model(config, model_cfg: model_lib.GPTConfig) -> model_lib.GPT:
     """The model the train step differentiates.
 
-    `model.dense_backward` picks, here and nowhere else, how its dense layers compute
-    kernel gradients (`gptlab.dense_backward`); evaluation and sampling use the plain model.
+    `model.dense_backward` (its "auto" resolved by `gptlab.perf` for the machine) picks,
+    here and nowhere else, how its dense layers compute kernel gradients
+    (`gptlab.dense_backward`); evaluation and sampling use the plain model.
     """
-    return model_lib.GPT(model_cfg, dot_general=dense_backward.dot_general(config.model.get("dense_backward", "xla")))
+    name = perf.resolve_model_fields(config.model).get("dense_backward", "xla")
+    return model_lib.GPT(model_cfg, dot_general=dense_backward.dot_general(name))
 
 
 def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
@@ -424,7 +489,7 @@ def prefetched(config, batches, parallel: parallel_lib.Parallel):
     With `data.prefetch=0` it is `batches` itself. Either way `state()` is the position
     after the batches already handed to the loop, so checkpoints and resumes stay exact.
     """
-    ahead = config.data.get("prefetch", 0)
+    ahead = config.data.get("prefetch") or 0
     if ahead < 0:
         raise UserError(f"data.prefetch={ahead} must be >= 0 (0: no prefetching)")
     return pipeline.Prefetch(batches, ahead, parallel.prefetch_place) if ahead else batches
@@ -501,8 +566,10 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     """
     train = config.train
     start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
-    peak, peak_source = perf.peak_tflops(train.peak_tflops)
-    log(f"MFU is measured against {peak:.3g} TFLOP/s per device ({peak_source}); {dtype} compute")
+    peak, peak_source = perf.total_peak_tflops(train.peak_tflops)
+    log(f"MFU is measured against {peak:.3g} TFLOP/s ({peak_source}); {dtype} compute")
+    profiler = perf.StepProfiler(tuple(train.get("profile_steps") or ()),
+                                 train.get("profile_dir") or str(workdir / "profile"), log)
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
     final = {"step": start_step}
     if start_step >= train.num_steps:
@@ -517,7 +584,9 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     interval_start = time.perf_counter()
     try:
         for step in range(start_step + 1, train.num_steps + 1):
+            profiler.before(step)
             state, metrics = train_step(state, next(batches))
+            profiler.after(step, state)
             pending.append((step, metrics))
             bar.update(1)
             log_now = step % train.log_every == 0 or step == train.num_steps
@@ -539,7 +608,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     grad_norm=float(unlogged[-1][1]["grad_norm"]),
                     learning_rate=float(unlogged[-1][1]["learning_rate"]),
                     tokens_per_sec=tokens / elapsed,
-                    mfu=tokens / elapsed * flops_per_token / (peak * 1e12 * jax.device_count()))
+                    mfu=tokens / elapsed * flops_per_token / (peak * 1e12))
                 unlogged = []
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
             if step % train.eval_every == 0 or step == train.num_steps:
@@ -556,6 +625,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             if record or save_now:  # keep evaluation and saving out of the throughput figures
                 interval_start = time.perf_counter()
     finally:
+        profiler.stop()
         guard.restore()
         bar.close()
         log.bar = None
