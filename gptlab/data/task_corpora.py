@@ -64,6 +64,7 @@ class PythonStdlibFunctions(corpora.PythonStdlib):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.__doc__ + "\n" + (self.builder_config.description or ""),
+            metadata=tfds.core.MetadataDict(),  # corpora.FileCorpus records its decoding counts there
             features=tfds.features.FeaturesDict(
                 {"path": tfds.features.Text(), "prompt": tfds.features.Text(), "response": tfds.features.Text()}),
         )
@@ -125,6 +126,7 @@ class PythonStdlibPackages(corpora.PythonStdlib):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.__doc__ + "\n" + (self.builder_config.description or ""),
+            metadata=tfds.core.MetadataDict(),  # corpora.FileCorpus records its decoding counts there
             features=tfds.features.FeaturesDict({
                 "path": tfds.features.Text(), "text": tfds.features.Text(),
                 "label": tfds.features.ClassLabel(names=list(self.builder_config.packages))}),
