@@ -7,7 +7,7 @@ Run from the repository root, choosing a preset after the colon:
 Presets:
   tiny       2 layers, 64 wide; seconds on a CPU. For tests and smoke runs.
   small      4 layers, 128 wide, byte-level, on the standard library minus `test/`
-             and the held-out `email` package: the README quick start, about 2
+             and the held-out packages (gptlab/data/held_out.py): the README quick start, about 2
              minutes on a 2-core CPU; train loss 4.42 at step 25 -> 1.96, eval 1.84.
   gpt2_124m  GPT-2 small (12 layers, 768 wide, context 1024, bf16): for GPUs.
   shakespeare_char
@@ -31,9 +31,11 @@ The config is locked, so a mistyped field name is an error.
 """
 from ml_collections import config_dict
 
-# The package of the standard library kept out of pretraining, so fine-tuning
-# has a narrow domain the pretrained model has never seen.
-HELD_OUT_PACKAGE = "email/*"
+from gptlab.data import held_out
+
+# Every stdlib preset leaves out `test/` and the held-out packages (gptlab/data/held_out.py), which
+# the fine-tuning tasks draw from: pretraining never reads a file that any task trains or is scored on.
+PRETRAIN_EXCLUDE = held_out.PRETRAIN_EXCLUDE
 
 
 def get_config(preset: str = "small") -> config_dict.ConfigDict:
@@ -64,7 +66,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.text_dir = config_dict.placeholder(str)  # the folder of text files, for dataset=text_folder
     data.text_glob = "**/*"  # which files under data.text_dir, for dataset=text_folder
     data.include = ()  # python_stdlib/text_folder: keep files whose path matches one of these globs
-    data.exclude = ("test/*", HELD_OUT_PACKAGE)  # ... then drop files matching any of these
+    data.exclude = PRETRAIN_EXCLUDE  # ... then drop files matching any of these (test/ and the held-out packages)
     data.tokenizer = "byte"  # byte (nothing to train), char, sentencepiece (both trained on train_split) or gpt2
     data.sentencepiece_type = "bpe"  # data.tokenizer=sentencepiece: bpe or unigram
     data.sentencepiece_vocab_size = 8192  # data.tokenizer=sentencepiece: pieces incl. 256 bytes and specials
@@ -76,7 +78,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.seq_len = config_dict.placeholder(int)  # training window length; None: model.block_size
     data.train_split = "train"  # the split to train on
     data.train_fraction = 1.0  # train on the first fraction of train_split's tokens, e.g. 0.01 (data-size ablations)
-    data.eval_split = "validation"  # the split eval_loss is measured on
+    data.eval_split = "validation"  # the split eval_loss is measured on: every choice (early stopping, best checkpoint)
+    data.test_split = "test"  # the best checkpoint is scored here at the end, for reporting only; None: not at all
     data.prefetch = 2  # batches read ahead and placed on the devices by a background thread; 0: off
 
     config.optimizer = opt = config_dict.ConfigDict()
@@ -97,6 +100,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.eval_every = 200  # steps between evaluations (and one at the end)
     train.eval_batches = 10  # fixed validation batches per evaluation
     train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+    train.early_stopping_patience = 0  # stop after this many evaluations without a better selection_metric; 0: off
+    train.selection_metric = "eval_loss"  # validation metric that picks the best checkpoint (eval_loss, eval_accuracy, ...)
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     train.peak_tflops = config_dict.placeholder(float)  # device peak for MFU; None: known-device table
     train.skip_nonfinite_steps = False  # skip updates with a non-finite gradient instead of stopping
@@ -130,7 +135,6 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
         model.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 128 for fast matmuls
         model.dtype = "bfloat16"
         model.attention = "cudnn"
-        data.exclude = (HELD_OUT_PACKAGE,)
         data.batch_size = 32
         opt.learning_rate, opt.min_learning_rate, opt.warmup_steps = 6e-4, 6e-5, 700
         opt.b2 = 0.95
@@ -145,6 +149,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
         data.dataset, data.tokenizer = "tiny_shakespeare", "char"
         data.include, data.exclude = (), ()
         data.eval_split = "validation+test"  # TFDS's last 5% + 5% = nanoGPT's val.bin, the last 10%
+        data.test_split = None  # nanoGPT's val.bin already holds the test split
         data.shift_windows = True  # nanoGPT samples windows at random offsets
         data.batch_size = 64
         opt.learning_rate, opt.min_learning_rate, opt.warmup_steps = 1e-3, 1e-4, 100

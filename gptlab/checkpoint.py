@@ -4,7 +4,13 @@ Each step directory holds the train state's arrays (`state`, StandardSave) and,
 as JSON beside them, the data iterator's position (`data`), the resolved config
 (`config`), the tokenizer (`tokenizer`) and a fingerprint of every array
 (`integrity`), so a checkpoint is self-describing (fine-tuning, sampling and
-evaluation need nothing else) and self-checking.
+evaluation need nothing else) and self-checking. `selection` (gptlab.selection)
+holds the early-stopping record: best step, its validation metrics, patience.
+
+The best checkpoint: steps saved with `metrics` (evaluations) are ranked by
+Orbax itself (`best_fn`/`best_mode`, and a preservation policy that keeps the
+latest `max_to_keep` steps plus the best one), so the best survives rotation.
+`best_step(directory)` finds it for readers (`best` in evaluate, sample, init_from).
 
 Safety: Orbax writes a step into `STEP.orbax-checkpoint-tmp` and renames it only
 when complete, so a run killed mid-save leaves a temporary directory that is
@@ -22,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from gptlab import selection
 from gptlab.errors import UserError
 from gptlab.optim import path_str
 
 JSON_ITEMS = ("data", "config", "tokenizer", "integrity")
+OPTIONAL_JSON_ITEMS = ("selection",)  # absent in checkpoints written before early stopping existed
 
 
 class CorruptCheckpoint(Exception):
@@ -73,20 +81,33 @@ def _fingerprints(state) -> dict:
     return dict(zip(paths, (int(v) for v in jax.device_get(fingerprint(state)))))
 
 
+def best_options(metric: str, max_to_keep: int) -> dict:
+    """CheckpointManagerOptions fields that rank steps by `metric` and keep the best beside the latest."""
+    best_mode = "max" if selection.higher_is_better(metric) else "min"
+    get_metric = lambda metrics: metrics[metric]
+    keep = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        ocp.checkpoint_managers.BestN(get_metric_fn=get_metric, reverse=best_mode == "min", n=1,
+                                      keep_checkpoints_without_metrics=False)])
+    return dict(best_fn=get_metric, best_mode=best_mode, preservation_policy=keep)
+
+
 class Checkpoints:
-    def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True, selection_metric=None):
         self.directory = pathlib.Path(directory).absolute()
         if max_to_keep < 1:
             raise UserError(f"checkpoint.max_to_keep={max_to_keep} must be at least 1")
         # Naming each item's handler lets a fresh process read metadata and single items.
-        handlers = {"state": ocp.StandardCheckpointHandler(), **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS + OPTIONAL_JSON_ITEMS}}
+        keep = best_options(selection_metric, max_to_keep) if selection_metric else dict(max_to_keep=max_to_keep)
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=tuple(handlers),
             item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-                cleanup_tmp_directories=True),  # leftovers of a save interrupted by a kill
+                enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True, **keep),  # leftovers of a save interrupted by a kill
         )
         self._last_saved = None
 
@@ -96,18 +117,23 @@ class Checkpoints:
     def step_path(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
-    def save(self, step: int, state, *, data: dict, config: dict, tokenizer: dict) -> None:
-        """Starts writing `step` (in the background when async); a failed write raises UserError."""
+    def save(self, step: int, state, *, data: dict, config: dict, tokenizer: dict, selection=None,
+             metrics=None) -> None:
+        """Starts writing `step` (in the background when async); a failed write raises UserError.
+
+        `metrics`: the validation metrics evaluated at `step`, which rank it for the best checkpoint.
+        """
         # Orbax waits for the previous background write before starting this one anyway;
         # waiting here first reports a failed previous write under its own step number.
         self.wait()
         integrity = {"fingerprints": _fingerprints(state)}
         try:
             # force: the training loop decides when to save (intervals, the last step, preemption).
-            started = self.manager.save(step, force=True, args=ocp.args.Composite(
+            extra = {} if selection is None else {"selection": ocp.args.JsonSave(selection)}
+            started = self.manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                 config=ocp.args.JsonSave(config), tokenizer=ocp.args.JsonSave(tokenizer),
-                integrity=ocp.args.JsonSave(integrity)))
+                integrity=ocp.args.JsonSave(integrity), **extra))
         except Exception as e:  # pylint: disable=broad-except
             self._raise_write_error(step, e)
         if not started:
@@ -160,7 +186,9 @@ class Checkpoints:
             raise UserError(f"{where} holds a different optimizer state (first difference: {differing[0]}): the "
                             "optimizer settings changed since it was written (optimizer.grad_clip_norm, "
                             "train.skip_nonfinite_steps, finetune.strategy, ...); restore them or start a fresh --workdir")
-        items = dict(state=ocp.args.StandardRestore(abstract_state), **{k: ocp.args.JsonRestore() for k in JSON_ITEMS})
+        optional = tuple(k for k in OPTIONAL_JSON_ITEMS if (self.step_path(step) / k).exists())
+        items = dict(state=ocp.args.StandardRestore(abstract_state),
+                     **{k: ocp.args.JsonRestore() for k in JSON_ITEMS + optional})
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # pylint: disable=broad-except
@@ -173,7 +201,7 @@ class Checkpoints:
             if expected.get(path) != value:
                 raise CorruptCheckpoint(step, self.step_path(step),
                                         f"array {path} differs from what was saved (truncated or altered file)")
-        return restored["state"], {k: restored[k] for k in JSON_ITEMS}
+        return restored["state"], {k: restored[k] for k in JSON_ITEMS + optional}
 
     def quarantine(self, step: int) -> pathlib.Path:
         """Moves a damaged step out of checkpoints/ (kept for inspection, never deleted)."""
@@ -188,6 +216,48 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def best_step(directory):
+    """The best step of a checkpoints/ directory, ranked by Orbax on the stored validation metrics.
+
+    The metric comes from the latest step's `selection` record; None when no step
+    was saved with metrics (the run never evaluated, or predates early stopping).
+    """
+    directory = pathlib.Path(directory)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    stored = [s for s in reversed(steps) if (directory / str(s) / "selection").exists()]
+    if not stored:
+        return None
+    with ocp.CheckpointManager(directory, item_names=("selection",),
+                               item_handlers={"selection": ocp.JsonCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as reader:
+        record = reader.restore(stored[0], args=ocp.args.Composite(selection=ocp.args.JsonRestore()))["selection"]
+    metric = record.get("metric")
+    if not metric:
+        return None
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, best_fn=lambda m: m[metric], best_mode=selection.mode(metric))) as ranked:
+        return ranked.best_step()  # None when no step carries metrics
+
+
+def resolve_step(directory, step, where: str):
+    """`step` as given by a user (None: the latest; "best"; a number) -> an int step of `directory`, or None.
+
+    "best" without a best checkpoint is a UserError saying what to do.
+    """
+    if step is None or step == "":
+        return None
+    if str(step).strip().lower() == "best":
+        found = best_step(directory)
+        if found is None:
+            raise UserError(f"{where} has no best checkpoint yet (no checkpoint saved with validation metrics): "
+                            "let the run evaluate at least once (train.eval_every), or pass a step number")
+        return found
+    try:
+        return int(step)
+    except (TypeError, ValueError):
+        raise UserError(f"step={step!r} is neither a step number nor 'best': pass e.g. --step=600 or --step=best") from None
 
 
 def _first_line(error: Exception) -> str:

@@ -21,7 +21,9 @@ returning a plain dict:
                      that stage (same values of that stage's varied fields, and seed if it
                      varies seeds) through `finetune.init_from`
         label        the stage's name in reports (default: the stage name)
-    report       {"rows": "label" or a field, "columns": a grid field, "stages": [...]} (optional)
+    report       {"rows": "label" or a field, "columns": a grid field, "stages": [...],
+                  "select": [grid fields chosen on validation, e.g. the learning rate],
+                  "selection_metric": the validation metric that chooses} (optional; gptlab/report.py)
 
 Cells are variants x grid x seeds; each runs in DIR/runs/CELL/ as the real entry
 point would (`python -m experiments.pretrain|finetune --config=... --config.FIELD=...`,
@@ -64,7 +66,7 @@ EXPERIMENTS = ("pretrain", "finetune")
 SPEC_KEYS = {"name", "description", "metric", "stages", "report"}
 STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label"}
 VARIANT_RESERVED = ("label", "config")
-REPORT_KEYS = {"rows", "columns", "stages"}
+REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
 STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending")
 FRESH = "choose a new --workdir to start fresh, or delete {dir} to discard what it holds"
 
