@@ -17,13 +17,13 @@ DIR/results.jsonl first) or their metrics.jsonl; nothing is typed in.
   evaluated without fine-tuning) does not depend on it: its value fills the row.
 - Selection on validation, reporting on test: a metric named `test_*` is read
   from result.json's `selection.test` (the best checkpoint, chosen on validation,
-  scored on the test split); `eval_*` from `selection.validation`. Grid fields in
+  scored on the test split); others are the final values. Grid fields in
   `report.select` (e.g. `optimizer.learning_rate`) are chosen per table entry
   (row and column): the value with the best mean `report.selection_metric`
   (default `eval_loss`) on validation wins, and its main metric is shown with the
   chosen value. Choosing on a test metric is refused (`choose`).
-- Budgets: each entry shows the mean steps to the best checkpoint; "(cap)" marks
-  entries where a seed ended at its step budget while still improving.
+- Budgets: a second table gives the mean steps to the best checkpoint per entry;
+  "(cap)" marks entries where a seed ended at its step budget while still improving.
 - Figures: the metric against the factor (one line per row, error bars: std),
   and per stage the loss curves of every cell (train loss solid, eval loss dashed);
   readable factor names (FACTOR_NAMES), one colour per row in every figure.
@@ -48,13 +48,16 @@ FACTOR_NAMES = {"data.train_fraction": "narrow-data fraction", "optimizer.learni
 
 
 def metric_value(result: dict, metric: str):
-    """`metric` of one result.json: test_* and eval_* from the best checkpoint's record where there is one."""
-    chosen = result.get("selection") or {}
+    """`metric` of one result.json: test_* of the best checkpoint (chosen on validation), else the final value."""
     if metric.startswith("test_"):
-        return (chosen.get("test") or {}).get(metric)
-    if metric.startswith("eval_") and chosen.get("validation"):
-        return chosen["validation"].get(metric)
+        return ((result.get("selection") or {}).get("test") or {}).get(metric)
     return result.get(metric)
+
+
+def validation_value(result: dict, metric: str):
+    """The best checkpoint's validation `metric` (what every choice reads); the final value for older results."""
+    validation = (result.get("selection") or {}).get("validation")
+    return validation.get(metric) if validation else result.get(metric)
 
 
 def choose(candidates: dict, selection_metric: str):
@@ -67,7 +70,7 @@ def choose(candidates: dict, selection_metric: str):
                         "reported: select on a validation metric such as eval_loss or eval_accuracy")
     scored = {}
     for key, found in candidates.items():
-        values = [v for v in (metric_value(r, selection_metric) for r in found) if isinstance(v, (int, float))]
+        values = [v for v in (validation_value(r, selection_metric) for r in found) if isinstance(v, (int, float))]
         if values:
             scored[key] = float(np.mean(values))
     if not scored:
@@ -222,7 +225,7 @@ class Report:
                     [g for g in self.main_groups if self._row_of(g) == row]
                 groups, choice = self.chosen(groups)
                 values = [v for g in groups for v in g.values(self.metric, best)]
-                notes = [g.status_note() for g in groups if g.status_note()] + choice + self._budget_note(groups)
+                notes = [g.status_note() for g in groups if g.status_note()] + choice
                 entries.append((*mean_std(values), "; ".join(notes), len(values)))
             table.append((row, entries))
         return table
@@ -244,14 +247,28 @@ class Report:
         shown = candidates[pick][0].factors
         return candidates[pick], [", ".join(f"{_short(k)}={_value_text(shown[k])}" for k, _ in pick)]
 
-    @staticmethod
-    def _budget_note(groups: list) -> list:
-        records = [r.get("selection") for g in groups for r in g.results.values() if r.get("selection")]
-        steps = [s["best_step"] for s in records if s.get("best_step") is not None]
-        if not steps:
-            return []
-        note = f"best at step {np.mean(steps):.0f}"
-        return [note + (" (cap)" if any(s.get("hit_budget_while_improving") for s in records) else "")]
+    def budget_table(self) -> list:
+        """[(row, [text per column])]: mean steps to the best checkpoint of the chosen entry, of the budget;
+        "(cap)" where a seed hit its budget while still improving. Empty when no result has a selection record."""
+        table, any_record = [], False
+        for row in self.row_names:
+            texts = []
+            for column in (self.columns or [None]):
+                groups = self.pivot_groups(row, column) if self.column_key else \
+                    [g for g in self.main_groups if self._row_of(g) == row]
+                records = [r["selection"] for g in self.chosen(groups)[0] for r in g.results.values()
+                           if r.get("selection") and r["selection"].get("best_step") is not None]
+                any_record = any_record or bool(records)
+                if not records:
+                    texts.append(MISSING)
+                    continue
+                steps = np.mean([s["best_step"] for s in records])
+                cap = any(s.get("hit_budget_while_improving") for s in records)
+                stopped = sum(bool(s.get("stopped_early")) for s in records)
+                texts.append(f"{steps:.0f} / {records[0].get('budget_steps')} ({stopped}/{len(records)} stopped early)"
+                             + (" (cap)" if cap else ""))
+            table.append((row, texts))
+        return table if any_record else []
 
     def _best_per_column(self, table) -> list:
         best = []
@@ -282,14 +299,24 @@ class Report:
         if self.select:
             what += (f"; {', '.join(f'`{k}`' for k in self.select)} chosen per entry on validation "
                      f"`{self.selection_metric}` (the chosen value in brackets)")
-        what += "; \"best at step\": mean steps to the best checkpoint, \"(cap)\": a seed hit its budget still improving"
+
         factor = f"{factor_name(self.column_key)} (`{self.column_key}`)" if self.column_key else None
         lines += [f"## Main table: {what}", ""]
         lines += self._md_pivot(self.pivot())
         if factor:
             lines += ["", f"Columns: {factor}. Rows without that factor do not depend on it; their value fills the row."]
-        lines += ["", f"## Best `{self.metric}` reached during training (over the evaluations logged)", ""]
-        lines += self._md_pivot(self.pivot(best=True))
+        budget = self.budget_table()
+        if budget:
+            lines += ["", "## Steps to the best checkpoint (mean over seeds) / step budget", ""]
+            lines += ["| " + " | ".join([self._row_title()] + [self._column_title(c) for c in self.columns or [None]])
+                      + " |", "| --- |" + " ---: |" * len(self.columns or [None])]
+            lines += ["| " + " | ".join([row] + texts) + " |" for row, texts in budget]
+            lines += ["", "(cap): a seed ended at its step budget while its validation metric was still improving: "
+                          "its number is a lower bound on what more steps would give."]
+        if not self.metric.startswith("test_"):  # the protocol's own table already is the best checkpoint's
+            lines += ["", f"## Best `{self.metric}` reached during training (over the evaluations logged; chosen and "
+                          "measured on the same split, so optimistic: report test_* metrics for a study)", ""]
+            lines += self._md_pivot(self.pivot(best=True))
         lines += ["", "## Every configuration", ""] + self._md_long()
         lines += ["", "## Cells not finished", ""] + self._md_unfinished()
         if figures:
