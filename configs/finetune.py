@@ -106,5 +106,7 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
             # A budget cap: early stopping usually ends the run well before it.
             train.num_steps, train.log_every, train.eval_every, train.eval_batches = 1000, 25, 50, 10
             train.checkpoint_every = 100
+            if task == "classify":  # 640 validation snippets: accuracy's standard error about 2 points
+                train.eval_batches = 40
     config.lock()
     return config

@@ -356,7 +356,7 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
 
 
 def export_merged(workdir, log=print):
-    """Writes WORKDIR/merged/: the latest checkpoint's LoRA adapters folded into plain kernels.
+    """Writes WORKDIR/merged/: the best checkpoint's (else the latest's) LoRA adapters folded into plain kernels.
 
     The result is a checkpoint of the plain model (lora_rank=0) with the
     pretraining layout, so `init_from`, sampling and evaluation load it like any
@@ -367,7 +367,8 @@ def export_merged(workdir, log=print):
 
     workdir = pathlib.Path(workdir).expanduser().absolute()
     out = workdir / "merged"
-    run = convert.load_workdir(workdir, strict=False)  # the latest step, integrity-checked
+    best = checkpoint_lib.best_step(workdir / "checkpoints")  # the kept model: the best by validation, if any
+    run = convert.load_workdir(workdir, best, strict=False)  # integrity-checked
     if convert.checkpoint_steps(out / "checkpoints") == [run.step]:
         log(f"merged export: {out} already holds step {run.step}")
         return out

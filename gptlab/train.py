@@ -636,7 +636,11 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
         log.bar = None
         writer.close()
     if "eval_loss" not in final:
-        final.update(evaluate(eval_step, state.params, eval_batches))
+        evals = evaluate(eval_step, state.params, eval_batches)
+        final.update(evals)
+        if stopping.best_step is None and start_step == 0:  # evaluation only (num_steps=0): the model as given
+            stopping.update(0, evals)  # is the best checkpoint, saved so that it is scored on test like any other
+            save(0, state, wait=True, metrics=evals)
     return final
 
 

@@ -216,3 +216,38 @@ def test_report_selects_on_validation_never_on_test():
     assert [report.metric_value(r, "test_loss") for r in candidates["1e-3"]] == [2.30, 2.32]
     with pytest.raises(UserError, match="reads the test split"):
         report.choose(candidates, "test_loss")
+
+
+def test_report_table_shows_the_validation_choice_and_its_test_metric(tmp_path):
+    from gptlab import sweep as sweep_lib
+
+    spec = dict(name="lr_choice", metric="test_loss", stages=[dict(
+        name="ft", experiment="finetune", config="configs/finetune.py:full,lm,tiny",
+        grid={"data.train_fraction": [1.0], "optimizer.learning_rate": [1e-3, 3e-3]}, seeds=[0, 1])],
+        report=dict(columns="data.train_fraction", select=["optimizer.learning_rate"]))
+    sweep = sweep_lib.expand(spec, "test", {})
+    sweep_lib.write_sweep_json(tmp_path, sweep)
+    # Validation prefers 1e-3 (2.0, 2.1); test would prefer 3e-3 (2.10, 2.12).
+    numbers = {1e-3: [(2.0, 2.30), (2.1, 2.32)], 3e-3: [(2.2, 2.10), (2.3, 2.12)]}
+    for cell in sweep.cells:
+        val, test = numbers[cell.factors["optimizer.learning_rate"]][cell.seed]
+        run = sweep_lib.run_dir(tmp_path, cell.name)
+        run.mkdir(parents=True)
+        chosen = {"best_step": 40, "budget_steps": 100, "stopped_early": True, "hit_budget_while_improving": False,
+                  "validation": {"eval_loss": val}, "test": {"test_loss": test}}
+        (run / "result.json").write_text(json.dumps({"eval_loss": val + 0.5, "selection": chosen, "step": 70}))
+    markdown = (tmp_path / "report.md")
+    report.write_report(tmp_path)
+    text = markdown.read_text()
+    main = text.split("## Main table", 1)[1].split("\n\n", 2)[1]
+    assert "2.3100 ± 0.0141 (learning_rate=0.001)" in main and "2.11" not in main
+    assert "40 / 100 (2/2 stopped early)" in text
+    spec["report"]["selection_metric"] = "test_loss"
+    sweep_lib.write_sweep_json(tmp_path, sweep_lib.expand(spec, "test", {}))
+    with pytest.raises(UserError, match="reads the test split"):
+        report.write_report(tmp_path)
+
+
+def test_an_evaluation_only_run_is_scored_on_test(pretrained, data_dir, tmp_path):
+    final = finetuned(data_dir, pretrained, "lm", tmp_path, train__num_steps=0, train__early_stopping_patience=0)
+    assert final["selection"]["best_step"] == 0 and "test_loss" in final["selection"]["test"]
