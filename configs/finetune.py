@@ -16,7 +16,7 @@ Presets: STRATEGY[,TASK][,tiny], e.g. `lora`, `head,classify`, `lora,sft`, `full
                 (python_stdlib_packages); selection on eval_accuracy
             Every task draws only from the packages that pretraining leaves out
             (gptlab/data/held_out.py), split 80/10/10 by top-level block.
-  tiny      test-sized (20 steps), for checkpoints of the `tiny` pretraining preset
+  tiny      test-sized (20 steps, no early stopping), for checkpoints of the `tiny` pretraining preset
 
 The model architecture and tokenizer come from the init_from run: every `model.*` field
 here is None ("as pretrained") unless a preset or an override sets it. An override that
@@ -98,13 +98,13 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
 
         train = config.train
         train.selection_metric = SELECTION_METRICS[task]
-        train.early_stopping_patience = 3  # evaluations without improvement; num_steps is the budget cap
         if tiny:
             train.num_steps, train.log_every, train.eval_every, train.eval_batches = 20, 5, 10, 2
             train.checkpoint_every = 10
         else:
-            # A budget cap: early stopping usually ends the run well before it.
+            # A budget cap: early stopping (3 evaluations without improvement) usually ends the run before it.
             train.num_steps, train.log_every, train.eval_every, train.eval_batches = 1000, 25, 50, 10
+            train.early_stopping_patience = 3
             train.checkpoint_every = 100
             if task == "classify":  # 640 validation snippets: accuracy's standard error about 2 points
                 train.eval_batches = 40

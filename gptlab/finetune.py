@@ -78,7 +78,8 @@ class Pretrained:
         self.directory = directory
         self.workdir = directory.parent  # the run that wrote it; fine-tuning never writes there
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                    "tokenizer": ocp.JsonCheckpointHandler(), "integrity": ocp.JsonCheckpointHandler()}
+                    "tokenizer": ocp.JsonCheckpointHandler(), "integrity": ocp.JsonCheckpointHandler(),
+                    "selection": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(
             directory, item_names=tuple(handlers), item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(read_only=True, create=False))
