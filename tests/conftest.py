@@ -1,4 +1,5 @@
 """Shared fixtures: a TFDS data dir prepared once per session, tiny configs, no network."""
+import os
 import pathlib
 import socket
 import sys
@@ -9,6 +10,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ and experiments/ import like the entry points see them
 
 from configs import pretrain as pretrain_config  # noqa: E402
+
+# Tests run on one XLA CPU device (training would split the batch over one per core, gptlab/perf.py),
+# so a test's in-process and subprocess runs compute the same numbers. Tests of several devices set their own.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
 
 
 @pytest.fixture(scope="session")
