@@ -253,3 +253,41 @@ def test_bad_sweep_specs_are_one_line_errors(tmp_path):
         expand(overrides={"seed": 3})
     with pytest.raises(UserError, match="does not exist"):
         sweep_lib.load_sweep(str(tmp_path / "missing.py"))
+
+
+@pytest.mark.slow
+def test_sweep_through_submitits_local_executor_is_interrupted_and_resumed(tmp_path, data_dir):
+    """The cluster code path (one submitit job per cell), run by submitit's local executor."""
+    pytest.importorskip("submitit", reason='cluster sweeps need submitit: pip install -e ".[cluster]"')
+    config = write_sweep(tmp_path / "jobs_sweep.py", name="jobs_sweep", grid={"data.train_fraction": [1.0]})
+    workdir = tmp_path / "sweep"
+    command = sweep_command(config, workdir, data_dir, "--executor=submitit_local", "--submitit=timeout_min=30")
+    log = open(tmp_path / "first.log", "w+", encoding="utf-8")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    deadline, runs = time.time() + 240, workdir / "runs"
+    while time.time() < deadline and process.poll() is None:  # SIGTERM once a fine-tuning job saved a checkpoint
+        midway = [p.parents[1].name for p in runs.glob("ft-*/checkpoints/[0-9]*")
+                  if not (p.parents[2] / results.FILENAME).exists()]
+        if midway:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    assert process.wait(timeout=120) == 75
+    log.seek(0)
+    first_log = log.read()
+    assert "submitted pre-seed0 as job" in first_log and "SIGTERM: stopping" in first_log, first_log
+    states = status(workdir)
+    [interrupted] = [name for name, s in states.items() if s["status"] == "interrupted"]
+    assert states[interrupted]["job_id"] and (runs / interrupted / "checkpoints").is_dir()
+    assert list((workdir / "submitit").glob("*_log.out"))  # submitit's own job logs
+
+    resumed = run_cli(command)
+    one_line_error(resumed, "1 of 4 cells did not finish (first: broken-seed0 failed: finetune.lora_rank=0")
+    assert f"resuming {interrupted}" in resumed.stdout
+    states = status(workdir)
+    assert [s["status"] for s in states.values()] == ["finished", "finished", "finished", "failed"]
+    result = results.read_result(runs / interrupted)
+    assert result["timing"]["resumed_from_step"] > 0 and result["steps"] == 40 and states[interrupted]["attempts"] == 2
+    # The report reads the same stored files as for a local sweep.
+    written = report_lib.write_report(workdir)
+    assert f"{result['eval_loss']:.4f}"[:5] in written["markdown"].read_text()
