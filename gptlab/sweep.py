@@ -649,6 +649,8 @@ def run_cell(command: list, log_path: str, lock_path: str, env: dict) -> int:
             out.write(f"error: another process is running this cell (pid in {lock_path})\n")
         return 1
     try:
+        if (pathlib.Path(lock_path).parent / results.FILENAME).exists():
+            return 0  # a job that was queued twice (a sweep restarted meanwhile): the cell already finished
         with open(log_path, "ab") as out:
             process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, env={**os.environ, **env})

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs
 from gptlab import benchmark
 from gptlab.errors import UserError
 
@@ -26,8 +26,8 @@ def check_spread(spread):
 
 
 def test_command_with_synthetic_data_and_torch_peer_prints_one_json_line(tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    needs("torch", "bench")
+    needs("transformers", "bench")
     data_dir = tmp_path / "tfds"  # --synthetic must leave it untouched
     cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/pretrain.py:tiny",
            f"--config.data.data_dir={data_dir}", "--steps=2", "--warmup=1", "--synthetic", "--compare=torch"]

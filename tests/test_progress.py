@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from conftest import needs
 from gptlab import progress, train
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| step (\d+)/(\d+) \((\d+)%\) \| elapsed (\d+:\d\d:\d\d) \| "
@@ -69,7 +70,7 @@ def test_a_run_off_a_terminal_logs_progress_lines_and_ends_with_a_summary(make_c
 
 
 def test_wandb_offline_logs_the_metrics_config_and_result(make_config, tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb", reason='W&B logging needs the wandb extra: pip install -e ".[wandb]"')
+    wandb = needs("wandb", "wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written under WORKDIR/wandb/
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # not the user's ~/.config/wandb

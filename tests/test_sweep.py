@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs
 from gptlab import report as report_lib
 from gptlab import results
 from gptlab import sweep as sweep_lib
@@ -258,7 +258,7 @@ def test_bad_sweep_specs_are_one_line_errors(tmp_path):
 @pytest.mark.slow
 def test_sweep_through_submitits_local_executor_is_interrupted_and_resumed(tmp_path, data_dir):
     """The cluster code path (one submitit job per cell), run by submitit's local executor."""
-    pytest.importorskip("submitit", reason='cluster sweeps need submitit: pip install -e ".[cluster]"')
+    needs("submitit", "cluster")
     config = write_sweep(tmp_path / "jobs_sweep.py", name="jobs_sweep", grid={"data.train_fraction": [1.0]})
     workdir = tmp_path / "sweep"
     command = sweep_command(config, workdir, data_dir, "--executor=submitit_local", "--submitit=timeout_min=30")
