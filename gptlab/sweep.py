@@ -46,7 +46,6 @@ stops, so a preempted or timed-out job is an interrupted cell that the next run 
 the sweep resumes. The sweep process itself stays on the submitting machine, which
 must share the workdir's filesystem with the nodes.
 """
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -65,6 +64,10 @@ import threading
 import time
 import traceback
 from typing import Callable, Optional
+
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 from gptlab import results
 from gptlab.errors import Preempted, UserError
@@ -336,30 +339,29 @@ def _normalise_config(spec: str) -> str:
 
 
 def _cli_values(config_spec: str, cli_overrides: dict, used: set) -> dict:
-    """--set values parsed as the entry point's flags parse them (text for str fields, else a Python
-    literal), for the fields this config has."""
+    """--set values for the fields this config has, parsed by ml_collections' own flag parser, exactly as
+    the entry point would parse `--config.FIELD=VALUE`."""
     if not cli_overrides:
         return {}
     config = experiment_config(config_spec)
-    parsed = {}
-    for key, text in cli_overrides.items():
-        *parents, field = key.split(".")
-        try:
-            node = _get_field(config, ".".join(parents)) if parents else config
-            field_type = node.get_ref(field).get_type()
-        except (KeyError, AttributeError):
-            continue
-        used.add(key)
-        parsed[key] = text if field_type is str else _literal(text, key)
-    return parsed
-
-
-def _literal(text: str, key: str):
+    present = [key for key in cli_overrides if _has_field(config, key)]
+    used.update(present)
+    argv = ["sweep"] + [f"--config.{key}={cli_overrides[key]}" for key in present]
+    parser = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=parser, sys_argv=argv)
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise UserError(f"--set {key}={text}: not a Python literal (numbers, True/False, tuples like "
-                        "\"('a',)\", quoted strings)") from None
+        parser(argv)
+    except flags.Error as e:
+        raise UserError(f"--set: {str(e).splitlines()[0]}") from None
+    return {key: config_path.get_value(key, parser.config) for key in present}
+
+
+def _has_field(config, dotted: str) -> bool:
+    try:
+        config_path.get_value(dotted, config)
+        return True
+    except (KeyError, AttributeError, IndexError, ValueError):
+        return False
 
 
 def _match_upstream(cell: Cell, upstream: list, where: str) -> Cell:
@@ -377,15 +379,6 @@ def _match_upstream(cell: Cell, upstream: list, where: str) -> Cell:
     return matches[0]
 
 
-def _get_field(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not hasattr(node, "keys") or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
-
-
 def build_config(cell: Cell, init_from: Optional[str] = None):
     """The cell's experiment config: the preset with the cell's overrides, seed and init_from applied.
 
@@ -397,22 +390,17 @@ def build_config(cell: Cell, init_from: Optional[str] = None):
     if cell.depends_on:
         values["finetune.init_from"] = init_from
     for dotted, value in values.items():
-        *parents, field = dotted.split(".")
-        node = config
-        for i, part in enumerate(parents):
-            if not hasattr(node, "keys") or part not in node:
-                raise UserError(f"{where}: {dotted!r} is not a config field ({'.'.join(parents[:i + 1])} does not "
-                                f"exist; groups: {sorted(config.keys())}); fix the key in the ablation config")
-            node = node[part]
-        if not hasattr(node, "keys") or field not in node:
-            known = sorted(node.keys()) if hasattr(node, "keys") else []
-            raise UserError(f"{where}: {dotted!r} is not a config field (fields of {'.'.join(parents) or 'the config'}:"
-                            f" {', '.join(known)}); fix the key in the ablation config")
-        current = node[field]
+        if not _has_field(config, dotted):
+            parent = dotted.rpartition(".")[0]
+            node = config_path.get_value(parent, config) if parent and _has_field(config, parent) else None
+            known = f"fields of {parent}: {', '.join(sorted(node.keys()))}" if hasattr(node, "keys") else \
+                f"groups: {', '.join(sorted(config.keys()))}"
+            raise UserError(f"{where}: {dotted!r} is not a config field ({known}); fix the key in the ablation config")
+        current = config_path.get_value(dotted, config)
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
         try:
-            node[field] = value
+            config_path.set_value(dotted, config, value)
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: {dotted}={value!r} has the wrong type for a field holding "
                             f"{current!r} ({e}); fix the value in the ablation config") from None
