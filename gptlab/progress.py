@@ -30,7 +30,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self._clock, self._now = clock, now
         self.started = self._clock()
-        self._first_step = initial
+        self._base = None  # (time, step) of the first update: step/s and ETA leave out compilation before it
         self._last_line = self.started
         self.latest = {}  # the last logged metrics: tokens_per_sec, train_loss, eval_loss, ...
         terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -50,14 +50,15 @@ class Progress:
         self.step = step
         if self.lines:
             now = self._clock()
-            if now - self._last_line >= self.every_s or step == self.total:
+            if self._base is None:
+                self._base = (now, step)
+            elif now - self._last_line >= self.every_s or step == self.total:
                 self._last_line = now
                 print(self.line(now), file=self.stream, flush=True)
 
     def line(self, now: float) -> str:
         elapsed = now - self.started
-        done = self.step - self._first_step
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (self.step - self._base[1]) / (now - self._base[0]) if now > self._base[0] else 0.0
         eta = (self.total - self.step) / rate if rate > 0 else float("nan")
         parts = [self._now().strftime("%Y-%m-%d %H:%M:%S"),
                  f"step {self.step}/{self.total} ({100.0 * self.step / max(self.total, 1):.0f}%)",

@@ -27,17 +27,18 @@ def test_off_a_terminal_progress_is_timestamped_lines_every_interval():
     bar = progress.Progress(total=100, initial=20, every_s=30.0, stream=stream, clock=clock, now=lambda: when)
     assert bar.lines and bar.bar.disable
     for step in range(21, 101):
-        clock.now += 1.0  # one step per second
+        clock.now += 10.0 if step == 21 else 1.0  # compiling the first step takes 10 s, then one step per second
         if step == 25:
             bar.observe({"train_loss": 2.5, "tokens_per_sec": 12345.6, "learning_rate": 1e-3})
         bar.update(step)
     bar.close()
     lines = stream.getvalue().splitlines()
-    # Every 30 seconds (steps 50 and 80), and the last step; nothing else is written (no bar).
-    assert [int(LINE.match(line).group(1)) for line in lines] == [50, 80, 100], lines
-    assert lines[0].startswith("2026-11-29 19:40:12 | step 50/100 (50%) | elapsed 0:00:30 | ETA 0:00:50 | "
+    # Every 30 seconds (steps 41 and 71), and the last step; nothing else is written (no bar).
+    assert [int(LINE.match(line).group(1)) for line in lines] == [41, 71, 100], lines
+    # step/s and ETA leave out the first step's compilation; elapsed counts it.
+    assert lines[0].startswith("2026-11-29 19:40:12 | step 41/100 (41%) | elapsed 0:00:30 | ETA 0:00:59 | "
                                "1 step/s | 12,346 tokens/s | train_loss 2.5000")
-    assert "ETA 0:00:00" in lines[-1] and "elapsed 0:01:20" in lines[-1]
+    assert "ETA 0:00:00" in lines[-1] and "elapsed 0:01:29" in lines[-1]
 
 
 def test_a_disabled_progress_writes_nothing():
@@ -56,7 +57,9 @@ def test_a_run_off_a_terminal_logs_progress_lines_and_ends_with_a_summary(make_c
     train.train_and_evaluate(config, tmp_path)
     out, err = capsys.readouterr()  # pytest's captured stderr is no terminal
     lines = [line for line in err.splitlines() if LINE.match(line)]
-    assert [int(LINE.match(line).group(1)) for line in lines] == list(range(5, 11)), err
+    assert "| step 1/10 " not in err  # the first step only starts the clock for step/s and ETA (compilation)
+    assert "| step 2/10 (20%) |" in err
+    assert [int(LINE.match(line).group(1)) for line in lines] == list(range(5, 11)), err  # from the first logged step (tokens/s)
     assert "eval_loss" in lines[-1]
     result = json.loads((tmp_path / "result.json").read_text())
     summary = out[out.index("run finished: step 10"):]
