@@ -25,6 +25,7 @@ setuptools.setup(
         "absl-py>=2.0",
         "etils>=1.7",
         "numpy>=1.26",
+        "scipy>=1.11",  # gptlab.transfer: Student-t intervals for the study
         "tensorboardX>=2.6",
         "tqdm>=4.60",
         "sentencepiece>=0.2.3",  # data.tokenizer=sentencepiece

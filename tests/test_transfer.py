@@ -1,0 +1,119 @@
+"""The study's statistics: intervals over seeds, paired differences, effective data transferred."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from gptlab import transfer
+
+T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
+
+
+def test_t_interval_matches_hand_computation():
+    interval = transfer.t_interval([1.0, 2.0, 3.0])
+    half = T_975_DF2 * 1.0 / math.sqrt(3)  # sample std of 1, 2, 3 is 1
+    assert interval.mean == pytest.approx(2.0)
+    assert (interval.low, interval.high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert interval.n == 3 and interval.excludes(-1.0) and not interval.excludes(0.0)
+
+
+def test_t_interval_of_one_value_is_unbounded():
+    interval = transfer.t_interval([0.5])
+    assert interval.mean == 0.5 and math.isinf(interval.low) and math.isinf(interval.high)
+    assert not interval.excludes(0.0)
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")]])
+def test_t_interval_refuses_empty_or_nonfinite(bad):
+    with pytest.raises(ValueError):
+        transfer.t_interval(bad)
+
+
+def test_paired_difference_matches_scipy_paired_t_test():
+    a = {0: 2.31, 1: 2.35, 2: 2.29, 3: 2.40}
+    b = {0: 2.20, 1: 2.27, 2: 2.25, 3: 2.21, 9: 5.0}  # seed 9 has no partner and is ignored
+    interval = transfer.paired_difference(a, b)
+    seeds = [0, 1, 2, 3]
+    expected = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).confidence_interval(0.95)
+    assert interval.n == 4
+    assert (interval.low, interval.high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+
+
+def test_paired_difference_needs_common_seeds():
+    with pytest.raises(ValueError, match="no common seeds"):
+        transfer.paired_difference({0: 1.0}, {1: 1.0})
+
+
+def _power_law(tokens, scale=12.0, exponent=0.12):
+    return scale * np.asarray(tokens, float) ** -exponent
+
+
+SCRATCH_D = np.array([1e3, 4e3, 1.6e4, 6.4e4, 2.56e5, 1.024e6])
+
+
+def test_effective_data_inverts_a_power_law_scratch_curve_exactly():
+    # A pure power law is a straight line in log-log space, so interpolation is exact.
+    for true_d in (1.0e3, 2.5e3, 3.7e4, 9.9e5, 1.024e6):
+        point = transfer.effective_data(SCRATCH_D, _power_law(SCRATCH_D), 500.0, float(_power_law(true_d)))
+        assert point.censored is None
+        assert point.effective_tokens == pytest.approx(true_d, rel=1e-9)
+        assert point.transferred_tokens == pytest.approx(true_d - 500.0, rel=1e-9)
+
+
+def test_effective_data_outside_the_scratch_curve_is_censored_not_extrapolated():
+    losses = _power_law(SCRATCH_D)
+    better = transfer.effective_data(SCRATCH_D, losses, 1e3, float(losses[-1]) * 0.9)
+    assert better.censored == "above" and better.bound == SCRATCH_D[-1]
+    assert better.effective_tokens is None and better.transferred_tokens is None
+    worse = transfer.effective_data(SCRATCH_D, losses, 1e3, float(losses[0]) * 1.1)
+    assert worse.censored == "below" and worse.bound == SCRATCH_D[0] and worse.transferred_tokens is None
+
+
+def test_scratch_curve_that_rises_is_read_through_its_running_minimum():
+    d = [1e3, 1e4, 1e5, 1e6]
+    losses = [3.0, 2.0, 2.2, 1.5]  # the 1e5 point is noise above the 1e4 one
+    tokens, envelope = transfer.scratch_envelope(d[::-1], losses[::-1])  # order does not matter
+    assert list(tokens) == d and list(envelope) == [3.0, 2.0, 2.0, 1.5]
+    # A loss on the plateau maps to the first D that reached it.
+    assert transfer.effective_data(d, losses, 10.0, 2.0).effective_tokens == pytest.approx(1e4)
+
+
+def test_transfer_law_fit_recovers_known_exponents_end_to_end():
+    """Synthetic study: the fine-tuned models behave exactly as scratch models with D_F + D_T tokens."""
+    k, alpha, beta = 30.0, 0.18, 0.38
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_params in (1e5, 4e5, 1.6e6):
+        scratch_d = np.geomspace(1e3, 1e8, 8)
+        scale = 15.0 * (n_params / 1e5) ** -0.05
+        scratch_loss = _power_law(scratch_d, scale)
+        for d_f in np.geomspace(1e3, 1e5, 5):
+            d_t = k * d_f ** alpha * n_params ** beta * math.exp(rng.normal(0, 0.05))
+            point = transfer.effective_data(scratch_d, scratch_loss, d_f, float(_power_law(d_f + d_t, scale)))
+            assert point.censored is None
+            rows.append((d_f, n_params, point.transferred_tokens))
+    d_f, n, d_t = map(np.array, zip(*rows))
+    fit = transfer.fit_transfer_law(d_f, n, d_t)
+    assert fit.n == 15 and fit.r_squared > 0.95
+    assert fit.alpha_interval[0] < alpha < fit.alpha_interval[1]
+    assert fit.beta_interval[0] < beta < fit.beta_interval[1]
+    assert fit.alpha == pytest.approx(alpha, abs=0.05) and fit.beta == pytest.approx(beta, abs=0.05)
+
+
+def test_transfer_law_fit_is_exact_on_noiseless_data():
+    d_f = np.array([1e3, 1e4, 1e5, 1e3, 1e4, 1e5])
+    n = np.array([1e5, 1e5, 1e5, 1e6, 1e6, 1e6])
+    fit = transfer.fit_transfer_law(d_f, n, 2.0 * d_f ** 0.2 * n ** 0.4)
+    assert (fit.k, fit.alpha, fit.beta) == pytest.approx((2.0, 0.2, 0.4), rel=1e-6)
+    np.testing.assert_allclose(fit.predict(d_f, n), 2.0 * d_f ** 0.2 * n ** 0.4, rtol=1e-9)
+
+
+@pytest.mark.parametrize("d_t,n,message", [
+    ([1.0, -2.0, 3.0, 4.0], [1e5, 1e5, 1e6, 1e6], "positive"),
+    ([1.0, 2.0, 3.0, 4.0], [1e5] * 4, "two model sizes"),
+    ([1.0, 2.0, 3.0], [1e5, 1e6, 1e6], "at least 4 points"),
+])
+def test_transfer_law_fit_refuses_what_it_cannot_fit(d_t, n, message):
+    with pytest.raises(ValueError, match=message):
+        transfer.fit_transfer_law([1e3 * (i + 1) for i in range(len(d_t))], n, d_t)
