@@ -25,6 +25,7 @@ def check_spread(spread):
     assert 0 < spread["p10_s"] <= spread["p90_s"]
 
 
+@pytest.mark.slow
 def test_command_with_synthetic_data_and_torch_peer_prints_one_json_line(tmp_path):
     needs("torch", "bench")
     needs("transformers", "bench")

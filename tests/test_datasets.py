@@ -89,6 +89,7 @@ def test_tensorflow_sees_no_accelerator(shakespeare):
     assert device_type is None and [d.device_type for d in devices] == ["CPU"]
 
 
+@pytest.mark.slow
 def test_tensorflow_is_only_needed_to_prepare_a_catalog_dataset(shakespeare, tmp_path):
     """Without the `tf` extra, a prepared dataset still reads; preparing one says how to install it."""
     script = textwrap.dedent(f"""
@@ -348,6 +349,7 @@ def test_shakespeare_char_is_nanogpts_baby_gpt():
             config.optimizer.b2) == (1e-3, 1e-4, 100, 0.99)
 
 
+@pytest.mark.slow
 @needs_shakespeare
 def test_cpu_shakespeare_preset_trains_on_the_real_corpus(shakespeare, tmp_path):
     config = shakespeare_config(str(shakespeare.data_dir_root), preset="shakespeare_char_cpu",

@@ -106,6 +106,7 @@ def swept(tmp_path_factory, data_dir):
                 interrupted=interrupted, before=before, partial_md=partial_md, resumed=resumed)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(swept):
     workdir = swept["workdir"]
     assert swept["first_code"] == 75, swept["first_log"]  # Preempted: rerun to resume
@@ -140,6 +141,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(swept):
         assert line["result"] == results.read_result(workdir / line["workdir"])
 
 
+@pytest.mark.slow
 def test_result_json_holds_what_a_run_needs_to_be_reproduced(swept):
     result = results.read_result(swept["workdir"] / "runs" / "ft-train_fraction=0.5-seed1")
     assert result["steps"] == result["step"] == 40 and result["seed"] == 1
@@ -159,6 +161,7 @@ def md_table(text: str, heading: str) -> dict:
     return {row[0]: row[1:] for row in rows[2:]}
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_the_result_files(swept):
     workdir = swept["workdir"]
     completed = run_cli([sys.executable, "-m", "experiments.report", f"--workdir={workdir}"])
@@ -185,6 +188,7 @@ def test_report_numbers_equal_the_result_files(swept):
     assert "\\begin{tabular}" in latex and "\\toprule" in latex and "\\bottomrule" in latex
 
 
+@pytest.mark.slow
 def test_same_cell_and_seed_reproduce_result_json(swept):
     """Two runs of one cell with one seed give identical metrics (everything but timing and provenance)."""
     workdir = swept["workdir"]
@@ -214,6 +218,7 @@ def test_grid_key_that_is_not_a_config_field(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_workdir_of_another_sweep_or_no_sweep_is_refused(swept, tmp_path):
     workdir = swept["workdir"]
     other = sweep_lib.load_sweep(write_sweep(tmp_path / "other.py", name="other_sweep"))
