@@ -616,11 +616,15 @@ def make_executor(kind: str, folder, parameters: dict):
         import submitit
     except ImportError:
         raise UserError(f'--executor={kind} needs submitit: pip install -e ".[cluster]"') from None
-    executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if kind == "submitit_local" else "slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if kind == "submitit_local" else "slurm")
+    except RuntimeError as e:  # no SLURM here ("Could not detect srun")
+        raise UserError(f"--executor={kind}: {e}; run the sweep on a SLURM login node, or use --executor=local") from None
     try:
         executor.update_parameters(**{**SUBMITIT_DEFAULTS, **parameters})
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--submitit: {str(e).splitlines()[0]} (see submitit's AutoExecutor parameters)") from None
+    except (ValueError, TypeError, NameError, AssertionError) as e:  # submitit: unknown or mistyped parameters
+        raise UserError(f"--submitit: {str(e).splitlines()[0]} (the generic ones: timeout_min, mem_gb, "
+                        "cpus_per_task, gpus_per_node, nodes, tasks_per_node; SLURM's: slurm_partition, ...)") from None
     return executor
 
 

@@ -9,6 +9,7 @@ one finished cell is rerun to check that a seed reproduces its result exactly.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,3 +297,18 @@ def test_sweep_through_submitits_local_executor_is_interrupted_and_resumed(tmp_p
     # The report reads the same stored files as for a local sweep.
     written = report_lib.write_report(workdir)
     assert f"{result['eval_loss']:.4f}"[:5] in written["markdown"].read_text()
+
+
+def test_bad_executor_settings_are_one_line_errors(tmp_path):
+    needs("submitit", "cluster")
+    with pytest.raises(UserError, match="--submitit: Unknown executor 'bogus'"):
+        sweep_lib.make_executor("submitit_local", tmp_path / "a", {"bogus_key": 1})
+    with pytest.raises(UserError, match='--submitit: Parameter "timeout_min" expected type'):
+        sweep_lib.make_executor("submitit_local", tmp_path / "b", {"timeout_min": "many"})
+    with pytest.raises(UserError, match="--submitit=... needs --executor=slurm"):
+        sweep_lib.make_executor("local", tmp_path / "c", {"timeout_min": 5})
+    with pytest.raises(UserError, match="--executor='lsf': choose one of local, submitit_local, slurm"):
+        sweep_lib.Runner(sweep_lib.load_sweep("configs/ablations/smoke.py"), tmp_path / "d", executor="lsf")
+    if shutil.which("srun") is None:
+        with pytest.raises(UserError, match="--executor=slurm: .*srun.*use --executor=local"):
+            sweep_lib.make_executor("slurm", tmp_path / "e", {})
