@@ -52,9 +52,9 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     model.tie_embeddings = True  # output head shares the token embedding matrix (GPT-2: True)
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay param_dtype)
     model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
-    model.attention = "xla"  # xla (any backend), cudnn (NVIDIA GPUs) or explicit (einsum)
+    model.attention = "auto"  # auto (gptlab/perf.py picks for the machine), xla, cudnn (NVIDIA GPUs) or explicit (einsum)
     model.remat = "none"  # activation rematerialisation: none, full, dots or dots_all
-    model.dense_backward = "xla"  # kernel gradients: xla, or narrow_transpose (faster on CPUs; README "Speed")
+    model.dense_backward = "auto"  # kernel gradients: auto (narrow_transpose on CPUs), xla or narrow_transpose
 
     config.data = data = config_dict.ConfigDict()
     data.dataset = "python_stdlib"  # python_stdlib, text_folder or any TFDS catalog name (tiny_shakespeare, lm1b, ...)
@@ -77,7 +77,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.train_split = "train"  # the split to train on
     data.train_fraction = 1.0  # train on the first fraction of train_split's tokens, e.g. 0.01 (data-size ablations)
     data.eval_split = "validation"  # the split eval_loss is measured on
-    data.prefetch = 2  # batches read ahead and placed on the devices by a background thread; 0: off
+    data.prefetch = config_dict.placeholder(int)  # batches read ahead by a background thread; 0: off; None: auto
 
     config.optimizer = opt = config_dict.ConfigDict()
     opt.learning_rate = 2e-3  # peak learning rate, reached after warmup
@@ -103,10 +103,13 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.max_nonfinite_in_a_row = 10  # with skipping: stop after this many non-finite steps in a row
     train.compilation_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache; None: off
     train.progress_every_s = 30.0  # when stderr is no terminal: seconds between progress lines (a bar otherwise)
+    train.profile_steps = ()  # (first, last): write a jax.profiler trace of these steps; (): none
+    train.profile_dir = config_dict.placeholder(str)  # where the trace goes; None: WORKDIR/profile
 
     config.parallel = par = config_dict.ConfigDict()
     par.mode = "jit"  # jit (device mesh: data parallel + FSDP) or pmap (classic data parallel)
     par.mesh = (-1, 1)  # jit: (data, fsdp) mesh shape; data=-1 takes the devices fsdp leaves
+    par.cpu_devices = config_dict.placeholder(int)  # XLA CPU devices the batch is split over; None: auto
     par.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port" of process 0
     par.num_processes = config_dict.placeholder(int)  # multi-host: how many processes in all
     par.process_id = config_dict.placeholder(int)  # multi-host: this process's index, 0..num_processes-1

@@ -5,12 +5,18 @@
 timed function is the compiled step the loop runs, fed by the real input pipeline
 or, with `synthetic=True`, by random tokens (no dataset is prepared or read).
 
-With `compare="torch"`, Hugging Face transformers' `GPT2LMHeadModel` (SDPA attention)
-of the same shapes trains on the same batches with AdamW at the same precision,
-timed the same way, in blocks that alternate with gptlab's, so that noise from a
-shared machine falls on both. PyTorch and transformers are imported only then.
+With `compare="torch"`, two PyTorch peers of the same shapes (`gptlab.torch_peers`:
+Hugging Face transformers' `GPT2LMHeadModel` and a nanoGPT-style eager model) train on
+the same batches with AdamW at the same precision, timed the same way, in blocks that
+alternate with gptlab's, so that noise from a shared machine falls on all alike
+(`compare="transformers"` or `"nanogpt"`: one of them). PyTorch is imported only then.
+
+The config's automatic speed settings (`gptlab.perf.resolve_auto`) are resolved as
+training resolves them, so the defaults are what is timed. `sampling(...)` times
+`gptlab.sampling.generate` against Hugging Face `generate` with its cache.
 """
 import os
+import re
 import time
 
 import jax
@@ -22,7 +28,7 @@ from gptlab import train
 from gptlab.data import pipeline
 from gptlab.errors import UserError
 
-COMPARE = ("", "torch")
+COMPARE = ("", "torch", "transformers", "nanogpt")  # torch: both PyTorch peers
 
 
 class SyntheticTokenizer:
@@ -111,6 +117,50 @@ def peak_memory_bytes():
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def _status_bytes(field: str):
+    try:
+        found = re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def _release_free_memory() -> None:
+    """Hands memory the C allocator holds but nothing uses back to the kernel (glibc), so that
+    what the next code allocates shows in the resident size instead of reusing freed pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """The process's peak resident memory (Linux VmHWM) over a stretch of code, above where it began.
+
+    `start()` resets the high-water mark to the current resident size (/proc/self/clear_refs);
+    `increase()` is the peak since then minus that size: what the code in between needed
+    at its peak (model, optimizer state, activations, and for JAX the compiled program).
+    None where the kernel offers no reset (not Linux).
+    """
+
+    def __init__(self):
+        self.base = None
+
+    def start(self) -> None:
+        _release_free_memory()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return
+        self.base = _status_bytes("VmRSS")
+
+    def increase(self):
+        peak = _status_bytes("VmHWM")
+        return None if self.base is None or peak is None else peak - self.base
+
 class CompileTimer:
     """Seconds JAX spends tracing, lowering and compiling while it is active (its own monitoring events)."""
 
@@ -173,16 +223,28 @@ class JaxSteps(TimedSteps):
         return time.perf_counter() - start
 
 
-class TorchSteps(TimedSteps):
-    """The PyTorch peer: transformers' GPT2LMHeadModel with the same shapes, batch, optimizer and precision."""
+def import_torch_peers():
+    """Imports PyTorch and transformers (so that their import is not counted as a peer's memory)."""
+    try:
+        import transformers
 
-    def __init__(self, config, model_cfg, host_batches: list, threads: int):
-        try:
-            import torch
-            import transformers
-        except ImportError as e:
-            raise UserError(f"--compare=torch needs PyTorch and transformers ({e}): pip install -e '.[bench]'") from None
-        self.torch = torch
+        from gptlab import torch_peers
+    except ImportError as e:
+        raise UserError(f"--compare needs PyTorch and transformers ({e}): pip install -e '.[bench]'") from None
+    transformers.GPT2LMHeadModel  # noqa: B018  # transformers imports its model modules lazily
+    torch = torch_peers.torch
+    x = torch.ones(8, 8, requires_grad=True)  # starts PyTorch's thread pools and autograd engine
+    torch.nn.functional.scaled_dot_product_attention(x[None, None], x[None, None], x[None, None]).sum().backward()
+    return torch_peers
+
+
+class TorchSteps(TimedSteps):
+    """A PyTorch peer (`gptlab.torch_peers`) with the same shapes, batch, optimizer and precision."""
+
+    def __init__(self, peer: str, config, model_cfg, host_batches: list, threads: int, compile_model: bool = False):
+        torch_peers = import_torch_peers()
+        torch = torch_peers.torch
+        self.torch, self.peer = torch, peer
         torch.set_num_threads(threads)
         torch.manual_seed(config.seed)
         on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
@@ -191,13 +253,11 @@ class TorchSteps(TimedSteps):
         self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_cfg.dtype)
         if self.autocast_dtype is not None and not on_gpu:
             self.autocast_dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else None
-        hf_config = transformers.GPT2Config(
-            vocab_size=model_cfg.vocab_size, n_positions=model_cfg.block_size, n_embd=model_cfg.n_embd,
-            n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, activation_function="gelu_new",
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-            tie_word_embeddings=model_cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
-            attn_implementation="sdpa")
-        self.model = transformers.GPT2LMHeadModel(hf_config).to(self.device).train()
+        self.model, self.logits = torch_peers.build(peer, model_cfg, self.device)
+        self.description = torch_peers.describe(peer, model_cfg)
+        if compile_model:  # compiled at the first (untimed) step
+            self.logits = torch.compile(self.logits)
+            self.description += ", torch.compile"
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
                                            eps=opt.eps, weight_decay=opt.weight_decay)
@@ -218,7 +278,7 @@ class TorchSteps(TimedSteps):
         start = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model(tokens[:, :-1]).logits
+            logits = self.logits(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         if self.grad_clip_norm:
@@ -228,13 +288,20 @@ class TorchSteps(TimedSteps):
         self._sync()
         return time.perf_counter() - start
 
+    def summary_line(self) -> str:
+        torch = self.torch
+        return (f"{self.description}, torch {torch.__version__}, AdamW, {self.autocast_dtype or 'float32'} on "
+                f"{self.device.type}, {torch.get_num_threads()} threads")
+
 
 def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: str = "", blocks: int = 4,
-        log=print) -> dict:
+        log=print, torch_compile: bool = False) -> dict:
     """Measures `steps` timed train steps (after `warmup` untimed ones); returns one flat-ish dict.
 
-    With `compare="torch"` the torch peer runs `warmup` + `steps` steps too, and the
-    timed steps of both alternate in `blocks` blocks.
+    With `compare` the PyTorch peers run `1 + warmup` + `steps` steps too, and the
+    timed steps of all alternate in `blocks` blocks (`torch_compile`: the peers' models under
+    `torch.compile`, the fair peer on a GPU). At least one untimed step follows
+    the compiling one (it measures the step's memory).
     """
     if steps < 1:
         raise UserError(f"--steps={steps} must be positive")
@@ -244,7 +311,9 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         raise UserError(f"--compare={compare!r} is not one of {COMPARE[1:]} (or empty for none)")
     if blocks < 1:
         raise UserError(f"--blocks={blocks} must be positive")
+    perf.start_cpu_devices(config)  # before anything starts JAX's backend, as training does
     train.check_train_config(config)
+    auto = perf.resolve_auto(config, log)
     train.enable_compilation_cache(config.train.get("compilation_cache_dir"))  # as training does
     seq_len = train.resolve_seq_len(config)
     data = SyntheticData(config, seq_len) if synthetic else pipeline.Data(
@@ -253,43 +322,58 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
     model_cfg = train.resolve_model_config(config, exp.tokenizer)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
 
-    host_batches = [next(exp.batches) for _ in range(4)]  # also the torch peer's batches
+    host_batches = [next(exp.batches) for _ in range(4)]  # also the torch peers' batches
     pipeline_rate = pipeline_tokens_per_s(exp.batches)
 
+    memory = PeakRSS()
+    memory.start()
     state, train_step, _ = train.init_and_compile(config, exp, parallel)
     batches = train.prefetched(config, exp.batches, parallel)
+    peers = {"torch": ("transformers", "nanogpt"), "": ()}.get(compare, (compare,))
+    peer_steps, peer_memory = {}, {}
     try:
         jax_steps = JaxSteps(state, train_step, batches)
         with CompileTimer() as compiling:
             first_step_s = jax_steps.step()  # traces, compiles and runs the step once
-        jax_steps.run(warmup, record=False)
-        torch_steps = None
-        if compare == "torch":
-            torch_steps = TorchSteps(config, model_cfg, host_batches, num_threads())
-            torch_steps.run(1 + warmup, record=False)
-        for block in blocks_of(steps, blocks if torch_steps else 1):
+        base = memory.base
+        memory.start()  # the steady steps' peak, above the size before the state was built
+        memory.base = base
+        jax_steps.run(max(1, warmup), record=False)
+        jax_memory = memory.increase()
+        if peers:
+            import_torch_peers()
+        for peer in peers:  # one after the other: each one's memory above what was there before it
+            memory.start()
+            peer_steps[peer] = TorchSteps(peer, config, model_cfg, host_batches, num_threads(), torch_compile)
+            peer_steps[peer].run(1 + warmup, record=False)
+            peer_memory[peer] = memory.increase()
+        for block in blocks_of(steps, blocks if peers else 1):
             jax_steps.run(block)
-            if torch_steps:
-                torch_steps.run(block)
+            for timed in peer_steps.values():
+                timed.run(block)
     finally:
         if batches is not exp.batches:
             batches.close()
 
     tokens_per_step = config.data.batch_size * seq_len
     result = summary(jax_steps.times, tokens_per_step)
-    peak, peak_source = perf.peak_tflops(config.train.peak_tflops)
+    peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
     model_tflops = result["tokens_per_s"] * exp.flops_per_token / 1e12
     device = jax.devices()[0]
     result = {
         "preset": config.get("preset"),
         "device": f"{device.platform}:{device.device_kind}",
+        "cpu": perf.cpu_description(),
         "num_devices": jax.device_count(),
         "threads": num_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "auto": {field: value for field, (value, _) in auto.items()},  # what perf.resolve_auto chose
         "data": "synthetic" if synthetic else config.data.dataset,
         "model": {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd,
                   "block_size": model_cfg.block_size, "vocab_size": model_cfg.vocab_size, "dtype": model_cfg.dtype,
-                  "attention": model_cfg.attention, "remat": model_cfg.remat, "dropout": model_cfg.dropout},
+                  "attention": model_cfg.attention, "dense_backward": model_cfg.dense_backward,
+                  "remat": model_cfg.remat, "dropout": model_cfg.dropout},
+        "prefetch": config.data.prefetch,
         "batch_size": config.data.batch_size,
         "seq_len": seq_len,
         "steps": steps,
@@ -299,19 +383,59 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         **result,
         "flops_per_token": exp.flops_per_token,
         "model_tflops_per_s": model_tflops,
-        "mfu": model_tflops / (peak * jax.device_count()),
+        "mfu": model_tflops / peak,
         "peak_tflops": peak,
         "peak_tflops_source": peak_source,
         "peak_memory_bytes": peak_memory_bytes(),
+        "peak_rss_increase_bytes": jax_memory,
         "pipeline_tokens_per_s": pipeline_rate,
         "pipeline_over_training": pipeline_rate / result["tokens_per_s"],
     }
-    if torch_steps:
-        peer = summary(torch_steps.times, tokens_per_step)
-        result.update({f"torch_{k}": v for k, v in peer.items()})
-        result["torch_peer"] = (f"transformers GPT2LMHeadModel (sdpa), torch {torch_steps.torch.__version__}, "
-                                f"AdamW, {torch_steps.autocast_dtype or 'float32'} on {torch_steps.device.type}, "
-                                f"{torch_steps.torch.get_num_threads()} threads"
-                                + ("" if model_cfg.bias else ", with biases (GPT-2 always has them)"))
-        result["ratio_vs_torch"] = result["tokens_per_s"] / peer["tokens_per_s"]
+    for peer, timed in peer_steps.items():
+        prefix = "torch" if peer == "transformers" else peer  # torch_*: the transformers peer, as before
+        peer_result = summary(timed.times, tokens_per_step)
+        result.update({f"{prefix}_{k}": v for k, v in peer_result.items()})
+        result[f"{prefix}_peer"] = timed.summary_line()
+        result[f"{prefix}_peak_rss_increase_bytes"] = peer_memory[peer]
+        result[f"ratio_vs_{prefix}"] = result["tokens_per_s"] / peer_result["tokens_per_s"]
+    return result
+
+
+def sampling(config, batch_sizes=(1, 8), prompt_len: int = 16, new_tokens: int = 128, compare: bool = True,
+             repeats: int = 2, log=print) -> dict:
+    """Tokens/s of `gptlab.sampling.generate` (greedy, cache) with the config's model, randomly initialised,
+    and, with `compare`, of Hugging Face `generate` (cache) for GPT2LMHeadModel of the same shapes.
+
+    Every row produces exactly `new_tokens` (no end token); best of `repeats` after a compiling call.
+    """
+    from gptlab import model as model_lib
+    from gptlab import sampling as sampling_lib
+
+    perf.start_cpu_devices(config)
+    perf.resolve_auto(config, log)
+    vocab_size = synthetic_vocab_size(config)
+    model_cfg = train.resolve_model_config(config, SyntheticTokenizer(vocab_size))
+    if prompt_len + new_tokens > model_cfg.block_size:
+        raise UserError(f"--sample_prompt_len={prompt_len} + --sample_new_tokens={new_tokens} exceeds the context "
+                        f"model.block_size={model_cfg.block_size}: lower them")
+    params = model_lib.init_params(model_cfg, jax.random.key(config.seed))
+    rng = np.random.default_rng(config.seed)
+    result = {"sample_prompt_len": prompt_len, "sample_new_tokens": new_tokens}
+    for batch in batch_sizes:
+        prompts = rng.integers(0, vocab_size, (batch, prompt_len)).tolist()
+        best = float("inf")
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            out = sampling_lib.generate(params, model_cfg, prompts, new_tokens, temperature=0.0, seed=config.seed)
+            elapsed = time.perf_counter() - start
+            assert all(len(row) == new_tokens for row in out)
+            if i:
+                best = min(best, elapsed)
+        result[f"sample_tokens_per_s_batch{batch}"] = batch * new_tokens / best
+        if compare:
+            hf = import_torch_peers().hf_generate(model_cfg, batch, prompt_len, new_tokens, num_threads(), repeats,
+                                         config.seed)
+            result[f"hf_sample_tokens_per_s_batch{batch}"] = hf
+            result[f"sample_ratio_vs_hf_batch{batch}"] = result[f"sample_tokens_per_s_batch{batch}"] / hf
+        log(f"sampling batch {batch}: " + ", ".join(f"{k} {v:,.1f}" for k, v in result.items() if k.endswith(f"batch{batch}")))
     return result

@@ -41,6 +41,7 @@ from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
 from gptlab import optim
+from gptlab import perf
 from gptlab import tokenizers as tokenizers_lib
 from gptlab import train
 from gptlab.data import pipeline, supervised
@@ -254,6 +255,7 @@ def _place_like(value, template):
 
 def finetune_and_evaluate(config, workdir) -> dict:
     """Fine-tunes `finetune.init_from` as `config` says, writing into `workdir`; returns final metrics."""
+    perf.start_cpu_devices(config)  # before reading the checkpoint can start JAX's backend
     source = Pretrained(config.finetune.init_from)
     try:
         target = pathlib.Path(workdir).expanduser().absolute()

@@ -1,9 +1,229 @@
-"""Device peak FLOP/s for MFU: a table of known accelerators, a measured peak on CPUs."""
+"""Speed settings chosen from the machine, and the device peak FLOP/s for MFU.
+
+`resolve_auto(config, log)` fills in every config field left to "auto" (or None) from
+what can be detected: the platform JAX runs on, the cores this process may use, the
+CPU's flags. It runs first in every entry point that trains (`train.run_experiment`,
+`benchmark.run`), because the number of XLA CPU devices is fixed when JAX's backend
+starts. What it chose, and why, is logged in one line; each choice is a config field,
+so a flag overrides it (`--config.model.attention=xla`, `--config.parallel.cpu_devices=1`, ...).
+
+The choices, and the measurements behind them, are in the README's "Speed" section.
+"""
+import dataclasses
+import datetime
 import functools
+import json
+import os
+import pathlib
+import platform
+import re
 import time
 
 import jax
 import jax.numpy as jnp
+
+AUTO = "auto"
+# More XLA CPU devices than this never pays off: each must keep enough rows of the batch
+# for its matmuls, and the split only parallelises the elementwise fusions, which run on
+# one thread per device.
+MAX_CPU_DEVICES = 8
+# CPU flags reported in logs and results (which vector / matrix units the CPU has).
+REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
+
+
+# -- what the machine is ---------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota)))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota():
+    """The CPU quota in cores (cgroup v2 cpu.max or v1 cfs), or None when there is none."""
+    try:
+        quota, period = pathlib.Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(pathlib.Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(pathlib.Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> dict:
+    """{"model": the CPU's name, "flags": its feature flags} from /proc/cpuinfo (Linux), else `platform`."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for key, value in re.findall(r"^(model name|flags|Features)\s*:\s*(.*)$", text, re.M):
+        if key == "model name":
+            name = value.strip()
+        else:
+            flags.update(value.split())
+    return {"model": name, "flags": frozenset(flags)}
+
+
+def cpu_description() -> str:
+    """One line: CPU model, usable cores, and which vector/matrix units it has."""
+    info = cpu_info()
+    units = [f for f in REPORTED_CPU_FLAGS if f in info["flags"]]
+    return f"{info['model']}, {usable_cores()} cores" + (f" ({', '.join(units)})" if units else "")
+
+
+def _backend_started() -> bool:
+    from jax._src import xla_bridge  # no public API says whether the backends exist yet
+
+    return xla_bridge.backends_are_initialized()
+
+
+# -- the choices -------------------------------------------------------------------------------------
+
+
+def choose_cpu_devices(cores: int, rows_per_step: int) -> tuple:
+    """(XLA CPU devices to split each batch over, why).
+
+    XLA runs each elementwise fusion on one thread of its device; matmuls use every core.
+    With one device per core the elementwise part of the step (GELU, LayerNorm, softmax,
+    their gradients: a third of a small model's step) runs on all cores too. The count
+    must divide the rows each step processes.
+    """
+    if cores < 2:
+        return 1, "1 core"
+    for count in range(min(cores, MAX_CPU_DEVICES, rows_per_step), 0, -1):
+        if rows_per_step % count == 0:
+            why = f"one per core ({cores} cores)" if count == cores else (
+                f"{cores} cores, at most {MAX_CPU_DEVICES}, dividing the {rows_per_step} rows per step")
+            return count, why
+
+
+def choose_attention(platform_name: str, dtype: str) -> tuple:
+    """(model.attention, why) for this platform and compute dtype."""
+    if platform_name == "gpu" and dtype in ("bfloat16", "float16") and _is_nvidia():
+        return "cudnn", "NVIDIA GPU, 16-bit compute: cuDNN flash attention"
+    if platform_name == "cpu":
+        return "explicit", "CPU: the einsum form, masked softmax fused, no generic attention kernel"
+    return "xla", f"{platform_name}: jax.nn.dot_product_attention"
+
+
+def _is_nvidia() -> bool:
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
+
+
+def choose_dense_backward(platform_name: str) -> tuple:
+    if platform_name == "cpu":
+        return "narrow_transpose", "CPU: avoids XLA's transposed writes of wide gradients"
+    return "xla", f"{platform_name}: XLA's own layout"
+
+
+def choose_prefetch(platform_name: str) -> tuple:
+    if platform_name == "cpu":
+        return 0, "CPU: nothing to copy, a thread would compete with the step for the cores"
+    return 2, f"{platform_name}: overlap the host-to-device copy with the step"
+
+
+# The device count start_cpu_devices chose, and why; resolve_auto logs it.
+_cpu_devices_choice = (None, "")
+
+
+def start_cpu_devices(config) -> tuple:
+    """Fixes how many XLA CPU devices JAX starts with; call before any JAX computation.
+
+    Returns (devices, why); devices is None where JAX keeps its own count. An explicit
+    count wins: `parallel.cpu_devices`, else `XLA_FLAGS=--xla_force_host_platform_device_count=N`
+    or `JAX_NUM_CPU_DEVICES` in the environment (tests pin one device that way). Once
+    the backend has started (a second experiment in one process) the count is what it
+    is; multi-process runs keep JAX's one device per process.
+    """
+    global _cpu_devices_choice
+    par = config.parallel
+    requested = par.get("cpu_devices")
+    if requested is not None and requested < 1:
+        from gptlab.errors import UserError
+
+        raise UserError(f"parallel.cpu_devices={requested} must be >= 1 (None: automatic)")
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    multi_process = (par.get("coordinator_address") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+                     or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if _backend_started():
+        if _cpu_devices_choice[0] is not None:  # set by an earlier call, before the backend started
+            return _cpu_devices_choice
+        count, why = None, "JAX's backend had already started in this process"
+    elif requested is not None:
+        count, why = requested, "parallel.cpu_devices"
+    elif flag or os.environ.get("JAX_NUM_CPU_DEVICES"):
+        count, why = None, "set in the environment (XLA_FLAGS / JAX_NUM_CPU_DEVICES)"
+    elif multi_process:
+        count, why = None, "multi-process run"
+    else:
+        rows = config.data.batch_size // max(1, config.train.grad_accum_steps)
+        count, why = choose_cpu_devices(usable_cores(), max(1, rows))
+    if count is not None:
+        jax.config.update("jax_num_cpu_devices", count)
+    _cpu_devices_choice = (count, why)
+    return count, why
+
+
+def resolve_auto(config, log=print) -> dict:
+    """Fills in the config's automatic speed fields (in place); logs and returns {field: (value, why)}.
+
+    model.attention and model.dense_backward "auto", data.prefetch and
+    parallel.cpu_devices None. Call `start_cpu_devices` before anything starts JAX's
+    backend (and before `jax.distributed.initialize`), then this.
+    """
+    chosen = {}
+    count, why = _cpu_devices_choice
+    platform_name = jax.default_backend()  # starts the backend
+    model, data = config.model, config.data
+    if config.parallel.get("cpu_devices") is None:
+        devices = jax.local_device_count("cpu") if platform_name == "cpu" else count
+        with config.unlocked():
+            config.parallel.cpu_devices = devices
+        if platform_name == "cpu":
+            chosen["parallel.cpu_devices"] = (devices, why or "as started")
+    if model.get("attention") == AUTO:
+        model.attention, why = choose_attention(platform_name, model.dtype or "float32")
+        chosen["model.attention"] = (model.attention, why)
+    if model.get("dense_backward") == AUTO:
+        model.dense_backward, why = choose_dense_backward(platform_name)
+        chosen["model.dense_backward"] = (model.dense_backward, why)
+    if "prefetch" in data and data.prefetch is None:
+        data.prefetch, why = choose_prefetch(platform_name)
+        chosen["data.prefetch"] = (data.prefetch, why)
+    if chosen:
+        where = cpu_description() if platform_name == "cpu" else f"{platform_name}: {jax.devices()[0].device_kind}"
+        log(f"auto [{where}]: " + "; ".join(f"{k}={v} ({why})" for k, (v, why) in chosen.items()))
+    return chosen
+
+
+def resolve_model_fields(model_config) -> dict:
+    """The `model` group as a dict with "auto" fields resolved for the running backend (no logging).
+
+    For code that builds a model from a preset without going through `resolve_auto`.
+    """
+    platform_name = jax.default_backend()
+    values = dict(model_config)
+    if values.get("attention") == AUTO:
+        values["attention"] = choose_attention(platform_name, values.get("dtype") or "float32")[0]
+    if values.get("dense_backward") == AUTO:
+        values["dense_backward"] = choose_dense_backward(platform_name)[0]
+    return values
+
+
+# -- peak FLOP/s for MFU -----------------------------------------------------------------------------
 
 # Dense bf16 peak TFLOP/s per device, by a substring of `device.device_kind`.
 # Ordered: the first match wins (so "H100 PCIe" is found before "H100").
@@ -23,18 +243,64 @@ KNOWN_PEAK_TFLOPS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
-    """Best-of-`repeats` float32 matmul throughput of the default device, in TFLOP/s."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def measured_matmul_tflops(sizes=(1024, 2048), repeats: int = 8) -> float:
+    """Best float32 matmul throughput of the default device over `sizes` x `repeats`, in TFLOP/s.
+
+    The best of many is the machine's capability; a busy moment only lowers single samples.
+    """
+    best = 0.0
+    for size in sizes:
+        a = jnp.ones((size, size), jnp.float32)
+        matmul = jax.jit(lambda x: x @ x)
         matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a).block_until_ready()
+            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def peak_cache_path() -> pathlib.Path:
+    """Where a machine's measured CPU peak is kept: $XDG_CACHE_HOME/gptlab (default ~/.cache/gptlab)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "gptlab" / "cpu_peak_tflops.json"
+
+
+def _machine_key() -> str:
+    info = cpu_info()
+    return f"{info['model']} | {usable_cores()} cores | {','.join(sorted(info['flags']))} | jaxlib {jax.__version__}"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_tflops() -> tuple:
+    """(float32 matmul peak of this CPU, its source): measured once per machine and cached on disk.
+
+    So MFU has the same denominator in every run on a machine. The key is the CPU
+    model, its usable cores, its flags and the JAX version; a change measures again.
+    """
+    path, key = peak_cache_path(), _machine_key()
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        entry = None
+    if entry:
+        return float(entry["tflops"]), f"float32 matmul measured on {entry['measured']} ({cpu_info()['model']}), cached in {path}"
+    tflops = measured_matmul_tflops()
+    measured = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = {"tflops": tflops, "measured": measured}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        os.replace(tmp, path)
+        where = f"cached in {path}"
+    except OSError as e:
+        where = f"not cached ({e.strerror})"
+    return tflops, f"float32 matmul measured on {measured} ({cpu_info()['model']}), {where}"
 
 
 def peak_tflops(override=None) -> tuple:
@@ -46,5 +312,56 @@ def peak_tflops(override=None) -> tuple:
         if name.lower() in device.device_kind.lower():
             return tflops, f"table ({device.device_kind})"
     if device.platform == "cpu":
-        return measured_matmul_tflops(), "measured float32 matmul on this CPU"
+        return cpu_peak_tflops()
     return float("nan"), f"unknown device {device.device_kind!r}: set train.peak_tflops"
+
+
+def total_peak_tflops(override=None) -> tuple:
+    """(peak TFLOP/s of all devices together, source): the MFU denominator.
+
+    XLA CPU devices share one CPU (the split is a software one), so on a CPU the peak
+    is the CPU's, however many devices the batch is split over.
+    """
+    peak, source = peak_tflops(override)
+    devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+    return peak * devices, source + (f", x {devices} devices" if devices > 1 else "")
+
+
+# -- profiling ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepProfiler:
+    """Writes a `jax.profiler` trace of steps [first, last] into `directory` (TensorBoard / Perfetto).
+
+    `train.profile_steps=(first, last)` turns it on; () leaves it off.
+    """
+    steps: tuple
+    directory: str
+    log: object = print
+    active: bool = False
+
+    def __post_init__(self):
+        from gptlab.errors import UserError
+
+        if self.steps and (len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]):
+            raise UserError(f"train.profile_steps={tuple(self.steps)} must be (first, last) steps with "
+                            "1 <= first <= last, e.g. (10, 12); () for no trace")
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step == self.steps[1]:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        if not self.active:
+            return
+        jax.block_until_ready(outputs)
+        jax.profiler.stop_trace()
+        self.active = False
+        self.log(f"profile of steps {self.steps[0]}-{self.steps[1]} written to {self.directory} "
+                 "(tensorboard --logdir, or ui.perfetto.dev with its .trace.json.gz)")

@@ -189,11 +189,15 @@ def check_train_config(config) -> None:
     if config.seed < 0:
         raise UserError(f"seed={config.seed} must be non-negative")
     resolve_seq_len(config)
+    perf.StepProfiler(tuple(train.get("profile_steps") or ()), "")  # validates train.profile_steps
     optim.learning_rate_schedule(config.optimizer, train.num_steps)  # validates the schedule's fields
     if config.optimizer.weight_decay < 0:
         raise UserError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be non-negative")
-    try:  # the model's own checks, before any data is read (the vocabulary size comes later)
-        model_lib.GPTConfig.from_config(config.model, vocab_size=config.model.vocab_size or 1)
+    # The model's own checks, before any data is read (the vocabulary size comes later);
+    # "auto" fields are valid here, perf.resolve_auto fills them in for the machine.
+    fields = {k: ("xla" if v == perf.AUTO else v) for k, v in config.model.items()}
+    try:
+        model_lib.GPTConfig.from_config(fields, vocab_size=config.model.vocab_size or 1)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -239,11 +243,13 @@ def run_experiment(config, workdir, experiment) -> dict:
     """Runs `experiment(config, workdir, checkpoints, log, is_main) -> final metrics` (`_train` for
     pretraining, `gptlab.finetune` for fine-tuning) with what all experiments share: checks,
     distributed start-up, a writable workdir and its checkpoint manager."""
+    perf.start_cpu_devices(config)  # before anything starts JAX's backend
     check_train_config(config)
     parallel_lib.initialize_distributed(config.parallel)  # before anything touches devices
     enable_compilation_cache(config.train.get("compilation_cache_dir"))  # before anything is compiled
     is_main = jax.process_index() == 0
     log = Logger(is_main)
+    perf.resolve_auto(config, log)  # "auto" speed settings, before the config is used or stored
     workdir = checkpoint_lib.check_writable(workdir)
     checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
                                              config.checkpoint.async_save)
@@ -405,7 +411,7 @@ def prefetched(config, batches, parallel: parallel_lib.Parallel):
     With `data.prefetch=0` it is `batches` itself. Either way `state()` is the position
     after the batches already handed to the loop, so checkpoints and resumes stay exact.
     """
-    ahead = config.data.get("prefetch", 0)
+    ahead = config.data.get("prefetch") or 0
     if ahead < 0:
         raise UserError(f"data.prefetch={ahead} must be >= 0 (0: no prefetching)")
     return pipeline.Prefetch(batches, ahead, parallel.prefetch_place) if ahead else batches
@@ -482,8 +488,10 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     """
     train = config.train
     start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
-    peak, peak_source = perf.peak_tflops(train.peak_tflops)
-    log(f"MFU is measured against {peak:.3g} TFLOP/s per device ({peak_source}); {dtype} compute")
+    peak, peak_source = perf.total_peak_tflops(train.peak_tflops)
+    log(f"MFU is measured against {peak:.3g} TFLOP/s ({peak_source}); {dtype} compute")
+    profiler = perf.StepProfiler(tuple(train.get("profile_steps") or ()),
+                                 train.get("profile_dir") or str(workdir / "profile"), log)
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step, wandb_config=config.get("wandb"))
     final = {"step": start_step}
     if start_step >= train.num_steps:
@@ -498,7 +506,9 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     interval_start = time.perf_counter()
     try:
         for step in range(start_step + 1, train.num_steps + 1):
+            profiler.before(step)
             state, metrics = train_step(state, next(batches))
+            profiler.after(step, state)
             pending.append((step, metrics))
             log_now = step % train.log_every == 0 or step == train.num_steps
             stop = guard.requested  # read once: a signal arriving later in this step is handled at the next one
@@ -519,7 +529,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     grad_norm=float(unlogged[-1][1]["grad_norm"]),
                     learning_rate=float(unlogged[-1][1]["learning_rate"]),
                     tokens_per_sec=tokens / elapsed,
-                    mfu=tokens / elapsed * flops_per_token / (peak * 1e12 * jax.device_count()))
+                    mfu=tokens / elapsed * flops_per_token / (peak * 1e12))
                 unlogged = []
             if step % train.eval_every == 0 or step == train.num_steps:
                 record.update(evaluate(eval_step, state.params, eval_batches))
@@ -537,6 +547,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             if record or save_now:  # keep evaluation and saving out of the throughput figures
                 interval_start = time.perf_counter()
     finally:
+        profiler.stop()
         guard.restore()
         progress.close()
         log.bar = None

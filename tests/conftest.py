@@ -37,6 +37,12 @@ def needs_file(path: pathlib.Path) -> None:
         pytest.fail(message) if FULL else pytest.skip(message)
 
 
+# Tests run on one XLA CPU device (training would split the batch over one per core, gptlab/perf.py),
+# so a test's in-process and subprocess runs compute the same numbers. Tests of several devices set their own.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """One TFDS data dir for the whole session, so each corpus is prepared once."""

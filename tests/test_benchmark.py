@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, needs
-from gptlab import benchmark
+from gptlab import benchmark, perf
 from gptlab.errors import UserError
 
 # Fields every run reports as positive, finite numbers.
@@ -26,24 +26,39 @@ def check_spread(spread):
 
 
 @pytest.mark.slow
-def test_command_with_synthetic_data_and_torch_peer_prints_one_json_line(tmp_path):
+def test_command_with_synthetic_data_torch_peers_and_sampling_prints_one_json_line(tmp_path):
+    """The defaults as a user gets them (no XLA_FLAGS: automatic device split), both PyTorch peers,
+    memory, and sampling against Hugging Face generate."""
     needs("torch", "bench")
     needs("transformers", "bench")
     data_dir = tmp_path / "tfds"  # --synthetic must leave it untouched
     cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/pretrain.py:tiny",
-           f"--config.data.data_dir={data_dir}", "--steps=2", "--warmup=1", "--synthetic", "--compare=torch"]
+           f"--config.data.data_dir={data_dir}", "--steps=2", "--warmup=1", "--synthetic", "--compare=torch",
+           "--sample", "--sample_batch_sizes=1,2", "--sample_new_tokens=4", "--sample_prompt_len=3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env={**env, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 1, run.stdout
     result = json.loads(lines[0])
     check_positive(result, POSITIVE)
-    check_positive(result, ("torch_step_time_median_s", "torch_tokens_per_s", "ratio_vs_torch"))
+    for peer in ("torch", "nanogpt"):
+        check_positive(result, (f"{peer}_step_time_median_s", f"{peer}_tokens_per_s", f"ratio_vs_{peer}"))
+        check_spread(result[f"{peer}_step_time_spread"])
+        assert result[f"{peer}_peak_rss_increase_bytes"] is None or result[f"{peer}_peak_rss_increase_bytes"] >= 0
+    assert "nanoGPT" in result["nanogpt_peer"] and "GPT2LMHeadModel" in result["torch_peer"]
     check_spread(result["step_time_spread"])
-    check_spread(result["torch_step_time_spread"])
     assert result["data"] == "synthetic" and result["model"]["vocab_size"] == 257
     assert result["peak_memory_bytes"] is None or result["peak_memory_bytes"] > 0
+    assert result["peak_rss_increase_bytes"] is None or result["peak_rss_increase_bytes"] > 0
+    expected_devices, _ = perf.choose_cpu_devices(perf.usable_cores(), 8)  # tiny: batch 8
+    assert result["num_devices"] == expected_devices == result["auto"]["parallel.cpu_devices"]
+    assert result["auto"]["model.attention"] == result["model"]["attention"] == "explicit"
+    assert "cores" in result["cpu"] and "auto [" in run.stderr
+    for batch in (1, 2):
+        check_positive(result, (f"sample_tokens_per_s_batch{batch}", f"hf_sample_tokens_per_s_batch{batch}",
+                                f"sample_ratio_vs_hf_batch{batch}"))
     assert not data_dir.exists()
 
 
@@ -52,6 +67,7 @@ def test_real_pipeline(make_config):
     check_positive(result, POSITIVE)
     check_spread(result["step_time_spread"])
     assert result["data"] == "python_stdlib" and result["seq_len"] == 64 and "ratio_vs_torch" not in result
+    assert result["auto"]["data.prefetch"] == result["prefetch"] == 0  # on a CPU
     json.dumps(result)  # the command prints it as JSON
 
 

@@ -18,6 +18,7 @@ from conftest import FULL, REPO, TEST_DATA, needs, needs_file, refuse_network, t
 from configs import pretrain as pretrain_config
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
+from gptlab import perf
 from gptlab import tokenizers, train
 from gptlab.data import catalog, pipeline, token_cache
 from gptlab.errors import UserError
@@ -340,7 +341,7 @@ def test_shifted_windows_start_anywhere_and_are_a_function_of_position():
 
 def test_shakespeare_char_is_nanogpts_baby_gpt():
     config = pretrain_config.get_config("shakespeare_char")
-    model_cfg = model_lib.GPTConfig.from_config(config.model, vocab_size=67)  # 65 characters + 2 specials
+    model_cfg = model_lib.GPTConfig.from_config(perf.resolve_model_fields(config.model), vocab_size=67)  # 65 chars + 2
     params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
     assert round(model_lib.count_params(params) / 1e6, 2) == 10.65  # nanoGPT: "number of parameters: 10.65M"
     assert (config.data.batch_size, config.model.block_size, config.model.dropout) == (64, 256, 0.2)

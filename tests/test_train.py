@@ -84,7 +84,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_config, tmp_path):
     def config(num_steps):
         c = make_config(train__num_steps=num_steps, train__checkpoint_every=6, train__log_every=1,
-                        train__eval_every=6, optimizer__decay_steps=18, model__dropout=0.1)
+                        train__eval_every=6, optimizer__decay_steps=18, model__dropout=0.1,
+                        data__prefetch=2)  # the prefetching thread (off by default on CPUs) resumes exactly too
         c.checkpoint.async_save = True  # the real default: saves overlap the next (donating) steps
         return c
 

@@ -1,0 +1,92 @@
+"""Automatic speed settings (gptlab/perf.py): resolved from the machine, logged, overridable; the
+cached CPU peak; the profiler flag. No timing is asserted."""
+import jax
+import pytest
+
+from gptlab import perf, train
+from gptlab.errors import UserError
+
+
+@pytest.mark.parametrize("cores,rows,expected", [
+    (1, 16, 1),  # one core: nothing to parallelise
+    (2, 16, 2),  # one device per core
+    (4, 6, 3),  # the most devices that divide the batch
+    (3, 1, 1),  # a single row cannot be split
+    (64, 64, perf.MAX_CPU_DEVICES),  # capped
+])
+def test_cpu_device_count_follows_cores_and_divides_the_batch(cores, rows, expected):
+    count, why = perf.choose_cpu_devices(cores, rows)
+    assert count == expected and rows % count == 0 and why
+
+
+def test_auto_fields_are_resolved_for_the_cpu_and_logged(make_config):
+    config = make_config()
+    assert (config.model.attention, config.model.dense_backward, config.data.prefetch) == ("auto", "auto", None)
+    lines = []
+    chosen = perf.resolve_auto(config, lines.append)
+    assert jax.default_backend() == "cpu"
+    assert (config.model.attention, config.model.dense_backward, config.data.prefetch) == (
+        "explicit", "narrow_transpose", 0)
+    assert config.parallel.cpu_devices == jax.local_device_count()
+    assert set(chosen) >= {"model.attention", "model.dense_backward", "data.prefetch"}
+    assert len(lines) == 1 and "model.attention=explicit" in lines[0] and "cores" in lines[0]
+
+
+def test_explicit_values_override_the_automatic_choice(make_config):
+    config = make_config(model__attention="xla", model__dense_backward="xla", data__prefetch=3)
+    chosen = perf.resolve_auto(config, lambda line: None)
+    assert (config.model.attention, config.model.dense_backward, config.data.prefetch) == ("xla", "xla", 3)
+    assert not set(chosen) & {"model.attention", "model.dense_backward", "data.prefetch"}
+
+
+def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
+    """The count JAX starts with: automatic, parallel.cpu_devices, or left to XLA_FLAGS."""
+    updates = []
+    monkeypatch.setattr(perf, "_cpu_devices_choice", (None, ""))  # restored afterwards
+    monkeypatch.setattr(perf, "_backend_started", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+    monkeypatch.setattr(perf, "usable_cores", lambda: 4)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    assert perf.start_cpu_devices(make_config())[0] == 4  # tiny: batch 8
+    assert perf.start_cpu_devices(make_config(data__batch_size=6))[0] == 3
+    assert perf.start_cpu_devices(make_config(parallel__cpu_devices=1)) == (1, "parallel.cpu_devices")
+    assert updates == [("jax_num_cpu_devices", 4), ("jax_num_cpu_devices", 3), ("jax_num_cpu_devices", 1)]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert perf.start_cpu_devices(make_config())[0] is None and len(updates) == 3  # the environment's count stands
+    with pytest.raises(UserError, match="parallel.cpu_devices=0"):
+        perf.start_cpu_devices(make_config(parallel__cpu_devices=0))
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = iter([0.123, 0.456])
+    monkeypatch.setattr(perf, "measured_matmul_tflops", lambda: next(measured))
+    perf.cpu_peak_tflops.cache_clear()
+    try:
+        first, source = perf.cpu_peak_tflops()
+        perf.cpu_peak_tflops.cache_clear()  # a new process
+        again, cached_source = perf.cpu_peak_tflops()
+    finally:
+        perf.cpu_peak_tflops.cache_clear()
+    assert first == again == 0.123
+    assert "measured" in source and str(tmp_path) in cached_source
+    assert (tmp_path / "gptlab" / "cpu_peak_tflops.json").is_file()
+
+
+def test_mfu_peak_on_a_cpu_is_the_cpus_whatever_the_device_split():
+    assert perf.total_peak_tflops(0.5) == (0.5, "config train.peak_tflops")
+
+
+def test_profile_steps_write_a_trace(make_config, tmp_path):
+    config = make_config(train__num_steps=4, train__profile_steps=(2, 3), train__eval_every=4,
+                         train__checkpoint_every=4)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("steps", [(3,), (0, 2), (5, 4)])
+def test_bad_profile_steps_are_user_errors(make_config, tmp_path, steps):
+    with pytest.raises(UserError, match="train.profile_steps"):
+        train.train_and_evaluate(make_config(train__profile_steps=steps), str(tmp_path / "run"))

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The README "Speed" tables, measured in one go on an idle CPU machine (about 12 minutes on 2 cores):
+#
+#     bash tools/speed_table.sh [OUT_DIR]        # default /tmp/gptlab_speed; prints Markdown tables
+#
+# For nanoGPT's baby GPT (synthetic tokens) and the `small` preset (real pipeline): gptlab with
+# its defaults (automatic choices, gptlab/perf.py), then with each automatic choice switched
+# off one at a time, against the PyTorch peers (transformers GPT-2 and a nanoGPT-style model),
+# two runs each; a bfloat16 row on CPUs with AMX / AVX512-BF16; sampling against Hugging Face
+# generate (batch 1 and 8); and the README quick start timed end to end. Every benchmark run is
+# one JSON line in OUT_DIR/results.jsonl; the tables are made from that file.
+# SPEED_TABLE_SMOKE=1 runs the same with tiny shapes and few steps (to check the script itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${1:-/tmp/gptlab_speed}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+START=$(date +%s)
+
+BABY=(--config=configs/pretrain.py:shakespeare_char --synthetic --config.model.dtype=float32
+      --config.model.dropout=0.0 --config.data.batch_size=16 --config.model.vocab_size=65)
+SMALL=(--config=configs/pretrain.py:small)
+BABY_STEPS=(--steps=4 --warmup=1 --blocks=2)
+SMALL_STEPS=(--steps=20 --warmup=3 --blocks=4)
+QUICKSTART_STEPS=600
+if [[ "${SPEED_TABLE_SMOKE:-0}" == 1 ]]; then
+  BABY=(--config=configs/pretrain.py:tiny --synthetic)
+  SMALL=(--config=configs/pretrain.py:tiny)
+  BABY_STEPS=(--steps=2 --warmup=1 --blocks=2)
+  SMALL_STEPS=(--steps=2 --warmup=1 --blocks=2)
+  QUICKSTART_STEPS=20
+fi
+
+bench() {  # bench SHAPES ROW [flags...]: one benchmark run, its JSON line tagged with the shapes and row
+  local shapes=$1 row=$2; shift 2
+  echo "[$(( $(date +%s) - START ))s] $shapes: $row" >&2
+  "$PY" -m experiments.benchmark "$@" 2>>"$OUT/log.txt" \
+    | "$PY" -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(shapes='$shapes', row='$row'); print(json.dumps(r))" \
+    >> "$RESULTS"
+}
+
+# The CPU peak behind MFU is measured once per machine and cached: measure it now, on the idle machine.
+rm -f "${XDG_CACHE_HOME:-$HOME/.cache}/gptlab/cpu_peak_tflops.json"
+
+for run in 1 2; do
+  bench baby "defaults" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=torch
+  bench baby "model.attention=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt --config.model.attention=xla
+  bench baby "model.dense_backward=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
+    --config.model.dense_backward=xla
+  bench baby "parallel.cpu_devices=1" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt --config.parallel.cpu_devices=1
+  bench small "defaults" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=torch
+  bench small "model.attention=xla" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt --config.model.attention=xla
+  bench small "model.dense_backward=xla" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
+    --config.model.dense_backward=xla
+  bench small "parallel.cpu_devices=1" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_devices=1
+  bench small "data.prefetch=2" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt --config.data.prefetch=2
+done
+if grep -qE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then  # PyTorch peers in bfloat16 autocast
+  bench baby "bfloat16" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=torch --config.model.dtype=bfloat16
+fi
+bench baby "sampling" "${BABY[@]}" --sample_only --compare=torch
+bench small "sampling" "${SMALL[@]}" --sample_only --compare=torch --sample_prompt_len=16 --sample_new_tokens=64
+
+# The README quick start, end to end (start-up, data, compile, 600 steps, evaluations, checkpoints).
+rm -rf "$OUT/quickstart"
+QS_START=$SECONDS
+"$PY" -m experiments.pretrain "${SMALL[@]}" --config.train.num_steps=$QUICKSTART_STEPS --workdir="$OUT/quickstart" \
+  > "$OUT/quickstart.log" 2>&1
+QS_SECONDS=$(( SECONDS - QS_START ))
+
+"$PY" - "$RESULTS" "$QS_SECONDS" "$OUT/quickstart" <<'PYEOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+first = rows[0]
+print(f"\nCPU: {first['cpu']}; peak {first['peak_tflops']:.3g} TFLOP/s ({first['peak_tflops_source']})")
+print(f"auto choices: {first['auto']}\n")
+mb = lambda v: "-" if v is None else f"{v / 2**20:,.0f}"
+for shapes in ("baby", "small"):
+    train = [r for r in rows if r["shapes"] == shapes and "tokens_per_s" in r]
+    if not train:
+        continue
+    m = train[0]["model"]
+    print(f"**{shapes}** ({m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, context {m['block_size']}, "
+          f"vocab {m['vocab_size']}, batch {train[0]['batch_size']}, {train[0]['data']})\n")
+    print("| setting | gptlab tokens/s | transformers tokens/s | nanoGPT tokens/s | vs transformers | vs nanoGPT "
+          "| MFU | peak RSS MB gptlab / transformers / nanoGPT |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in train:
+        get = lambda k, f="{:,.0f}": f.format(r[k]) if k in r else "-"
+        print(f"| {r['row']} | {get('tokens_per_s')} | {get('torch_tokens_per_s')} | {get('nanogpt_tokens_per_s')} "
+              f"| {get('ratio_vs_torch', '**{:.2f}**')} | {get('ratio_vs_nanogpt', '**{:.2f}**')} | {r['mfu']:.3f} "
+              f"| {mb(r.get('peak_rss_increase_bytes'))} / {mb(r.get('torch_peak_rss_increase_bytes'))} / "
+              f"{mb(r.get('nanogpt_peak_rss_increase_bytes'))} |")
+    print()
+print("| sampling (greedy, cache) | batch | gptlab tokens/s | HF generate tokens/s | ratio |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for r in rows:
+    for key in sorted(k for k in r if k.startswith("sample_tokens_per_s_batch")):
+        b = key.rsplit("batch", 1)[1]
+        print(f"| {r['shapes']} ({r['sample_prompt_len']} + {r['sample_new_tokens']} tokens) | {b} | {r[key]:,.0f} "
+              f"| {r[f'hf_sample_tokens_per_s_batch{b}']:,.0f} | **{r[f'sample_ratio_vs_hf_batch{b}']:.2f}** |")
+result = json.load(open(f"{sys.argv[3]}/result.json"))
+timing = result.get("timing", {})
+print(f"\nquick start ({result.get('steps')} steps): {float(sys.argv[2]):.0f} s end to end (command start to exit), "
+      f"{timing.get('wall_time_s', 0):.0f} s in the run; train loss {result.get('train_loss', float('nan')):.3f}, "
+      f"eval loss {result.get('eval_loss', float('nan')):.3f}; {timing.get('tokens_per_sec', 0):,.0f} tokens/s at the end")
+PYEOF
+echo "total $(( $(date +%s) - START )) s; raw results in $RESULTS" >&2
