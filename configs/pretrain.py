@@ -63,6 +63,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.manual_dir = config_dict.placeholder(str)  # where a catalog builder finds files it cannot download
     data.text_dir = config_dict.placeholder(str)  # the folder of text files, for dataset=text_folder
     data.text_glob = "**/*"  # which files under data.text_dir, for dataset=text_folder
+    data.encoding = "utf-8"  # python_stdlib/text_folder: the files' text encoding (e.g. latin-1, cp1252)
+    data.decode_errors = "strict"  # bytes that do not decode: strict (refuse, naming file and byte) or replace (U+FFFD, counted)
     data.include = ()  # python_stdlib/text_folder: keep files whose path matches one of these globs
     data.exclude = ("test/*", HELD_OUT_PACKAGE)  # ... then drop files matching any of these
     data.tokenizer = "byte"  # byte (nothing to train), char, sentencepiece (both trained on train_split) or gpt2

@@ -11,7 +11,7 @@ from ml_collections import config_flags
 from gptlab import cli, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/evaluate.py", "Evaluation config file; fields left unset are the run's own.",
+    "config", cli.default_config("configs/evaluate.py"), "Evaluation config file; fields left unset are the run's own.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir whose checkpoint to evaluate.", required=True)
 

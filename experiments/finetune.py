@@ -9,7 +9,7 @@ from ml_collections import config_flags
 from gptlab import cli, finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/finetune.py:lora", "Experiment config file and preset, e.g. configs/finetune.py:head,classify.",
+    "config", cli.default_config("configs/finetune.py:lora"), "Experiment config file and preset, e.g. configs/finetune.py:head,classify.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.",
                                required=True)

@@ -9,7 +9,7 @@ from ml_collections import config_flags
 from gptlab import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/pretrain.py:small", "Experiment config file and preset, e.g. configs/pretrain.py:tiny.",
+    "config", cli.default_config("configs/pretrain.py:small"), "Experiment config file and preset, e.g. configs/pretrain.py:tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.",
                                required=True)

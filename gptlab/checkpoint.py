@@ -11,11 +11,20 @@ when complete, so a run killed mid-save leaves a temporary directory that is
 ignored and removed at the next start. A restored state whose arrays do not
 match the fingerprints taken at save time (a truncated or altered file), or a
 step whose metadata cannot be read, raises `CorruptCheckpoint`.
+
+Every read goes through one `Reader`: the writer's own resume, fine-tuning's
+init_from, evaluation, sampling, export and the report. A reader never creates,
+cleans or deletes anything under the checkpoint directory (no CheckpointManager:
+its start-up cleans in-progress saves, which kills a live writer's save), and it
+pins the step it reads (see `Reader`), so the writer's rotation cannot pull the
+step away mid-read.
 """
+import errno
 import os
 import pathlib
 import re
 import shutil
+import tempfile
 import time
 
 import jax
@@ -73,13 +82,187 @@ def _fingerprints(state) -> dict:
     return dict(zip(paths, (int(v) for v in jax.device_get(fingerprint(state)))))
 
 
+def complete_steps(directory) -> list:
+    """The finished steps under a checkpoint directory, ascending (none: [], also when it does not exist).
+
+    Orbax writes a step into `STEP.orbax-checkpoint-tmp*` and renames it to `STEP` only when
+    every item is written, so a directory named by a number holds a finished step.
+    """
+    try:
+        return sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _item_handlers(state_handler) -> dict:
+    # Naming each item's handler lets a fresh process read metadata and single items.
+    return {"state": state_handler, **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
+
+
+class Reader:
+    """One finished step of a checkpoint directory, opened read-only; `step` says which was read.
+
+    Nothing under the directory is ever created, cleaned or deleted: steps are read with a
+    plain Orbax Checkpointer, never a CheckpointManager (whose start-up removes in-progress
+    saves, which fails the save a live run is writing).
+
+    `step=None` reads the newest finished step. With `pin=True` (every reader except the
+    writer's own resume) the step is first pinned: its files are hard-linked into a private
+    temporary directory (copied when that is on another filesystem) and everything is read
+    from there. Orbax never changes a finished step's files, it only deletes whole steps when
+    it rotates them out (checkpoint.max_to_keep), and a hard link keeps a deleted file's data,
+    so a pinned step stays whole however long the reader holds it (fine-tuning reads its
+    parameters minutes after choosing the step), at the cost of one link per file and no copy.
+    A pin that raced a deletion (the step's file list changed or it vanished while being
+    linked) is dropped and the newest finished step is pinned instead; a step asked for by
+    number that rotation removed is an error naming the steps left. Integrity: every array
+    read is checked against the fingerprints recorded at save time (`CorruptCheckpoint`).
+    """
+
+    PIN_ATTEMPTS = 5
+
+    def __init__(self, directory, step=None, pin: bool = True):
+        self.directory = pathlib.Path(directory).expanduser().absolute()
+        self._pin_root = None
+        for _ in range(self.PIN_ATTEMPTS):
+            steps = complete_steps(self.directory)
+            chosen = step if step is not None else (steps[-1] if steps else None)
+            if chosen is None or chosen not in steps:
+                have = f"finished steps: {steps}" if steps else "it holds no finished step"
+                raise UserError(f"{self.directory} has no checkpoint at step {chosen} ({have}): "
+                                "choose one of those steps" if chosen is not None else
+                                f"{self.directory} has no checkpoint ({have})")
+            self.step = int(chosen)
+            self.source = self.directory / str(self.step)  # the step as its run wrote it
+            if not pin:
+                self.path = self.source
+                break
+            self.path = self._pin(self.source)
+            if self.path is not None:
+                break
+            if step is not None:
+                raise UserError(f"checkpoint step {step} in {self.directory} was deleted by its run's rotation "
+                                f"(checkpoint.max_to_keep) while being read; finished steps now: "
+                                f"{complete_steps(self.directory)}: choose one of those")
+        else:
+            raise UserError(f"{self.directory} rotated its checkpoints faster than they could be read "
+                            f"({self.PIN_ATTEMPTS} attempts): retry, or read a stopped run")
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_item_handlers(ocp.StandardCheckpointHandler()))) as c:
+                self.stored = dict(c.metadata(self.path).item_metadata["state"])  # the state's tree of array metadata
+            items = self._restore(ocp.StandardCheckpointHandler(), {k: ocp.args.JsonRestore() for k in JSON_ITEMS})
+        except Exception as e:  # pylint: disable=broad-except  (missing or unparsable files)
+            self.close()
+            raise CorruptCheckpoint(self.step, self.source, f"its metadata cannot be read ({_first_line(e)})") from None
+        self.data, self.config, self.tokenizer = items["data"], items["config"], items["tokenizer"]
+        self.fingerprints = (items.get("integrity") or {}).get("fingerprints")
+        if not self.fingerprints:
+            self.close()
+            raise CorruptCheckpoint(self.step, self.source, "its integrity record is missing")
+
+    def _pin(self, source: pathlib.Path):
+        """Links (or copies) the files of `source` into a fresh private directory; None if a deletion raced it."""
+        if self._pin_root is None:
+            self._pin_root = pathlib.Path(tempfile.mkdtemp(prefix="gptlab-pinned-checkpoint-"))
+        target = self._pin_root / source.name
+        shutil.rmtree(target, ignore_errors=True)
+
+        def listing():
+            return sorted(str(p.relative_to(source)) for p in source.rglob("*") if not p.is_dir())
+
+        try:
+            before = listing()
+            for name in before:
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source / name, target / name)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    shutil.copy2(source / name, target / name)  # another filesystem: a private copy
+            if listing() != before:  # files disappeared meanwhile: rotation is deleting this step
+                return None
+        except FileNotFoundError:
+            return None
+        return target
+
+    def _restore(self, state_handler, args: dict):
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_item_handlers(state_handler))) as checkpointer:
+            return checkpointer.restore(self.path, args=ocp.args.Composite(**args))
+
+    def _check_fingerprints(self, tree, checked=lambda path: True) -> None:
+        damaged = first_mismatch(self.fingerprints, tree, checked)
+        if damaged is None:
+            missing = [p for p in _fingerprints_paths(tree) if checked(p) and p not in self.fingerprints]
+            damaged = missing[0] if missing else None
+        if damaged:
+            raise CorruptCheckpoint(self.step, self.source,
+                                    f"array {damaged} differs from what was saved (truncated or altered file)")
+
+    def restore_state(self, abstract_state):
+        """The full train state restored into `abstract_state`, strictly (the writer's resume).
+
+        Leaves of `abstract_state` say what to restore into: a ShapeDtypeStruct with a
+        sharding restores sharded jax.Arrays, a numpy array restores numpy. The stored
+        parameter tree must have exactly the paths and shapes of `abstract_state.params`
+        (else a UserError names the first mismatch); the optimizer state's too.
+        """
+        where = f"checkpoint step {self.step} in {self.directory}"
+        check_same_shapes(self.stored["params"], abstract_state.params, where=where)
+        differing = sorted(set(shapes_by_path(self.stored)) ^ set(shapes_by_path(abstract_state)))
+        if differing:  # the params fit, so the optimizer state's structure differs: a config change, not damage
+            raise UserError(f"{where} holds a different optimizer state (first difference: {differing[0]}): the "
+                            "optimizer settings changed since it was written (optimizer.grad_clip_norm, "
+                            "train.skip_nonfinite_steps, finetune.strategy, ...); restore them or start a fresh --workdir")
+        try:
+            state = self._restore(ocp.StandardCheckpointHandler(),
+                                  {"state": ocp.args.StandardRestore(abstract_state)})["state"]
+        except Exception as e:  # pylint: disable=broad-except
+            raise CorruptCheckpoint(self.step, self.source, f"it cannot be read ({_first_line(e)})") from None
+        self._check_fingerprints(state)
+        return state
+
+    def restore_params(self, template=None) -> dict:
+        """Only parameters: those named by the nested dict `template`, into its leaves' placement
+        (ShapeDtypeStructs with shardings, or numpy arrays) and dtypes; by default all of them,
+        on this process's first device. No optimizer state is read."""
+        if template is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            template = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    dict(self.stored["params"]))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(template)
+        try:
+            params = self._restore(ocp.PyTreeCheckpointHandler(), {"state": ocp.args.PyTreeRestore(
+                {"params": template}, restore_args={"params": restore_args}, partial_restore=True)})["state"]["params"]
+        except Exception as e:  # pylint: disable=broad-except  (missing or truncated files)
+            raise CorruptCheckpoint(self.step, self.source, f"it cannot be read ({_first_line(e)})") from None
+        stored_dtypes = {"params/" + path_str(p): m.dtype for p, m in jax.tree_util.tree_leaves_with_path(self.stored["params"])}
+        loaded_dtypes = {"params/" + path_str(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(params)}
+        self._check_fingerprints({"params": params}, lambda path: stored_dtypes.get(path) == loaded_dtypes[path])  # a cast changes bits
+        return params
+
+    def close(self) -> None:
+        if self._pin_root is not None:
+            shutil.rmtree(self._pin_root, ignore_errors=True)
+            self._pin_root = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _fingerprints_paths(tree) -> list:
+    return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 class Checkpoints:
     def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         if max_to_keep < 1:
             raise UserError(f"checkpoint.max_to_keep={max_to_keep} must be at least 1")
-        # Naming each item's handler lets a fresh process read metadata and single items.
-        handlers = {"state": ocp.StandardCheckpointHandler(), **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
+        handlers = _item_handlers(ocp.StandardCheckpointHandler())
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=tuple(handlers),
@@ -134,46 +317,15 @@ class Checkpoints:
                         "to resume") from None
 
     def read_json(self, step: int, item: str) -> dict:
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
-        except Exception as e:  # pylint: disable=broad-except
-            raise CorruptCheckpoint(step, self.step_path(step), f"its {item} cannot be read ({_first_line(e)})") from None
+        with Reader(self.directory, step, pin=False) as reader:  # the writer's own steps: nothing rotates them now
+            return getattr(reader, item) if item != "integrity" else {"fingerprints": reader.fingerprints}
 
     def restore(self, step: int, abstract_state):
-        """Restores the full train state and the JSON items of `step` into `abstract_state`, strictly.
-
-        Leaves of `abstract_state` say what to restore into: a ShapeDtypeStruct
-        with a sharding restores sharded jax.Arrays, a numpy array restores numpy.
-        The stored parameter tree must have exactly the paths and shapes of
-        `abstract_state.params` (else a UserError names the first mismatch), and
-        the arrays must match their save-time fingerprints (else CorruptCheckpoint).
-        """
-        try:
-            stored = self.manager.item_metadata(step)["state"]
-            stored_params = stored["params"]
-        except Exception as e:  # pylint: disable=broad-except
-            raise CorruptCheckpoint(step, self.step_path(step), f"its metadata cannot be read ({_first_line(e)})") from None
-        where = f"checkpoint step {step} in {self.directory}"
-        check_same_shapes(stored_params, abstract_state.params, where=where)
-        differing = sorted(set(shapes_by_path(stored)) ^ set(shapes_by_path(abstract_state)))
-        if differing:  # the params fit, so the optimizer state's structure differs: a config change, not damage
-            raise UserError(f"{where} holds a different optimizer state (first difference: {differing[0]}): the "
-                            "optimizer settings changed since it was written (optimizer.grad_clip_norm, "
-                            "train.skip_nonfinite_steps, finetune.strategy, ...); restore them or start a fresh --workdir")
-        items = dict(state=ocp.args.StandardRestore(abstract_state), **{k: ocp.args.JsonRestore() for k in JSON_ITEMS})
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # pylint: disable=broad-except
-            raise CorruptCheckpoint(step, self.step_path(step), f"it cannot be read ({_first_line(e)})") from None
-        expected = (restored.get("integrity") or {}).get("fingerprints")
-        if not expected:
-            raise CorruptCheckpoint(step, self.step_path(step), "its integrity record is missing")
-        actual = _fingerprints(restored["state"])
-        for path, value in actual.items():
-            if expected.get(path) != value:
-                raise CorruptCheckpoint(step, self.step_path(step),
-                                        f"array {path} differs from what was saved (truncated or altered file)")
-        return restored["state"], {k: restored[k] for k in JSON_ITEMS}
+        """Restores the full train state and the JSON items of `step` (see `Reader.restore_state`)."""
+        with Reader(self.directory, step, pin=False) as reader:
+            state = reader.restore_state(abstract_state)
+            return state, {"data": reader.data, "config": reader.config, "tokenizer": reader.tokenizer,
+                           "integrity": {"fingerprints": reader.fingerprints}}
 
     def quarantine(self, step: int) -> pathlib.Path:
         """Moves a damaged step out of checkpoints/ (kept for inspection, never deleted)."""
@@ -215,7 +367,7 @@ def check_same_shapes(stored_params, expected_params, where: str) -> None:
                         "different model config; use that run's model settings or start a fresh --workdir")
 
 
-def check_writable(workdir) -> pathlib.Path:
+def check_writable(workdir, what: str = "--workdir=") -> pathlib.Path:
     """Creates `workdir` if needed and proves it writable before any work is done."""
     path = pathlib.Path(workdir).expanduser().absolute()
     try:
@@ -224,8 +376,8 @@ def check_writable(workdir) -> pathlib.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to --workdir={workdir} ({e.strerror or e}): "
-                        "choose a directory you can write to") from None
+        raise UserError(f"cannot write to {what}{workdir} ({e.strerror or e}): "
+                        "choose a directory you can write to (or fix its permissions or mount)") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"cannot write to --workdir={workdir}: choose a directory you can write to")
+        raise UserError(f"cannot write to {what}{workdir}: choose a directory you can write to")
     return path

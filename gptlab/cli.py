@@ -1,9 +1,44 @@
-"""What every entry point shares: one-line errors for bad input, tracebacks only with --verbose."""
+"""What every entry point shares: one-line errors for bad input, tracebacks only with --verbose.
+
+Importing it also makes SIGTERM/SIGINT stop the command cleanly at any moment outside the
+training loop (which installs its own checkpointing handler, `train.PreemptionGuard`):
+one line, exit 75, and nothing lost, since before the loop nothing has been trained and
+after it the last step is already being checkpointed (cleanup still runs on the way out).
+"""
+import difflib
+import os
+import pathlib
+import re
+import signal
 import sys
+import threading
 
 from absl import app, flags, logging
 
 from gptlab.errors import Preempted, UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+_running = False  # set once the command's main function runs (before: still importing)
+
+
+class _Stopped(SystemExit):
+    """A signal outside the training loop: unwinds through cleanup (checkpoint waits, lock release)."""
+
+
+def _stop_cleanly(signum, frame):
+    del frame
+    print(f"stopped by {signal.Signals(signum).name} outside the training loop: every trained step is checkpointed "
+          "(or none was taken yet); run the same command again to continue", file=sys.stderr, flush=True)
+    if not _running:  # still importing: nothing written yet, and unwinding a half-imported extension can crash
+        os._exit(Preempted.EXIT_CODE)
+    raise _Stopped(Preempted.EXIT_CODE)
+
+
+if threading.current_thread() is threading.main_thread():
+    for _signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signal, _stop_cleanly)
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors caused by bad input.")
 
@@ -25,9 +60,48 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def default_config(path: str) -> str:
+    """An entry point's default --config, found in the repository when the command runs from elsewhere."""
+    file = path.split(":")[0]
+    return path if os.path.exists(file) or not (REPO / file).is_file() else str(REPO / path)
+
+
+def _repository_config(arg: str) -> str:
+    match = re.fullmatch(r"--config=([^:]+\.py)(:.*)?", arg)
+    if match and not os.path.exists(match.group(1)) and not os.path.isabs(match.group(1)) \
+            and (REPO / match.group(1)).is_file():
+        return f"--config={REPO / match.group(1)}{match.group(2) or ''}"
+    return arg
+
+
+# ml_collections loads --config while the entry point defines its flags, before absl parses anything.
+sys.argv[1:] = [_repository_config(arg) for arg in sys.argv[1:]]
+
+
+def _config_files(argv):
+    """--config=PATH[:preset] arguments: a relative PATH not found here is looked up in the repository
+    (so commands work from any directory); one found nowhere is refused in one line with a suggestion."""
+    if "config" in flags.FLAGS and not any(a.startswith("--config=") for a in argv):
+        default = flags.FLAGS["config"].default_as_str.strip("'\"")  # the entry point's default config file
+        if default and not os.path.exists(default.split(":")[0]):  # loaded when defined: too late to redirect
+            fail(f"the default --config file {default.split(':')[0]} is not in {os.getcwd()}: run from the "
+                 f"repository root {REPO}, or pass --config={REPO / default}")
+    argv = [_repository_config(arg) for arg in argv]
+    for arg in argv:
+        match = re.fullmatch(r"--config=([^:]+\.py)(:.*)?", arg)
+        if match and not os.path.exists(match.group(1)):
+            path, preset = match.group(1), match.group(2) or ""
+            known = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py") if p.name != "__init__.py")
+            close = difflib.get_close_matches(path, known, n=1)
+            fail(f"--config file {path} does not exist (looked in {os.getcwd()} and in {REPO}): "
+                 + (f"did you mean --config={close[0]}{preset}?" if close else f"the configs are {known}"))
+    return argv
+
+
 def _parse_flags(argv):
     """absl's parser, with config-override mistakes reported in one line instead of a traceback."""
     verbose = "--verbose" in argv
+    argv = _config_files(argv)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
@@ -47,15 +121,22 @@ def run(main) -> None:
 
     def absl_main(argv):
         if not _VERBOSE.value:
-            # Orbax and TFDS log every file operation; keep the terminal for our own lines.
-            logging.set_verbosity(logging.ERROR)
+            # Orbax and TFDS log every file operation, and Orbax's writer threads log each failure with a
+            # traceback before the main thread reports it in one line; --verbose shows them all.
+            logging.set_verbosity(logging.FATAL)
             import tensorflow_datasets as tfds
 
             tfds.disable_progress_bar()
         if len(argv) > 1:
             fail(f"unexpected positional arguments {argv[1:]}: flags look like --name=value")
+        global _running
+        _running = True
         try:
             main()
+        except _Stopped:
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(Preempted.EXIT_CODE)  # cleanup is done; skip finalizing TF/XLA threads mid-flight
         except UserError as e:
             if _VERBOSE.value:
                 raise

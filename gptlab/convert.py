@@ -22,7 +22,6 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
@@ -53,9 +52,7 @@ class Loaded:
 
 
 def checkpoint_steps(checkpoints: pathlib.Path) -> list:
-    if not checkpoints.is_dir():
-        return []
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    return checkpoint_lib.complete_steps(checkpoints)
 
 
 def model_config(config: dict, has_lora: bool = False) -> model_lib.GPTConfig:
@@ -79,26 +76,14 @@ def load_workdir(workdir, step=None, strict: bool = True) -> Loaded:
     if not steps:
         raise UserError(f"--workdir={workdir} has no checkpoint (nothing in {directory}): point it at a "
                         "pretraining or fine-tuning workdir, or import GPT-2 weights with experiments.convert")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
+    if step is not None and int(step) not in steps:
         raise UserError(f"--workdir={workdir} has no checkpoint at step {step}: it has steps {steps}")
-    checkpoints = checkpoint_lib.Checkpoints(directory, async_save=False)
-    try:
-        config = checkpoints.read_json(step, "config")
-        tokenizer_spec = checkpoints.read_json(step, "tokenizer")
-        stored = checkpoints.manager.item_metadata(step)["state"]
-        params = _restore_params(directory / str(step) / "state", stored)
-        _check_integrity(checkpoints, step, params)
-    except UserError:
-        raise
+    try:  # read-only and pinned: the run may still be training and rotating its checkpoints
+        with checkpoint_lib.Reader(directory, None if step is None else int(step)) as reader:
+            step, config, tokenizer_spec = reader.step, reader.config, reader.tokenizer
+            params = reader.restore_params()
     except checkpoint_lib.CorruptCheckpoint as e:
         raise UserError(f"{e}; pass --step=N for an earlier checkpoint") from None
-    except Exception as e:  # pylint: disable=broad-except  (Orbax: missing or truncated files)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint step {step} in {directory} cannot be read ({reason}): "
-                        "pass --step=N for an earlier checkpoint") from None
-    finally:
-        checkpoints.close()
     try:
         has_lora = any(path_str(p).endswith("/lora_a") for p, _ in jax.tree_util.tree_leaves_with_path(params))
         model_cfg = model_config(config, has_lora)
@@ -112,29 +97,6 @@ def load_workdir(workdir, step=None, strict: bool = True) -> Loaded:
         expected = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
         checkpoint_lib.check_same_shapes(params, expected, where=f"checkpoint step {step} in {directory}")
     return Loaded(params, model_cfg, config, tokenizer_spec, step, directory / str(step))
-
-
-def _restore_params(state_dir: pathlib.Path, stored):
-    """Only the parameters of a state item: sampling, evaluation and export need no optimizer state."""
-    abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(stored)["params"])}
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-    with ocp.PyTreeCheckpointer() as reader:
-        restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
-            abstract, restore_args=restore_args, partial_restore=True))
-    return restored["params"]
-
-
-def _check_integrity(checkpoints, step: int, params) -> None:
-    """The restored parameters must match the fingerprints the checkpoint recorded when it was saved."""
-    try:
-        expected = checkpoints.read_json(step, "integrity").get("fingerprints") or {}
-    except Exception:  # pylint: disable=broad-except
-        return  # written before checkpoints recorded fingerprints
-    damaged = checkpoint_lib.first_mismatch(expected, {"params": params})
-    if damaged:
-        raise UserError(f"checkpoint step {step} in {checkpoints.directory} is damaged: array {damaged} differs "
-                        "from what was saved; pass --step=N for an earlier checkpoint")
 
 
 def save_workdir(workdir, params, config: dict, tokenizer_spec: dict, source: str, step: int = 0) -> pathlib.Path:
@@ -249,7 +211,7 @@ def read_hf_config(hf_dir: pathlib.Path) -> model_lib.GPTConfig:
 
 
 def _read_safetensors(hf_dir: pathlib.Path) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -264,9 +226,14 @@ def _read_safetensors(hf_dir: pathlib.Path) -> dict:
     tensors = {}
     for name in files:
         # framework="flax" reads bfloat16/float16 files too, which numpy cannot represent.
-        with safe_open(str(hf_dir / name), framework="flax") as f:
-            for key in f.keys():
-                tensors[key.removeprefix("transformer.")] = f.get_tensor(key)
+        try:
+            with safe_open(str(hf_dir / name), framework="flax") as f:
+                for key in f.keys():
+                    tensors[key.removeprefix("transformer.")] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:  # a truncated or damaged file
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"{hf_dir / name} cannot be read ({reason}): it is truncated or damaged; "
+                            "download it or save_pretrained it again") from None
     return tensors
 
 

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
@@ -73,59 +72,38 @@ class Pretrained:
             raise UserError(f"finetune.init_from={path} is not a gptlab checkpoint: {_FIX}")
         self.directory = directory
         self.workdir = directory.parent  # the run that wrote it; fine-tuning never writes there
-        handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                    "tokenizer": ocp.JsonCheckpointHandler(), "integrity": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(
-            directory, item_names=tuple(handlers), item_handlers=handlers,
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-        steps = sorted(self.manager.all_steps())
+        steps = checkpoint_lib.complete_steps(directory)
         if step is None and not steps:
             raise UserError(f"finetune.init_from={path} has no finished checkpoint in {directory}: "
                             f"let its pretraining save one (train.checkpoint_every), or {_FIX}")
         if step is not None and step not in steps:
             raise UserError(f"finetune.init_from={path} is not a finished checkpoint (finished steps in "
                             f"{directory}: {steps}): {_FIX}")
-        self.step = steps[-1] if step is None else step
+        try:  # read-only, and pinned: the pretraining run may still be rotating its checkpoints
+            self.reader = checkpoint_lib.Reader(directory, step)
+        except checkpoint_lib.CorruptCheckpoint as e:
+            raise UserError(f"finetune.init_from {e}: {_FIX}") from None
+        self.step = self.reader.step
         self.where = f"finetune.init_from checkpoint {directory / str(self.step)}"
-        try:
-            items = self.manager.restore(self.step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
-            stored = dict(self.manager.item_metadata(self.step)["state"])["params"]
-        except Exception as e:  # pylint: disable=broad-except
-            raise UserError(f"{self.where} is not a readable gptlab checkpoint "
-                            f"({(str(e).strip() or type(e).__name__).splitlines()[0][:200]}): {_FIX}") from None
-        self.config, self.tokenizer_json = items["config"], items["tokenizer"]
-        try:  # the fingerprints recorded at save time (see gptlab.checkpoint)
-            self.fingerprints = self.manager.restore(self.step, args=ocp.args.Composite(
-                integrity=ocp.args.JsonRestore()))["integrity"]["fingerprints"]
-        except Exception:  # pylint: disable=broad-except
-            self.fingerprints = None  # a checkpoint without them: nothing to check against
+        self.config, self.tokenizer_json = self.reader.config, self.reader.tokenizer
         if not isinstance(self.config.get("model"), dict):
+            self.close()
             raise UserError(f"{self.where} stores no model config: it was not written by gptlab; {_FIX}")
+        stored = self.reader.stored["params"]
         self.shapes = checkpoint_lib.shapes_by_path(stored)
         self.dtypes = {optim.path_str(p): np.dtype(m.dtype) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
 
     def restore_params(self, template: dict) -> dict:
         """The parameters named by the nested dict `template`, restored into its leaves' placement
         (ShapeDtypeStructs with shardings, or numpy arrays) and dtypes; nothing else is read."""
-        restore_args = ocp.checkpoint_utils.construct_restore_args(template)
         try:
-            restored = self.manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                {"params": template}, restore_args={"params": restore_args}, partial_restore=True)))
-        except Exception as e:  # pylint: disable=broad-except  (missing or truncated files)
-            raise UserError(f"{self.where} cannot be read ({(str(e).strip() or type(e).__name__).splitlines()[0][:200]}): "
-                            f"it is damaged; point finetune.init_from at an earlier checkpoints/STEP") from None
-        params = restored["state"]["params"]
-        loaded_dtypes = {"params/" + optim.path_str(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(params)}
-        uncast = lambda path: self.dtypes.get(path[len("params/"):]) == loaded_dtypes[path]  # a cast changes bits
-        damaged = self.fingerprints and checkpoint_lib.first_mismatch(self.fingerprints, {"params": params}, uncast)
-        if damaged:
-            raise UserError(f"{self.where} is damaged: array {damaged} differs from what was saved; "
-                            "point finetune.init_from at an earlier checkpoints/STEP")
-        return params
+            return self.reader.restore_params(template)
+        except checkpoint_lib.CorruptCheckpoint as e:
+            raise UserError(f"finetune.init_from {e}; point finetune.init_from at an earlier "
+                            "checkpoints/STEP") from None
 
     def close(self) -> None:
-        self.manager.close()
+        self.reader.close()
 
 
 def resolve_config(config, source: Pretrained):

@@ -49,7 +49,6 @@ must share the workdir's filesystem with the nodes.
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import importlib.util
 import itertools
@@ -69,6 +68,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
+from gptlab import lock as lock_lib
 from gptlab import results
 from gptlab.errors import Preempted, UserError
 
@@ -552,36 +552,8 @@ def _counts_text(counts: dict) -> str:
 # -- running ----------------------------------------------------------------------------------
 
 
-class _Lock:
-    """An exclusive, non-blocking flock on a file; `fd` can be inherited by a child process."""
-
-    def __init__(self, path: pathlib.Path, write_pid: bool = True):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise
-        if write_pid:
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _is_locked(path: pathlib.Path) -> bool:
-    if not path.exists():
-        return False
-    try:
-        _Lock(path, write_pid=False).release()
-        return False
-    except OSError:
-        return True
+_Lock = lock_lib.FileLock  # one lock implementation for sweeps and training workdirs
+_is_locked = lock_lib.is_locked
 
 
 def _error_line(log_path: pathlib.Path, offset: int) -> str:
@@ -698,10 +670,7 @@ class _Job:
 
 
 def _read_pid(path: pathlib.Path):
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
+    return lock_lib.read_holder(path).get("pid")
 
 
 class Runner:
@@ -782,7 +751,7 @@ class Runner:
             path = run_dir(self.workdir, cell.name) / ".lock"
             if path.exists():
                 try:
-                    _Lock(path, write_pid=False).release()
+                    _Lock(path, record=False).release()
                 except OSError:
                     raise UserError(f"cell {cell.name} is still being run by a process of an earlier sweep (pid in "
                                     f"{path}): wait for it to finish or stop it, then rerun") from None

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import lock as lock_lib
 from gptlab import model as model_lib
 from gptlab import metrics as metrics_lib
 from gptlab import optim
@@ -251,8 +252,21 @@ def run_experiment(config, workdir, experiment) -> dict:
     log = Logger(is_main)
     perf.resolve_auto(config, log)  # "auto" speed settings, before the config is used or stored
     workdir = checkpoint_lib.check_writable(workdir)
-    checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
-                                             config.checkpoint.async_save)
+    finished = already_finished(workdir, config)
+    if finished is not None:  # rerunning a finished command changes nothing, not even the lock's record
+        log(f"already finished: {workdir / results.FILENAME} holds step {finished['step']} of this same config; "
+            f"nothing to do (move it away to evaluate again)")
+        return finished
+    writer_lock = lock_workdir(workdir, is_main)  # before anything in the workdir is written or cleaned
+    try:
+        # Proven writable now, in seconds, rather than at the first save inside Orbax's writer threads.
+        checkpoint_lib.check_writable(workdir / "checkpoints", what="the checkpoint directory ")
+        checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
+                                                 config.checkpoint.async_save)
+    except BaseException:
+        if writer_lock:
+            writer_lock.release()
+        raise
     try:
         while True:
             try:
@@ -265,7 +279,50 @@ def run_experiment(config, workdir, experiment) -> dict:
                 log(f"warning: {e}; moved it to {moved} and falling back to the previous checkpoint")
     finally:
         metrics_lib.finish_wandb()  # a run that stopped early: its W&B run (if any) is marked failed
-        checkpoints.close()
+        try:
+            checkpoints.close()
+        finally:
+            if writer_lock:
+                writer_lock.release()
+
+
+def already_finished(workdir, config):
+    """WORKDIR/result.json's contents if it records a finished run of `config` (all its steps), else None."""
+    try:
+        stored = json.loads((workdir / results.FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    current, stored_config = json.loads(config.to_json_best_effort()), stored.get("config") or {}
+    for group, field in (("model", "vocab_size"), ("data", "seq_len")):  # resolved at the start of the run
+        if current.get(group, {}).get(field) is None and group in current:
+            current[group][field] = (stored_config.get(group) or {}).get(field)
+    finished = stored_config == current and stored.get("steps") == config.train.num_steps
+    return stored if finished and "step" in stored else None
+
+
+WRITER_LOCK = ".writer.lock"  # in the workdir; names the process that trains there
+
+
+def lock_workdir(workdir, is_main: bool):
+    """One writer per workdir: process 0 takes WORKDIR/.writer.lock (see gptlab.lock), or every process
+    stops with one line naming the live writer. The other processes of a multi-host run learn the outcome
+    from process 0, so they stop with it. Returns the lock (None on processes other than 0)."""
+    held, refusal = None, ""
+    if is_main:
+        try:
+            held = lock_lib.FileLock(workdir / WRITER_LOCK)
+        except lock_lib.LockHeld as e:
+            refusal = (f"--workdir={workdir} is in use by another run: {e.strerror}; wait for it to finish or stop "
+                       f"it (kill {e.holder.get('pid', 'PID')}), or choose another --workdir")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(bool(refusal))):
+            return held
+        refusal = refusal or f"--workdir={workdir} is in use by another run (process 0 was refused its lock)"
+    if refusal:
+        raise UserError(refusal)
+    return held
 
 
 def _train(config, workdir, checkpoints, log, is_main) -> dict:

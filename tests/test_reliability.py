@@ -1,6 +1,9 @@
 """Faults a long run meets: preemption, kill -9, damaged checkpoints, NaNs, a full disk."""
 import json
 import os
+import pathlib
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -251,3 +254,120 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(
     ckpts.close()
     state = restore_state_numpy(tiny_disk, 3)
     assert int(state["step"]) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def text_folder_data(make_config, tmp_path, **overrides):
+    data = make_config().data
+    data.dataset, data.text_dir, data.data_dir, data.exclude = "text_folder", str(tmp_path / "texts"), str(tmp_path / "tfds"), ()
+    data.include = ()
+    for field, value in overrides.items():
+        data[field] = value
+    return data
+
+
+@pytest.fixture
+def latin1_folder(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(30):  # enough files for every split
+        (folder / f"ok_{i}.txt").write_text(f"plain text number {i}\n" * 5, encoding="utf-8")
+    (folder / "caf\u00e9.txt").write_bytes("un caf\u00e9 cr\u00e8me, s'il vous pla\u00eet\n".encode("latin-1"))
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
+    return folder
+
+
+def test_text_that_does_not_decode_is_refused_with_file_and_offset_by_default(make_config, tmp_path, latin1_folder):
+    from gptlab.data import pipeline
+
+    with pytest.raises(UserError, match=r"caf\u00e9.txt is not valid utf-8: byte 6 \(0xe9\) does not decode.*"
+                                        r"data.encoding.*data.decode_errors=replace"):
+        pipeline.prepare(text_folder_data(make_config, tmp_path))
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))  # refused before anything was written
+
+
+def test_replace_counts_bad_bytes_binary_files_are_skipped_and_latin_1_decodes(make_config, tmp_path, latin1_folder):
+    from gptlab.data import corpora, pipeline
+
+    builder = pipeline.prepare(text_folder_data(make_config, tmp_path, decode_errors="replace"))
+    note = corpora.decoding_note(builder)
+    assert "1 binary file(s) skipped (e.g. image.png)" in note and "3 undecodable byte sequence(s) in 1 file(s)" in note
+    texts = [t for split in ("train", "validation", "test") if split in builder.info.splits
+             for t in pipeline.read_texts(builder, split, "text")]
+    assert len(texts) == 31 and not any("PNG" in t for t in texts)
+    builder = pipeline.prepare(text_folder_data(make_config, tmp_path, encoding="latin-1"))
+    assert corpora.decoding_note(builder) == "data: " + builder.info.full_name + ": 1 binary file(s) skipped (e.g. image.png)"
+    texts = [t for split in builder.info.splits for t in pipeline.read_texts(builder, split, "text")]
+    assert any("caf\u00e9 cr\u00e8me" in t for t in texts) and not any("\ufffd" in t for t in texts)
+    with pytest.raises(UserError, match="data.decode_errors='ignore' must be one of"):
+        pipeline.prepare(text_folder_data(make_config, tmp_path, decode_errors="ignore"))
+    with pytest.raises(UserError, match="data.encoding='utf-9' is not a known text encoding"):
+        pipeline.prepare(text_folder_data(make_config, tmp_path, encoding="utf-9"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_signal_at_any_moment_ends_in_a_checkpoint_or_a_clean_exit_and_the_rerun_loses_nothing(
+        reference, tmp_path, data_dir, seed):
+    """From interpreter start-up to the final evaluation: exit 75 (or 0 if it had finished), one line, no
+    traceback; the rerun then reproduces the uninterrupted run bit for bit."""
+    proc = start(tmp_path, data_dir)
+    time.sleep(random.Random(seed).uniform(0.0, 25.0))
+    proc.send_signal(signal.SIGTERM)
+    code, err = proc.wait(timeout=120), proc.stderr.read()
+    assert "Traceback" not in err, err
+    if code == -signal.SIGTERM:  # before gptlab.cli was imported: the default action, nothing written yet
+        assert not any(tmp_path.iterdir())
+    else:
+        assert code in (0, Preempted.EXIT_CODE), err
+    rerun = start(tmp_path, data_dir)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert_identical_runs(reference, tmp_path)
+
+
+def test_rerunning_a_finished_command_changes_nothing(make_config, tmp_path):
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    config = make_config(train__num_steps=3, train__checkpoint_every=2)
+    first = train.train_and_evaluate(config, tmp_path)
+    before = snapshot()
+    assert "result.json" in before and any(k.startswith("tensorboard/") for k in before)
+    again = train.train_and_evaluate(make_config(train__num_steps=3, train__checkpoint_every=2), tmp_path)
+    assert snapshot() == before  # result.json, metrics.jsonl, TensorBoard events, checkpoints: untouched
+    assert again["eval_loss"] == first["eval_loss"] and again["step"] == 3
+    longer = train.train_and_evaluate(make_config(train__num_steps=4, train__checkpoint_every=2), tmp_path)
+    assert longer["step"] == 4  # a different command (more steps) still resumes and trains on
+
+
+def test_a_damaged_prepared_file_is_refused_in_one_line_naming_the_folder(make_config, tmp_path, latin1_folder):
+    from gptlab.data import pipeline
+
+    builder = pipeline.prepare(text_folder_data(make_config, tmp_path, encoding="latin-1"))
+    (records,) = pathlib.Path(builder.data_dir).glob("*-train.array_record-*")
+    raw = bytearray(records.read_bytes())
+    raw[64: len(raw) // 2] = bytes(len(raw) // 2 - 64)  # past the file header, into the records
+    records.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"prepared dataset .* cannot be read \(.*\): it is damaged; delete "
+                                        rf"{re.escape(builder.data_dir)} and rerun"):
+        list(pipeline.read_texts(builder, "train", "text"))
+
+
+def test_config_paths_work_from_any_directory_and_a_misspelling_is_one_line(tmp_path, data_dir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+
+    def pretrain(config, cwd):
+        return subprocess.run([sys.executable, "-m", "experiments.pretrain", f"--config={config}",
+                               f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}",
+                               "--config.train.num_steps=0"], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    result = pretrain("configs/pretain.py:tiny", REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --config file configs/pretain.py does not exist (looked in {REPO} and in {REPO}): "
+        "did you mean --config=configs/pretrain.py:tiny?")
+    assert not (tmp_path / "run").exists()
+    result = pretrain("configs/pretrain.py:tiny", tmp_path)  # run from another directory
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["config"]["preset"] == "tiny"

@@ -37,8 +37,11 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
     """The TFDS builder named by `data.dataset` (not yet prepared)."""
     common = dict(data_dir=data_cfg.data_dir, file_format="array_record")
     include, exclude = tuple(data_cfg.include), tuple(data_cfg.exclude)
+    decoding = dict(encoding=data_cfg.get("encoding", "utf-8"), decode_errors=data_cfg.get("decode_errors", "strict"))
+    if data_cfg.dataset in ("python_stdlib", "text_folder"):
+        corpora.check_decoding(**decoding)
     if data_cfg.dataset == "python_stdlib":
-        return corpora.PythonStdlib(config=corpora.stdlib_config(include, exclude), **common)
+        return corpora.PythonStdlib(config=corpora.stdlib_config(include, exclude, **decoding), **common)
     if data_cfg.dataset == "python_stdlib_functions":  # fine-tuning task sft
         return task_corpora.PythonStdlibFunctions(config=corpora.stdlib_config(include, exclude), **common)
     if data_cfg.dataset == "python_stdlib_packages":  # fine-tuning task classify
@@ -52,7 +55,7 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
         if not root.is_dir():
             raise UserError(f"data.text_dir={data_cfg.text_dir!r} is not a directory: point it at a folder of text files")
         return corpora.TextFolder(
-            config=corpora.text_folder_config(root, data_cfg.text_glob, include, exclude), **common)
+            config=corpora.text_folder_config(root, data_cfg.text_glob, include, exclude, **decoding), **common)
     builder = catalog.make_builder(data_cfg.dataset, data_cfg.data_dir)
     if include or exclude:
         raise UserError(f"data.include/data.exclude select files of {OWN_DATASETS} by path and do not apply "
@@ -69,6 +72,8 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
         return builder
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except UserError:  # e.g. a file that does not decode: the message names it and the fix
+        raise
     except Exception as e:  # pylint: disable=broad-except
         raise UserError(f"cannot prepare dataset {data_cfg.dataset!r} in {builder.data_dir}: {catalog.first_line(e)}; "
                         "check data.include/data.exclude and that data.data_dir is writable") from None
@@ -87,12 +92,23 @@ def read_texts(builder, split: str, text_key: str) -> Iterator[str]:
                     for example in source.__getitems__(list(range(start, min(start + 256, len(source))))))
     else:
         examples = catalog.iterate_numpy(builder, split)
-    for example in examples:
+    for example in _damage_reported(examples, builder, split):
         if text_key not in example:
             raise UserError(f"dataset {builder.name!r} has no feature data.text_key={text_key!r}; "
                             f"its features are {sorted(example)}")
         text = example[text_key]
         yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+def _damage_reported(examples, builder, split: str):
+    """`examples`, with a prepared file that fails to read (e.g. "Corrupted Riegeli/records file": a
+    truncated or overwritten array_record) reported in one line naming the folder to delete."""
+    try:
+        yield from examples
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"the prepared dataset {builder.info.full_name} ({split}) in {builder.data_dir} cannot be read "
+                        f"({catalog.first_line(e)}): it is damaged; delete {builder.data_dir} and rerun to prepare "
+                        "it again") from None
 
 
 def check_split(builder, split: str) -> None:
@@ -242,6 +258,9 @@ class Data:
         builder = prepare(data_cfg)
         for split in (data_cfg.train_split, data_cfg.eval_split):
             check_split(builder, split)
+        note = corpora.decoding_note(builder) if data_cfg.dataset in ("python_stdlib", "text_folder") else None
+        if note:
+            log(note)
         prepared = time.perf_counter()
         texts = lambda split: read_texts(builder, split, data_cfg.text_key)
         writer = process_index == 0
