@@ -109,6 +109,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.skip_nonfinite_steps = False  # skip updates with a non-finite gradient instead of stopping
     train.max_nonfinite_in_a_row = 10  # with skipping: stop after this many non-finite steps in a row
     train.compilation_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache; None: off
+    train.progress_every_s = 30.0  # when stderr is no terminal: seconds between progress lines (a bar otherwise)
     train.profile_steps = ()  # (first, last): write a jax.profiler trace of these steps; (): none
     train.profile_dir = config_dict.placeholder(str)  # where the trace goes; None: WORKDIR/profile
 
@@ -120,6 +121,12 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     par.num_processes = config_dict.placeholder(int)  # multi-host: how many processes in all
     par.process_id = config_dict.placeholder(int)  # multi-host: this process's index, 0..num_processes-1
     par.initialization_timeout = 300  # multi-host: seconds to wait for every process to join
+
+    config.wandb = wandb = config_dict.ConfigDict()  # Weights & Biases logging: pip install -e ".[wandb]"
+    wandb.project = config_dict.placeholder(str)  # W&B project to log to; None: W&B off
+    wandb.name = config_dict.placeholder(str)  # the W&B run's name; None: the workdir's name
+    wandb.entity = config_dict.placeholder(str)  # W&B team or user; None: your default
+    wandb.mode = config_dict.placeholder(str)  # online, offline (sync later with `wandb sync`); None: $WANDB_MODE
 
     config.checkpoint = ckpt = config_dict.ConfigDict()
     ckpt.max_to_keep = 3  # most recent checkpoints kept on disk

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -20,14 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import lock as lock_lib
 from gptlab import model as model_lib
+from gptlab import metrics as metrics_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
 from gptlab import perf
+from gptlab import progress as progress_lib
 from gptlab import results
 from gptlab import selection as selection_lib
 from gptlab import tokenizers as tokenizers_lib
@@ -312,6 +312,7 @@ def run_experiment(config, workdir, experiment) -> dict:
                 moved = checkpoints.quarantine(e.step)
                 log(f"warning: {e}; moved it to {moved} and falling back to the previous checkpoint")
     finally:
+        metrics_lib.finish_wandb()  # a run that stopped early: its W&B run (if any) is marked failed
         try:
             checkpoints.close()
         finally:
@@ -481,8 +482,13 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
         eval_step, parallel.place_restored(checkpoints.restore(step, abstract)[0]).params, exp.test_batches,
         prefix="test") if exp.test_batches else None)
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
-        results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params), exp.trainable,
-                             wall_time_s=time.perf_counter() - started, resumed_from_step=latest)
+        result = results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params),
+                                      exp.trainable, wall_time_s=time.perf_counter() - started,
+                                      resumed_from_step=latest)
+        metrics_lib.finish_wandb(workdir, result)
+        for line in progress_lib.summary_lines(workdir, result, "finetune" if "finetune" in exp.config_json
+                                               else "pretrain"):
+            log(line)
     return final
 
 
@@ -623,7 +629,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     log(f"MFU is measured against {peak:.3g} TFLOP/s ({peak_source}); {dtype} compute")
     profiler = perf.StepProfiler(tuple(train.get("profile_steps") or ()),
                                  train.get("profile_dir") or str(workdir / "profile"), log)
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step, wandb_config=config.get("wandb"))
     final = {"step": start_step}
     last_step = train.num_steps
     if stopping.stopped:
@@ -632,9 +638,9 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             "nothing to train, evaluating only")
     elif start_step >= train.num_steps:
         log(f"step {start_step} >= train.num_steps={train.num_steps}: nothing to train, evaluating only")
-    bar = tqdm.tqdm(total=train.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                    disable=not (is_main and sys.stderr.isatty()))
-    log.bar = bar if not bar.disable else None
+    progress = progress_lib.Progress(train.num_steps, start_step, enabled=is_main,
+                                     every_s=train.get("progress_every_s", 30.0))
+    log.bar = progress.bar if not progress.bar.disable else None
     guard = PreemptionGuard()
     pending = []  # (step, device metrics) not yet fetched; fetched only to log or before a save
     unlogged = []  # fetched (step, host metrics) since the last logged record
@@ -646,7 +652,6 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             state, metrics = train_step(state, next(batches))
             profiler.after(step, state)
             pending.append((step, metrics))
-            bar.update(1)
             log_now = step % train.log_every == 0 or step == train.num_steps
             stop = guard.requested  # read once: a signal arriving later in this step is handled at the next one
             save_now = step % train.checkpoint_every == 0 or step == train.num_steps or stop
@@ -668,7 +673,6 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     tokens_per_sec=tokens / elapsed,
                     mfu=tokens / elapsed * flops_per_token / (peak * 1e12))
                 unlogged = []
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
             evals, new_best = None, False
             if step % train.eval_every == 0 or step == train.num_steps:
                 evals = evaluate(eval_step, state.params, eval_batches)
@@ -678,6 +682,8 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                 writer.write(step, record)
                 log(f"step {step:6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
                 final.update(record, step=step)
+                progress.observe(record)
+            progress.update(step)
             if stopping.stopped:
                 log(f"early stopping at step {step}: {stopping.metric} has not improved on "
                     f"{stopping.best_value:.4f} (step {stopping.best_step}) for {stopping.evals_since_best} "
@@ -700,7 +706,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     finally:
         profiler.stop()
         guard.restore()
-        bar.close()
+        progress.close()
         log.bar = None
         writer.close()
     if "eval_loss" not in final:
