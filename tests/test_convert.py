@@ -7,11 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO
+from conftest import REPO, needs
+
+torch = needs("torch", "bench")  # the reference implementation: transformers' GPT2LMHeadModel on CPU
+transformers = needs("transformers", "bench")
+GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 from gptlab import convert, lora
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig, init_params
@@ -214,8 +216,6 @@ LLAMA_SHAPES = {
 
 def hf_llama_model(directory, model_type="llama", seed=0, **spec):
     """A LlamaForCausalLM (or Qwen2ForCausalLM) with every parameter random, saved offline."""
-    import transformers
-
     torch.manual_seed(seed)
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
