@@ -1,0 +1,77 @@
+"""Several processes, one run: a preemption signal that reaches only one of them stops them all together.
+
+Two real processes on this machine (a localhost coordinator, one CPU device each), started the way
+README "Several hosts" describes.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, restore_state_numpy, tiny_config
+from gptlab.data import pipeline
+from gptlab.errors import Preempted
+from gptlab.metrics import read_metrics
+
+STEPS = 16
+RUN_ARGS = [f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
+            f"--config.train.eval_every={STEPS}", "--config.model.dropout=0.1"]
+
+
+def start_two(workdir, data_dir):
+    """Both processes of one run; process 0 hosts the coordinator and writes the metrics."""
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    common = [sys.executable, "-m", "experiments.pretrain", "--config=configs/pretrain.py:tiny",
+              f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *RUN_ARGS,
+              f"--config.parallel.coordinator_address=127.0.0.1:{port}", "--config.parallel.num_processes=2",
+              "--config.parallel.initialization_timeout=120"]
+    return [subprocess.Popen([*common, f"--config.parallel.process_id={i}"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def finish_two(procs, timeout=300):
+    """(exit status, output) of each process."""
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_rerun_is_bit_exact(tmp_path, data_dir):
+    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+    pipeline.prepare(tiny_config(data_dir).data)  # once, here: two processes preparing it at once would race
+    for code, out in finish_two(start_two(reference, data_dir)):
+        assert code == 0, out[-3000:]
+
+    procs = start_two(preempted, data_dir)
+    deadline = time.monotonic() + 240
+    while len(read_metrics(preempted)) < 4:  # a few steps in, well before the end
+        assert all(p.poll() is None for p in procs), "a process ended before the signal"
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # only the process that neither coordinates nor logs
+    outcomes = finish_two(procs, timeout=120)
+    assert [code for code, _ in outcomes] == [Preempted.EXIT_CODE] * 2, [out[-3000:] for _, out in outcomes]
+    stopped_at = [int(out.split("preempted at step ")[1].split(":")[0]) for _, out in outcomes]
+    print(f"SIGTERM to process 1 after step {len(read_metrics(preempted))} or later; "
+          f"both stopped at step {stopped_at}")
+    assert stopped_at[0] == stopped_at[1] < STEPS, outcomes
+    assert (preempted / "checkpoints" / str(stopped_at[0])).is_dir()  # the same step, saved once by both
+    assert [m["step"] for m in read_metrics(preempted)][-1] == stopped_at[0]
+
+    reruns = finish_two(start_two(preempted, data_dir))
+    assert [code for code, _ in reruns] == [0, 0], [out[-3000:] for _, out in reruns]
+    assert f"(step {stopped_at[0]})" in reruns[0][1]  # process 0 logs where it resumed
+    assert [m["step"] for m in read_metrics(preempted)] == list(range(1, STEPS + 1))
+    assert ([m["train_loss"] for m in read_metrics(preempted)] == [m["train_loss"] for m in read_metrics(reference)])
+    for x, y in zip(jax.tree.leaves(restore_state_numpy(reference, STEPS)),
+                    jax.tree.leaves(restore_state_numpy(preempted, STEPS))):
+        np.testing.assert_array_equal(x, y)
