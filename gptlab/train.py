@@ -501,8 +501,9 @@ class PreemptionGuard:
             from jax._src import distributed  # pylint: disable=g-import-not-at-top
 
             if distributed.global_state.preemption_sync_manager is None:
-                raise UserError("a multi-process run needs JAX's preemption service to stop all processes at "
-                                "the same step: unset JAX_ENABLE_PREEMPTION_SERVICE / jax_enable_preemption_service")
+                raise UserError("a multi-process run needs JAX's preemption service to stop all its processes at "
+                                "the same step, and jax_enable_preemption_service is off: set "
+                                "JAX_ENABLE_PREEMPTION_SERVICE=true (or leave it unset)")
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -535,17 +536,22 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
 
+# The coordination-service key JAX's preemption sync manager watches (its preemption_sync_manager.cc);
+# tests/test_multihost.py fails if a JAX upgrade renames it.
+PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
 def _notify_preemption_sync_service():
     """Tells every process of the run that one was signalled, the way JAX's own SIGTERM notifier does.
 
-    JAX's preemption sync manager watches this coordination-service key; its notifier catches SIGTERM only
-    while no Python handler replaces it, and never SIGINT, so the guard above publishes the notice itself.
-    The value is the expected death time (now, so the sync protocol starts at once)."""
+    JAX's notifier catches SIGTERM only while no Python handler replaces it, and never SIGINT, so the guard
+    above publishes the notice itself (JAX has no public call for it; Orbax reaches this client the same
+    way). The value is the expected death time: now, so the sync protocol starts at once."""
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
 
     try:
         distributed.global_state.client.key_value_set(
-            "RECEIVED_PREEMPTION_NOTICE", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            PREEMPTION_NOTICE_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     except Exception:  # pylint: disable=broad-except
         pass  # already published (another process was signalled too), or the coordinator is gone
 

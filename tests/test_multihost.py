@@ -44,34 +44,42 @@ def finish_two(procs, timeout=300):
     return [(p.returncode, out) for p, out in zip(procs, outputs)]
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_rerun_is_bit_exact(tmp_path, data_dir):
-    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The uninterrupted two-process run every preempted one must reproduce bit for bit."""
     pipeline.prepare(tiny_config(data_dir).data)  # once, here: two processes preparing it at once would race
-    for code, out in finish_two(start_two(reference, data_dir)):
+    workdir = tmp_path_factory.mktemp("reference")
+    for code, out in finish_two(start_two(workdir, data_dir)):
         assert code == 0, out[-3000:]
+    return workdir
 
-    procs = start_two(preempted, data_dir)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [1, 0])  # the process that neither coordinates nor logs, then the one that does
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_rerun_is_bit_exact(
+        reference, tmp_path, data_dir, signalled):
+    procs = start_two(tmp_path, data_dir)
     deadline = time.monotonic() + 240
-    while len(read_metrics(preempted)) < 4:  # a few steps in, well before the end
+    while len(read_metrics(tmp_path)) < 4:  # a few steps in, well before the end
         assert all(p.poll() is None for p in procs), "a process ended before the signal"
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.01)
-    procs[1].send_signal(signal.SIGTERM)  # only the process that neither coordinates nor logs
-    outcomes = finish_two(procs, timeout=120)
+    procs[signalled].send_signal(signal.SIGTERM)
+    logged_at_signal = len(read_metrics(tmp_path))
+    outcomes = finish_two(procs, timeout=120)  # without a coordinated stop: a timeout here, one process waits forever
     assert [code for code, _ in outcomes] == [Preempted.EXIT_CODE] * 2, [out[-3000:] for _, out in outcomes]
     stopped_at = [int(out.split("preempted at step ")[1].split(":")[0]) for _, out in outcomes]
-    print(f"SIGTERM to process 1 after step {len(read_metrics(preempted))} or later; "
-          f"both stopped at step {stopped_at}")
+    print(f"SIGTERM to process {signalled} only, when {logged_at_signal} steps were logged: exit statuses "
+          f"{[code for code, _ in outcomes]}, stopped at steps {stopped_at}")
     assert stopped_at[0] == stopped_at[1] < STEPS, outcomes
-    assert (preempted / "checkpoints" / str(stopped_at[0])).is_dir()  # the same step, saved once by both
-    assert [m["step"] for m in read_metrics(preempted)][-1] == stopped_at[0]
+    assert (tmp_path / "checkpoints" / str(stopped_at[0])).is_dir()  # the same step, saved by both together
+    assert [m["step"] for m in read_metrics(tmp_path)][-1] == stopped_at[0]
 
-    reruns = finish_two(start_two(preempted, data_dir))
+    reruns = finish_two(start_two(tmp_path, data_dir))
     assert [code for code, _ in reruns] == [0, 0], [out[-3000:] for _, out in reruns]
     assert f"(step {stopped_at[0]})" in reruns[0][1]  # process 0 logs where it resumed
-    assert [m["step"] for m in read_metrics(preempted)] == list(range(1, STEPS + 1))
-    assert ([m["train_loss"] for m in read_metrics(preempted)] == [m["train_loss"] for m in read_metrics(reference)])
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, STEPS + 1))
+    assert [m["train_loss"] for m in read_metrics(tmp_path)] == [m["train_loss"] for m in read_metrics(reference)]
     for x, y in zip(jax.tree.leaves(restore_state_numpy(reference, STEPS)),
-                    jax.tree.leaves(restore_state_numpy(preempted, STEPS))):
+                    jax.tree.leaves(restore_state_numpy(tmp_path, STEPS))):
         np.testing.assert_array_equal(x, y)
