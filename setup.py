@@ -39,12 +39,17 @@ setuptools.setup(
         # TensorFlow prepares many TFDS catalog datasets (tiny_shakespeare, lm1b, ...); gptlab imports it
         # only for that, with accelerators hidden. macOS has no tensorflow-cpu wheels; its tensorflow is CPU-only.
         "tf": ["tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'"],
-        # The tests prepare the real tiny_shakespeare catalog builder, so they need the tf extra too.
-        "test": ["pytest>=8", "hypothesis>=6.100",
-                 "tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'",
-                 # The GPT-2 interop tests compare against transformers' GPT2LMHeadModel on CPU. The exact
-                 # torch pin takes the CPU wheel; a looser spec pulls a CUDA build with GBs of packages.
-                 "torch==2.13.0", "transformers>=5.24"],
+        # The quick tests (README): light. Tests needing a package of another extra skip without it.
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Everything the full suite (.ci/run) needs: the tests that prepare the real tiny_shakespeare builder (tf),
+        # compare with transformers' GPT-2 (bench), log to W&B offline (wandb) and sweep through submitit (cluster).
+        "test-full": ["gptlab[test,tf,bench,wandb,cluster]"],
+        # Weights & Biases logging: set wandb.project (see configs/pretrain.py).
+        "wandb": ["wandb>=0.19"],
+        # TensorBoard, to read WORKDIR/tensorboard/: tensorboard --logdir=WORKDIR
+        "tensorboard": ["tensorboard>=2.16"],
+        # experiments.sweep --executor=slurm|submitit_local: cells as cluster jobs through submitit.
+        "cluster": ["submitit>=1.5"],
         # experiments.benchmark --compare=torch: the PyTorch peer (transformers' GPT2LMHeadModel). The exact torch
         # pin takes the CPU wheel; on a GPU machine install a CUDA build of torch instead.
         "bench": ["torch==2.13.0", "transformers>=5.24"],

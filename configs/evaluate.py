@@ -13,7 +13,7 @@ from ml_collections import config_dict
 def get_config(preset: str = "") -> config_dict.ConfigDict:
     del preset  # one configuration; kept for the `file.py:preset` syntax
     config = config_dict.ConfigDict()
-    config.step = config_dict.placeholder(int)  # checkpoint step to evaluate; None: the latest
+    config.step = config_dict.placeholder(str)  # checkpoint step to evaluate: a number or "best"; None: the latest
     config.num_batches = config_dict.placeholder(int)  # evaluate this many batches; None: the whole split
 
     config.data = data = config_dict.ConfigDict()

@@ -7,13 +7,16 @@ Run from the repository root, after pretraining (the README quick start):
 
 Presets: STRATEGY[,TASK][,tiny], e.g. `lora`, `head,classify`, `lora,sft`, `full,lm,tiny`.
   STRATEGY  full, head, last_k, bitfit, layernorm, lora, or regex (give finetune.trainable)
-  TASK      lm (default): language modelling on the standard library's `email` package,
-                which the pretraining presets hold out (configs/pretrain.py HELD_OUT_PACKAGE)
+  TASK      lm (default): language modelling on the held-out `email` package, one document
+                per top-level block (python_stdlib_blocks); selection on eval_loss
             sft: supervised fine-tuning, prompt = a function's signature and docstring
-                summary, response = its body (python_stdlib_functions); loss on the response only
-            classify: which of 8 standard-library packages a code snippet comes from
-                (python_stdlib_packages); eval reports accuracy
-  tiny      test-sized (20 steps), for checkpoints of the `tiny` pretraining preset
+                summary, response = its body (python_stdlib_functions, all held-out packages);
+                loss on the response only; selection on eval_loss
+            classify: which of the 8 held-out packages a code snippet comes from
+                (python_stdlib_packages); selection on eval_accuracy
+            Every task draws only from the packages that pretraining leaves out
+            (gptlab/data/held_out.py), split 80/10/10 by top-level block.
+  tiny      test-sized (20 steps, no early stopping), for checkpoints of the `tiny` pretraining preset
 
 The model architecture and tokenizer come from the init_from run: every `model.*` field
 here is None ("as pretrained") unless a preset or an override sets it. An override that
@@ -27,6 +30,7 @@ of its own, initialised as wte^T (the model starts exactly equal), and trains al
 from ml_collections import config_dict
 
 from configs import pretrain
+from gptlab.data import held_out
 
 STRATEGIES = ("full", "head", "last_k", "bitfit", "layernorm", "lora", "regex")
 TASKS = ("lm", "sft", "classify")
@@ -34,9 +38,14 @@ TASKS = ("lm", "sft", "classify")
 # parameters, the larger the step they take; full fine-tuning stays below pretraining's.
 LEARNING_RATES = {"full": 5e-4, "head": 3e-3, "last_k": 1e-3, "bitfit": 3e-3, "layernorm": 3e-3,
                   "lora": 2e-3, "regex": 1e-3}
-# The standard library's own test suites are not narrow-domain code; keep them out of sft/classify data.
-STDLIB_TESTS = ("test/*", "*/test/*", "*/tests/*", "*/idle_test/*")
-PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
+# Every task's data, from the held-out packages only (the one definition: gptlab/data/held_out.py).
+TASK_DATA = {
+    "lm": dict(dataset="python_stdlib_blocks", include=held_out.globs((held_out.NARROW_PACKAGE,))),
+    "sft": dict(dataset="python_stdlib_functions", include=held_out.globs()),
+    "classify": dict(dataset="python_stdlib_packages", include=held_out.globs()),
+}
+SELECTION_METRICS = {"lm": "eval_loss", "sft": "eval_loss", "classify": "eval_accuracy"}
+PACKAGES = held_out.PACKAGES
 
 
 def get_config(arg: str = "lora") -> config_dict.ConfigDict:
@@ -78,15 +87,8 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
         data.response_key = "response"  # task sft: the feature holding the response
         data.label_key = "label"  # task classify: the ClassLabel feature
         data.packages = PACKAGES  # dataset python_stdlib_packages: the classes (top-level packages)
-        if task == "lm":
-            data.dataset = "python_stdlib"
-            data.include, data.exclude = (pretrain.HELD_OUT_PACKAGE,), ()
-        elif task == "sft":
-            data.dataset = "python_stdlib_functions"
-            data.include, data.exclude = (), STDLIB_TESTS
-        else:
-            data.dataset = "python_stdlib_packages"
-            data.include, data.exclude = (), STDLIB_TESTS
+        data.dataset = TASK_DATA[task]["dataset"]
+        data.include, data.exclude = TASK_DATA[task]["include"], held_out.STDLIB_TESTS
 
         opt = config.optimizer
         opt.learning_rate = LEARNING_RATES[strategy]
@@ -95,11 +97,16 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
         # weight_decay (0.1) and weight_decay_on (kernels) as in pretraining; only trainable parameters decay.
 
         train = config.train
+        train.selection_metric = SELECTION_METRICS[task]
         if tiny:
             train.num_steps, train.log_every, train.eval_every, train.eval_batches = 20, 5, 10, 2
             train.checkpoint_every = 10
         else:
-            train.num_steps, train.log_every, train.eval_every, train.eval_batches = 300, 25, 100, 10
+            # A budget cap: early stopping (3 evaluations without improvement) usually ends the run before it.
+            train.num_steps, train.log_every, train.eval_every, train.eval_batches = 1000, 25, 50, 10
+            train.early_stopping_patience = 3
             train.checkpoint_every = 100
+            if task == "classify":  # 640 validation snippets: accuracy's standard error about 2 points
+                train.eval_batches = 40
     config.lock()
     return config

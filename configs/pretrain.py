@@ -7,8 +7,8 @@ Run from the repository root, choosing a preset after the colon:
 Presets:
   tiny       2 layers, 64 wide; seconds on a CPU. For tests and smoke runs.
   small      4 layers, 128 wide, byte-level, on the standard library minus `test/`
-             and the held-out `email` package: the README quick start, about 2
-             minutes on a 2-core CPU; train loss 4.42 at step 25 -> 1.96, eval 1.84.
+             and the held-out packages (gptlab/data/held_out.py): the README quick start, about 2
+             minutes on a 2-core CPU; train loss 4.42 at step 25 -> 1.92, eval 1.81.
   gpt2_124m  GPT-2 small (12 layers, 768 wide, context 1024, bf16): for GPUs.
   shakespeare_char
              nanoGPT's baby GPT on tiny_shakespeare, character level (6 layers, 6 heads,
@@ -31,9 +31,11 @@ The config is locked, so a mistyped field name is an error.
 """
 from ml_collections import config_dict
 
-# The package of the standard library kept out of pretraining, so fine-tuning
-# has a narrow domain the pretrained model has never seen.
-HELD_OUT_PACKAGE = "email/*"
+from gptlab.data import held_out
+
+# Every stdlib preset leaves out `test/` and the held-out packages (gptlab/data/held_out.py), which
+# the fine-tuning tasks draw from: pretraining never reads a file that any task trains or is scored on.
+PRETRAIN_EXCLUDE = held_out.PRETRAIN_EXCLUDE
 
 
 def get_config(preset: str = "small") -> config_dict.ConfigDict:
@@ -66,7 +68,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.encoding = "utf-8"  # python_stdlib/text_folder: the files' text encoding (e.g. latin-1, cp1252)
     data.decode_errors = "strict"  # bytes that do not decode: strict (refuse, naming file and byte) or replace (U+FFFD, counted)
     data.include = ()  # python_stdlib/text_folder: keep files whose path matches one of these globs
-    data.exclude = ("test/*", HELD_OUT_PACKAGE)  # ... then drop files matching any of these
+    data.exclude = PRETRAIN_EXCLUDE  # ... then drop files matching any of these (test/ and the held-out packages)
     data.tokenizer = "byte"  # byte (nothing to train), char, sentencepiece (both trained on train_split) or gpt2
     data.sentencepiece_type = "bpe"  # data.tokenizer=sentencepiece: bpe or unigram
     data.sentencepiece_vocab_size = 8192  # data.tokenizer=sentencepiece: pieces incl. 256 bytes and specials
@@ -78,7 +80,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     data.seq_len = config_dict.placeholder(int)  # training window length; None: model.block_size
     data.train_split = "train"  # the split to train on
     data.train_fraction = 1.0  # train on the first fraction of train_split's tokens, e.g. 0.01 (data-size ablations)
-    data.eval_split = "validation"  # the split eval_loss is measured on
+    data.eval_split = "validation"  # the split eval_loss is measured on: every choice (early stopping, best checkpoint)
+    data.test_split = "test"  # the best checkpoint is scored here at the end, for reporting only; None: not at all
     data.prefetch = config_dict.placeholder(int)  # batches read ahead by a background thread; 0: off; None: auto
 
     config.optimizer = opt = config_dict.ConfigDict()
@@ -99,11 +102,14 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.eval_every = 200  # steps between evaluations (and one at the end)
     train.eval_batches = 10  # fixed validation batches per evaluation
     train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+    train.early_stopping_patience = 0  # stop after this many evaluations without a better selection_metric; 0: off
+    train.selection_metric = "eval_loss"  # validation metric that picks the best checkpoint (eval_loss, eval_accuracy, ...)
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly
     train.peak_tflops = config_dict.placeholder(float)  # device peak for MFU; None: known-device table
     train.skip_nonfinite_steps = False  # skip updates with a non-finite gradient instead of stopping
     train.max_nonfinite_in_a_row = 10  # with skipping: stop after this many non-finite steps in a row
     train.compilation_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache; None: off
+    train.progress_every_s = 30.0  # when stderr is no terminal: seconds between progress lines (a bar otherwise)
     train.profile_steps = ()  # (first, last): write a jax.profiler trace of these steps; (): none
     train.profile_dir = config_dict.placeholder(str)  # where the trace goes; None: WORKDIR/profile
 
@@ -116,6 +122,12 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     par.process_id = config_dict.placeholder(int)  # multi-host: this process's index, 0..num_processes-1
     par.initialization_timeout = 300  # multi-host: seconds to wait for every process to join
 
+    config.wandb = wandb = config_dict.ConfigDict()  # Weights & Biases logging: pip install -e ".[wandb]"
+    wandb.project = config_dict.placeholder(str)  # W&B project to log to; None: W&B off
+    wandb.name = config_dict.placeholder(str)  # the W&B run's name; None: the workdir's name
+    wandb.entity = config_dict.placeholder(str)  # W&B team or user; None: your default
+    wandb.mode = config_dict.placeholder(str)  # online, offline (sync later with `wandb sync`); None: $WANDB_MODE
+
     config.checkpoint = ckpt = config_dict.ConfigDict()
     ckpt.max_to_keep = 3  # most recent checkpoints kept on disk
     ckpt.async_save = True  # write checkpoints in the background while training continues
@@ -124,7 +136,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     if preset == "tiny":
         model.n_layer, model.n_head, model.n_embd, model.block_size = 2, 2, 64, 64
         data.batch_size = 8
-        data.include = ("[a-c]*",)  # modules and packages starting a-c: 1.4 MB, prepared in a second
+        data.include = ("[a-c]*",)  # modules and packages starting a-c, minus the held-out ones: 1.0 MB, prepared in a second
         opt.learning_rate, opt.min_learning_rate, opt.warmup_steps = 3e-3, 3e-4, 5
         train.num_steps, train.log_every, train.eval_every, train.eval_batches = 40, 5, 20, 2
         train.checkpoint_every = 20
@@ -135,7 +147,6 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
         model.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 128 for fast matmuls
         model.dtype = "bfloat16"
         model.attention = "cudnn"
-        data.exclude = (HELD_OUT_PACKAGE,)
         data.batch_size = 32
         opt.learning_rate, opt.min_learning_rate, opt.warmup_steps = 6e-4, 6e-5, 700
         opt.b2 = 0.95
@@ -150,6 +161,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
         data.dataset, data.tokenizer = "tiny_shakespeare", "char"
         data.include, data.exclude = (), ()
         data.eval_split = "validation+test"  # TFDS's last 5% + 5% = nanoGPT's val.bin, the last 10%
+        data.test_split = None  # nanoGPT's val.bin already holds the test split
         data.shift_windows = True  # nanoGPT samples windows at random offsets
         data.batch_size = 64
         opt.learning_rate, opt.min_learning_rate, opt.warmup_steps = 1e-3, 1e-4, 100

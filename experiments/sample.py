@@ -23,7 +23,7 @@ _TOP_K = flags.DEFINE_integer("top_k", 200, "Sample from the k most likely token
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the most likely tokens holding this probability; 1 disables.")
 _STOP = flags.DEFINE_bool("stop_at_end", True, "Stop a sample when it produces the end-of-text token.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same samples.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load; default the latest.")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step to load, or 'best' (by validation); default the latest.")
 
 
 def read_prompt() -> str:

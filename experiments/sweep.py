@@ -2,11 +2,14 @@
 
     python -m experiments.sweep --config=configs/ablations/pretrain_vs_finetune.py:small --workdir=DIR \
         [--parallel=2] [--only=REGEX] [--set=data.data_dir=/data/tfds] [--dry_run]
+        [--executor=slurm --submitit=slurm_partition=gpu --submitit=gpus_per_node=1 --submitit=timeout_min=240]
 
 Then `python -m experiments.report --workdir=DIR` writes the tables and figures.
 Exit status: 0 when every selected cell finished; 75 when stopped by SIGTERM/SIGINT (rerun to
 resume); 2 with one line when a cell failed (it is recorded, the others still ran) or on bad input.
 """
+import ast
+
 from absl import flags
 
 from gptlab import cli
@@ -25,18 +28,35 @@ _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE applied to every cell w
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the cells, their state and commands; run nothing.")
 _IN_PROCESS = flags.DEFINE_bool("in_process", False, "Run cells in this process instead of one process each "
                                 "(no isolation: a crash ends the sweep; for debugging).")
+_EXECUTOR = flags.DEFINE_enum("executor", "local", sweep_lib.EXECUTORS, "Where cells run: local (a process each on "
+                               "this machine), slurm (a SLURM job each, through submitit), submitit_local (submitit's "
+                               "local executor: the cluster code path on this machine).")
+_SUBMITIT = flags.DEFINE_multi_string("submitit", [], "KEY=VALUE parameters of submitit's AutoExecutor for every "
+                                      "cell's job, e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=240, "
+                                      "mem_gb=32 (values are Python literals or text).")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "JAX persistent compilation cache shared by the cells "
                              "(default WORKDIR/compilation_cache; 'off' disables; JAX_COMPILATION_CACHE_DIR wins).")
 
 
-def parse_set(items) -> dict:
+def parse_set(items, flag: str = "set") -> dict:
     overrides = {}
     for item in items:
         field, sep, value = item.partition("=")
         if not sep or not field:
-            raise UserError(f"--set={item!r}: write it as FIELD=VALUE, e.g. --set=data.data_dir=/data/tfds")
+            raise UserError(f"--{flag}={item!r}: write it as KEY=VALUE, e.g. --set=data.data_dir=/data/tfds or "
+                            "--submitit=slurm_partition=gpu")
         overrides[field.strip()] = value
     return overrides
+
+
+def parse_submitit(items) -> dict:
+    parameters = {}
+    for key, value in parse_set(items, "submitit").items():
+        try:
+            parameters[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parameters[key] = value  # text, e.g. a partition name
+    return parameters
 
 
 def main() -> None:
@@ -47,7 +67,8 @@ def main() -> None:
     workdir = pathlib.Path(_WORKDIR.value).expanduser().absolute()
     cache = _CACHE.value if _CACHE.value is not None else str(workdir / "compilation_cache")
     runner = sweep_lib.Runner(sweep, workdir, parallel=_PARALLEL.value, in_process=_IN_PROCESS.value,
-                              compilation_cache=None if cache == "off" else cache)
+                              compilation_cache=None if cache == "off" else cache, executor=_EXECUTOR.value,
+                              submitit=parse_submitit(_SUBMITIT.value))
     if _DRY_RUN.value:
         sweep_lib.check_workdir(workdir, sweep)
         plan = runner.plan(_ONLY.value)

@@ -4,7 +4,13 @@ Each step directory holds the train state's arrays (`state`, StandardSave) and,
 as JSON beside them, the data iterator's position (`data`), the resolved config
 (`config`), the tokenizer (`tokenizer`) and a fingerprint of every array
 (`integrity`), so a checkpoint is self-describing (fine-tuning, sampling and
-evaluation need nothing else) and self-checking.
+evaluation need nothing else) and self-checking. `selection` (gptlab.selection)
+holds the early-stopping record: best step, its validation metrics, patience.
+
+The best checkpoint: steps saved with `metrics` (evaluations) are ranked by
+Orbax itself (`best_fn`/`best_mode`, and a preservation policy that keeps the
+latest `max_to_keep` steps plus the best one), so the best survives rotation.
+`best_step(directory)` finds it for readers (`best` in evaluate, sample, init_from).
 
 Safety: Orbax writes a step into `STEP.orbax-checkpoint-tmp` and renames it only
 when complete, so a run killed mid-save leaves a temporary directory that is
@@ -31,10 +37,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from gptlab import selection
 from gptlab.errors import UserError
 from gptlab.optim import path_str
 
 JSON_ITEMS = ("data", "config", "tokenizer", "integrity")
+OPTIONAL_JSON_ITEMS = ("selection",)  # absent in checkpoints written before early stopping existed
 
 
 class CorruptCheckpoint(Exception):
@@ -82,6 +90,17 @@ def _fingerprints(state) -> dict:
     return dict(zip(paths, (int(v) for v in jax.device_get(fingerprint(state)))))
 
 
+def best_options(metric: str, max_to_keep: int) -> dict:
+    """CheckpointManagerOptions fields that rank steps by `metric` and keep the best beside the latest."""
+    best_mode = "max" if selection.higher_is_better(metric) else "min"
+    get_metric = lambda metrics: metrics[metric]
+    keep = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        ocp.checkpoint_managers.BestN(get_metric_fn=get_metric, reverse=best_mode == "min", n=1,
+                                      keep_checkpoints_without_metrics=False)])
+    return dict(best_fn=get_metric, best_mode=best_mode, preservation_policy=keep)
+
+
 def complete_steps(directory) -> list:
     """The finished steps under a checkpoint directory, ascending (none: [], also when it does not exist).
 
@@ -96,7 +115,7 @@ def complete_steps(directory) -> list:
 
 def _item_handlers(state_handler) -> dict:
     # Naming each item's handler lets a fresh process read metadata and single items.
-    return {"state": state_handler, **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}}
+    return {"state": state_handler, **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS + OPTIONAL_JSON_ITEMS}}
 
 
 class Reader:
@@ -156,6 +175,14 @@ class Reader:
             raise CorruptCheckpoint(self.step, self.source, f"its metadata cannot be read ({_first_line(e)})") from None
         self.data, self.config, self.tokenizer = items["data"], items["config"], items["tokenizer"]
         self.fingerprints = (items.get("integrity") or {}).get("fingerprints")
+        self.selection = None  # the early-stopping record (gptlab.selection); absent in older checkpoints
+        if (self.path / "selection").exists():
+            try:
+                self.selection = self._restore(ocp.StandardCheckpointHandler(),
+                                               {"selection": ocp.args.JsonRestore()})["selection"]
+            except Exception as e:  # pylint: disable=broad-except
+                self.close()
+                raise CorruptCheckpoint(self.step, self.source, f"its selection cannot be read ({_first_line(e)})") from None
         if not self.fingerprints:
             self.close()
             raise CorruptCheckpoint(self.step, self.source, "its integrity record is missing")
@@ -258,18 +285,20 @@ def _fingerprints_paths(tree) -> list:
 
 
 class Checkpoints:
-    def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True, selection_metric=None):
         self.directory = pathlib.Path(directory).absolute()
         if max_to_keep < 1:
             raise UserError(f"checkpoint.max_to_keep={max_to_keep} must be at least 1")
-        handlers = _item_handlers(ocp.StandardCheckpointHandler())
+        handlers = {**_item_handlers(ocp.StandardCheckpointHandler()),
+                    **{k: ocp.JsonCheckpointHandler() for k in OPTIONAL_JSON_ITEMS}}
+        keep = best_options(selection_metric, max_to_keep) if selection_metric else dict(max_to_keep=max_to_keep)
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=tuple(handlers),
             item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-                cleanup_tmp_directories=True),  # leftovers of a save interrupted by a kill
+                enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True, **keep),  # leftovers of a save interrupted by a kill
         )
         self._last_saved = None
 
@@ -279,18 +308,23 @@ class Checkpoints:
     def step_path(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
-    def save(self, step: int, state, *, data: dict, config: dict, tokenizer: dict) -> None:
-        """Starts writing `step` (in the background when async); a failed write raises UserError."""
+    def save(self, step: int, state, *, data: dict, config: dict, tokenizer: dict, selection=None,
+             metrics=None) -> None:
+        """Starts writing `step` (in the background when async); a failed write raises UserError.
+
+        `metrics`: the validation metrics evaluated at `step`, which rank it for the best checkpoint.
+        """
         # Orbax waits for the previous background write before starting this one anyway;
         # waiting here first reports a failed previous write under its own step number.
         self.wait()
         integrity = {"fingerprints": _fingerprints(state)}
         try:
             # force: the training loop decides when to save (intervals, the last step, preemption).
-            started = self.manager.save(step, force=True, args=ocp.args.Composite(
+            extra = {} if selection is None else {"selection": ocp.args.JsonSave(selection)}
+            started = self.manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                 config=ocp.args.JsonSave(config), tokenizer=ocp.args.JsonSave(tokenizer),
-                integrity=ocp.args.JsonSave(integrity)))
+                integrity=ocp.args.JsonSave(integrity), **extra))
         except Exception as e:  # pylint: disable=broad-except
             self._raise_write_error(step, e)
         if not started:
@@ -325,7 +359,7 @@ class Checkpoints:
         with Reader(self.directory, step, pin=False) as reader:
             state = reader.restore_state(abstract_state)
             return state, {"data": reader.data, "config": reader.config, "tokenizer": reader.tokenizer,
-                           "integrity": {"fingerprints": reader.fingerprints}}
+                           "integrity": {"fingerprints": reader.fingerprints}, "selection": reader.selection}
 
     def quarantine(self, step: int) -> pathlib.Path:
         """Moves a damaged step out of checkpoints/ (kept for inspection, never deleted)."""
@@ -340,6 +374,48 @@ class Checkpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def best_step(directory):
+    """The best step of a checkpoints/ directory, ranked by Orbax on the stored validation metrics.
+
+    The metric comes from the latest step's `selection` record; None when no step
+    was saved with metrics (the run never evaluated, or predates early stopping).
+    """
+    directory = pathlib.Path(directory)
+    steps = complete_steps(directory)
+    stored = [s for s in reversed(steps) if (directory / str(s) / "selection").exists()]
+    if not stored:
+        return None
+    with ocp.CheckpointManager(directory, item_names=("selection",),
+                               item_handlers={"selection": ocp.JsonCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as reader:
+        record = reader.restore(stored[0], args=ocp.args.Composite(selection=ocp.args.JsonRestore()))["selection"]
+    metric = record.get("metric")
+    if not metric:
+        return None
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, best_fn=lambda m: m[metric], best_mode=selection.mode(metric))) as ranked:
+        return ranked.best_step()  # None when no step carries metrics
+
+
+def resolve_step(directory, step, where: str):
+    """`step` as given by a user (None: the latest; "best"; a number) -> an int step of `directory`, or None.
+
+    "best" without a best checkpoint is a UserError saying what to do.
+    """
+    if step is None or step == "":
+        return None
+    if str(step).strip().lower() == "best":
+        found = best_step(directory)
+        if found is None:
+            raise UserError(f"{where} has no best checkpoint yet (no checkpoint saved with validation metrics): "
+                            "let the run evaluate at least once (train.eval_every), or pass a step number")
+        return found
+    try:
+        return int(step)
+    except (TypeError, ValueError):
+        raise UserError(f"step={step!r} is neither a step number nor 'best': pass e.g. --step=600 or --step=best") from None
 
 
 def _first_line(error: Exception) -> str:

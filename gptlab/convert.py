@@ -72,6 +72,7 @@ def load_workdir(workdir, step=None, strict: bool = True) -> Loaded:
     (a task head such as a classifier's makes that false; task evaluators pass False).
     """
     directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
+    step = checkpoint_lib.resolve_step(directory, step, f"--workdir={workdir}")  # None, "best" or a number
     steps = checkpoint_steps(directory)
     if not steps:
         raise UserError(f"--workdir={workdir} has no checkpoint (nothing in {directory}): point it at a "

@@ -14,9 +14,14 @@ document's bytes are spread evenly over its tokens (end-of-text tokens count
 none), so the byte count is exact over whole documents.
 
 Tasks: a run's task comes from its config (`finetune.task`, default "lm"), and
-`TASKS` maps it to an evaluator `fn(loaded, data_cfg, config, log) -> metrics`.
-Fine-tuning registers a `classify` evaluator reporting accuracy there.
+`TASKS` maps it to an evaluator `fn(loaded, data_cfg, config, log) -> metrics`:
+`lm` as above; `classify`: loss, accuracy, macro-F1 and the confusion matrix;
+`sft`: loss on the response tokens, and from greedy generation the exact-match
+rate of the response and the share of completions that parse as Python joined
+to their prompt. Loss, accuracy and macro-F1 come from the same sums as the
+training-time evaluation (`train.metrics_from_sums`).
 """
+import ast
 import dataclasses
 import json
 import math
@@ -102,8 +107,96 @@ def lm_metrics(loaded, data_cfg, config, log=print) -> dict:
             "seq_len": seq_len, "batch_size": batch_size}
 
 
+def _model_cfg(loaded) -> model_lib.GPTConfig:
+    cfg = loaded.model_cfg
+    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+        cfg = dataclasses.replace(cfg, attention="xla")  # cuDNN attention exists on NVIDIA GPUs only
+    return cfg
+
+
+def _examples(data_cfg, keys, seq_len, batch_size):
+    from gptlab.data import supervised
+
+    if not 1 <= seq_len:
+        raise UserError(f"data.seq_len={seq_len} must be positive")
+    if batch_size < 1:
+        raise UserError(f"data.batch_size={batch_size} must be positive")
+    builder = pipeline.prepare(data_cfg)
+    return builder, supervised.read_examples(builder, data_cfg.eval_split, keys)
+
+
+def _all_batches(arrays, batch_size, config) -> list:
+    """Every example once (or the first config.num_batches batches), padding rows weighted 0."""
+    from gptlab.data import supervised
+
+    num = -(-len(arrays["tokens"]) // batch_size)
+    if config.num_batches is not None:
+        if config.num_batches < 1:
+            raise UserError(f"num_batches={config.num_batches} must be positive (or unset: the whole split)")
+        num = min(num, config.num_batches)
+    return supervised.fixed_batches(arrays, batch_size, num, pipeline.EVAL_SEED)
+
+
+def classify_metrics(loaded, data_cfg, config, log=print) -> dict:
+    """Loss, accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
+    from gptlab import finetune, train
+    from gptlab.data import supervised
+
+    cfg = _model_cfg(loaded)
+    builder, examples = _examples(data_cfg, (data_cfg.text_key, data_cfg.label_key), data_cfg.seq_len,
+                                  data_cfg.batch_size)
+    names = list(builder.info.features[data_cfg.label_key].names)
+    arrays, _ = supervised.encode_classify_examples(loaded.tokenizer, examples, data_cfg, data_cfg.seq_len)
+    batches = _all_batches(arrays, data_cfg.batch_size, config)
+    eval_step = jax.jit(train.make_eval_step(finetune.classify_loss_fn(model_lib.GPT(cfg))))
+    totals = train.sum_batches(eval_step, loaded.params, batches)
+    metrics = {k[len("eval_"):]: v for k, v in train.metrics_from_sums(totals).items() if k != "eval_perplexity"}
+    return {**metrics, "examples": int(totals["count"]), "classes": names,
+            "confusion_matrix": np.asarray(totals["confusion"]).round().astype(int).tolist()}
+
+
+def parses_as_python(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def sft_metrics(loaded, data_cfg, config, log=print) -> dict:
+    """Loss on response tokens; greedy generation: exact match of the response, and the share of
+    completions that parse as Python when joined to their prompt (`ast.parse`)."""
+    from gptlab import sampling, train
+    from gptlab.data import supervised
+
+    cfg, tokenizer, seq_len = _model_cfg(loaded), loaded.tokenizer, data_cfg.seq_len
+    keys = (data_cfg.prompt_key, data_cfg.response_key)
+    _, examples = _examples(data_cfg, keys, seq_len, data_cfg.batch_size)
+    arrays, skipped = supervised.encode_sft_examples(tokenizer, examples, data_cfg, seq_len)
+    batches = _all_batches(arrays, data_cfg.batch_size, config)
+    eval_step = jax.jit(train.make_eval_step(train.lm_loss_fn(model_lib.GPT(cfg))))
+    totals = train.sum_batches(eval_step, loaded.params, batches)
+    metrics = {k[len("eval_"):]: v for k, v in train.metrics_from_sums(totals).items()}
+    kept = [ex for ex in examples if supervised.encode_sft(tokenizer, ex[keys[0]], ex[keys[1]], seq_len) is not None]
+    if config.num_batches is not None:
+        kept = kept[:config.num_batches * data_cfg.batch_size]
+    exact = parsed = 0
+    for start in range(0, len(kept), data_cfg.batch_size):  # greedy: the same completions every time
+        chunk = kept[start:start + data_cfg.batch_size]
+        prompts = [tokenizer.encode(ex[keys[0]]) for ex in chunk]
+        budget = max(1, cfg.block_size - max(len(p) for p in prompts))
+        outputs = sampling.generate(loaded.params, cfg, prompts, budget, temperature=0.0, end_token=tokenizer.eot_id)
+        for ex, new in zip(chunk, outputs):
+            completion = tokenizer.decode(list(new))
+            exact += completion.rstrip() == ex[keys[1]].rstrip()
+            parsed += parses_as_python(ex[keys[0]] + completion)
+    log(f"sft: {len(kept)} examples generated greedily ({skipped} with prompts too long for the window skipped)")
+    return {**metrics, "exact_match": exact / max(len(kept), 1), "parse_rate": parsed / max(len(kept), 1),
+            "response_tokens": int(totals["count"]), "examples": len(kept)}
+
+
 # task name -> evaluator(loaded, data_cfg, config, log) -> dict of metrics
-TASKS = {"lm": lm_metrics}
+TASKS = {"lm": lm_metrics, "classify": classify_metrics, "sft": sft_metrics}
 
 
 def task_of(run_config: dict) -> str:
@@ -139,6 +232,7 @@ def evaluate(workdir, config, log=print) -> dict:
               "seconds": round(time.perf_counter() - start, 2)}
     path = loaded.directory.parents[1] / "eval.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                   if not isinstance(v, list)))
     log(f"wrote {path}")
     return result

@@ -3,8 +3,9 @@
     python -m experiments.finetune --config=configs/finetune.py:lora --workdir=/tmp/ft \\
         --config.finetune.init_from=/tmp/run
 
-- `finetune.init_from` is a pretraining workdir (its latest checkpoint) or one
-  `checkpoints/STEP` directory, opened read-only: nothing is ever written there.
+- `finetune.init_from` is a pretraining workdir (its latest checkpoint), one
+  `checkpoints/STEP` directory, or `WORKDIR/best` (its best checkpoint by
+  validation), opened read-only: nothing is ever written there.
   The model config and tokenizer are that run's; a `model.*` field set in the
   fine-tuning config overrides the stored one, and one that changes a
   pretrained parameter's shape is an error. Only parameters are loaded; the
@@ -59,6 +60,10 @@ class Pretrained:
         if not path:
             raise UserError(f"finetune.init_from is not set: {_FIX}")
         given = pathlib.Path(path).expanduser().absolute()
+        if given.name == "best" and not given.exists():  # WORKDIR/best or WORKDIR/checkpoints/best
+            checkpoints = given.parent if given.parent.name == "checkpoints" else given.parent / "checkpoints"
+            best = checkpoint_lib.resolve_step(checkpoints, "best", f"finetune.init_from={path}")
+            given = checkpoints / str(best)
         if not given.exists():
             raise UserError(f"finetune.init_from={path} does not exist: {_FIX}")
         step = None
@@ -214,9 +219,13 @@ def classify_loss_fn(model: model_lib.GPT) -> train.LossFn:
         logits = last.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         weights = batch["weights"]
-        correct = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
+        predicted = jnp.argmax(logits, axis=-1)
+        correct = (predicted == batch["labels"]).astype(jnp.float32)
+        num_classes = logits.shape[-1]  # confusion[true, predicted]: macro-F1 at evaluation (train.evaluate)
+        confusion = (jax.nn.one_hot(batch["labels"], num_classes) * weights[:, None]).T @ jax.nn.one_hot(
+            predicted, num_classes)
         return jnp.sum(losses * weights), {"count": jnp.sum(weights), "accuracy": jnp.sum(correct * weights),
-                                           "tokens": jnp.float32(batch["tokens"].size)}
+                                           "confusion": confusion, "tokens": jnp.float32(batch["tokens"].size)}
 
     return loss_fn
 
@@ -322,11 +331,12 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
         config_json=train.resolved_config_json(config, model_cfg, seq_len),
         flops_per_token=adapt.flops_per_token(params, trainable, model_cfg.n_layer, model_cfg.n_embd, seq_len),
         dtype=model_cfg.dtype,
-        init_from=load_pretrained, trainable=None if all(jax.tree.leaves(trainable)) else trainable))
+        init_from=load_pretrained, trainable=None if all(jax.tree.leaves(trainable)) else trainable,
+        test_batches=train.test_batches(data, config.train.eval_batches)))
 
 
 def export_merged(workdir, log=print):
-    """Writes WORKDIR/merged/: the latest checkpoint's LoRA adapters folded into plain kernels.
+    """Writes WORKDIR/merged/: the best checkpoint's (else the latest's) LoRA adapters folded into plain kernels.
 
     The result is a checkpoint of the plain model (lora_rank=0) with the
     pretraining layout, so `init_from`, sampling and evaluation load it like any
@@ -337,7 +347,8 @@ def export_merged(workdir, log=print):
 
     workdir = pathlib.Path(workdir).expanduser().absolute()
     out = workdir / "merged"
-    run = convert.load_workdir(workdir, strict=False)  # the latest step, integrity-checked
+    best = checkpoint_lib.best_step(workdir / "checkpoints")  # the kept model: the best by validation, if any
+    run = convert.load_workdir(workdir, best, strict=False)  # integrity-checked
     if convert.checkpoint_steps(out / "checkpoints") == [run.step]:
         log(f"merged export: {out} already holds step {run.step}")
         return out

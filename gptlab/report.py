@@ -15,8 +15,18 @@ DIR/results.jsonl first) or their metrics.jsonl; nothing is typed in.
   ablated factor `report.columns` (default: the one grid field the reported
   stages share). A row whose cells lack that factor (e.g. the pretrained model
   evaluated without fine-tuning) does not depend on it: its value fills the row.
+- Selection on validation, reporting on test: a metric named `test_*` is read
+  from result.json's `selection.test` (the best checkpoint, chosen on validation,
+  scored on the test split); others are the final values. Grid fields in
+  `report.select` (e.g. `optimizer.learning_rate`) are chosen per table entry
+  (row and column): the value with the best mean `report.selection_metric`
+  (default `eval_loss`) on validation wins, and its main metric is shown with the
+  chosen value. Choosing on a test metric is refused (`choose`).
+- Budgets: a second table gives the mean steps to the best checkpoint per entry;
+  "(cap)" marks entries where a seed ended at its step budget while still improving.
 - Figures: the metric against the factor (one line per row, error bars: std),
-  and per stage the loss curves of every cell (train loss solid, eval loss dashed).
+  and per stage the loss curves of every cell (train loss solid, eval loss dashed);
+  readable factor names (FACTOR_NAMES), one colour per row in every figure.
 """
 import csv
 import datetime
@@ -26,11 +36,51 @@ import re
 
 import numpy as np
 
+from gptlab import selection
 from gptlab import sweep as sweep_lib
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
 
 MISSING = "—"
+# How figures and tables name the study's factors (the raw key otherwise).
+FACTOR_NAMES = {"data.train_fraction": "narrow-data fraction", "optimizer.learning_rate": "peak learning rate",
+                "finetune.lora_rank": "LoRA rank", "finetune.strategy": "strategy", "seed": "seed"}
+
+
+def metric_value(result: dict, metric: str):
+    """`metric` of one result.json: test_* of the best checkpoint (chosen on validation), else the final value."""
+    if metric.startswith("test_"):
+        return ((result.get("selection") or {}).get("test") or {}).get(metric)
+    return result.get(metric)
+
+
+def validation_value(result: dict, metric: str):
+    """The best checkpoint's validation `metric` (what every choice reads); the final value for older results."""
+    validation = (result.get("selection") or {}).get("validation")
+    return validation.get(metric) if validation else result.get(metric)
+
+
+def choose(candidates: dict, selection_metric: str):
+    """The key of `candidates` ({value: [result.json, ...]}) with the best mean validation metric.
+
+    Every choice reads validation only: a test metric here is an error, whatever the caller.
+    """
+    if selection_metric.startswith("test"):
+        raise UserError(f"report.selection_metric={selection_metric!r} reads the test split, which is only ever "
+                        "reported: select on a validation metric such as eval_loss or eval_accuracy")
+    scored = {}
+    for key, found in candidates.items():
+        values = [v for v in (validation_value(r, selection_metric) for r in found) if isinstance(v, (int, float))]
+        if values:
+            scored[key] = float(np.mean(values))
+    if not scored:
+        return None
+    pick = max if selection.higher_is_better(selection_metric) else min
+    return pick(scored, key=scored.get)
+
+
+def factor_name(key: str) -> str:
+    return FACTOR_NAMES.get(key, key)
 
 
 class Group:
@@ -45,7 +95,7 @@ class Group:
     def values(self, metric: str, best: bool = False) -> list:
         out = []
         for result in self.results.values():
-            value = result.get("best", {}).get(metric, {}).get("value") if best else result.get(metric)
+            value = result.get("best", {}).get(metric, {}).get("value") if best else metric_value(result, metric)
             if isinstance(value, (int, float)):
                 out.append(float(value))
         return out
@@ -110,7 +160,7 @@ class Report:
         self.states = sweep_lib.collect(self.workdir, self.sweep)  # results.jsonl from the result.json files
         self.rows = sweep_lib.read_results(self.workdir)
         self.metric = self.sweep.metric
-        self.lower_is_better = "accuracy" not in self.metric
+        self.lower_is_better = not selection.higher_is_better(self.metric)
         by_name = {row["cell"]: row["result"] for row in self.rows}
         self.groups = {}
         for cell in self.sweep.cells:
@@ -130,14 +180,23 @@ class Report:
             raise UserError(f"the sweep's report.stages names stage {unknown[0]!r}, which it does not have "
                             f"(stages: {stages})")
         self.main_groups = [g for g in self.groups.values() if g.stage in self.main_stages]
+        self.select = list(spec.get("select") or [])
+        self.selection_metric = spec.get("selection_metric", "eval_loss")
+        choose({}, self.selection_metric)  # refuses a test metric before anything is written
         self.row_key = spec.get("rows", "label")
         self.column_key = spec.get("columns", self._default_column())
         self.columns = _sorted_values(g.factors[self.column_key] for g in self.main_groups
                                       if self.column_key in g.factors) if self.column_key else []
         self.row_names = list(dict.fromkeys(self._row_of(g) for g in self.main_groups))
 
+    def color_of(self, plt, row: str):
+        """One colour per row (strategy), the same in every figure of the report."""
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        labels = list(dict.fromkeys(self._row_of(g) for g in self.groups.values()))
+        return colors[labels.index(row) % len(colors)] if row in labels else colors[0]
+
     def _default_column(self):
-        keys = [set(g.factors) for g in self.main_groups if g.factors]
+        keys = [set(g.factors) - set(self.select) for g in self.main_groups if g.factors]
         common = set.intersection(*keys) if keys else set()
         return sorted(common)[0] if len(common) == 1 else None
 
@@ -153,18 +212,63 @@ class Report:
                 and (self.column_key not in g.factors or repr(g.factors[self.column_key]) == repr(column))]
 
     def pivot(self, best: bool = False) -> list:
-        """[(row, [(mean, std, note, n) per column])] for the main table (n: seeds averaged)."""
+        """[(row, [(mean, std, note, n) per column])] for the main table (n: seeds averaged).
+
+        With `report.select`, each entry is the candidate chosen on validation (`chosen`), and
+        its note names the chosen value(s); steps to the best checkpoint and budget-cap flags too.
+        """
         table = []
         for row in self.row_names:
             entries = []
             for column in (self.columns or [None]):
                 groups = self.pivot_groups(row, column) if self.column_key else \
                     [g for g in self.main_groups if self._row_of(g) == row]
+                groups, choice = self.chosen(groups)
                 values = [v for g in groups for v in g.values(self.metric, best)]
-                notes = [g.status_note() for g in groups if g.status_note()]
+                notes = [g.status_note() for g in groups if g.status_note()] + choice
                 entries.append((*mean_std(values), "; ".join(notes), len(values)))
             table.append((row, entries))
         return table
+
+    def chosen(self, groups: list) -> tuple:
+        """(the groups of the candidate chosen on validation, ["field=value" notes]); all groups without select."""
+        if not self.select:
+            return groups, []
+        candidates = {}
+        for g in groups:
+            key = tuple((k, repr(g.factors.get(k))) for k in self.select if k in g.factors)
+            candidates.setdefault(key, []).append(g)
+        if len(candidates) <= 1:
+            return groups, []
+        pick = choose({k: [r for g in gs for r in g.results.values()] for k, gs in candidates.items()},
+                      self.selection_metric)
+        if pick is None:
+            return groups, ["no candidate finished"]
+        shown = candidates[pick][0].factors
+        return candidates[pick], [", ".join(f"{_short(k)}={_value_text(shown[k])}" for k, _ in pick)]
+
+    def budget_table(self) -> list:
+        """[(row, [text per column])]: mean steps to the best checkpoint of the chosen entry, of the budget;
+        "(cap)" where a seed hit its budget while still improving. Empty when no result has a selection record."""
+        table, any_record = [], False
+        for row in self.row_names:
+            texts = []
+            for column in (self.columns or [None]):
+                groups = self.pivot_groups(row, column) if self.column_key else \
+                    [g for g in self.main_groups if self._row_of(g) == row]
+                records = [r["selection"] for g in self.chosen(groups)[0] for r in g.results.values()
+                           if r.get("selection") and r["selection"].get("best_step") is not None]
+                any_record = any_record or bool(records)
+                if not records:
+                    texts.append(MISSING)
+                    continue
+                steps = np.mean([s["best_step"] for s in records])
+                cap = any(s.get("hit_budget_while_improving") for s in records)
+                stopped = sum(bool(s.get("stopped_early")) for s in records)
+                texts.append(f"{steps:.0f} / {records[0].get('budget_steps')} ({stopped}/{len(records)} stopped early)"
+                             + (" (cap)" if cap else ""))
+            table.append((row, texts))
+        return table if any_record else []
 
     def _best_per_column(self, table) -> list:
         best = []
@@ -187,15 +291,32 @@ class Report:
                   f"({sweep_lib._counts_text(counts)}).", ""]  # pylint: disable=protected-access
         lines += self._provenance() + [""]
         better = "lower" if self.lower_is_better else "higher"
-        what = (f"final `{self.metric}` after the last step ({better} is better), mean ± sample std over seeds; "
+        source = ("of the best checkpoint (chosen on the validation split), scored on the test split"
+                  if self.metric.startswith("test_") else
+                  "of the best checkpoint, on the validation split" if self.metric.startswith("eval_") else "")
+        what = (f"`{self.metric}` {source} ({better} is better), mean ± sample std over seeds; "
                 "bold: the best mean in each column")
-        factor = f"`{self.column_key}`" if self.column_key else None
+        if self.select:
+            what += (f"; {', '.join(f'`{k}`' for k in self.select)} chosen per entry on validation "
+                     f"`{self.selection_metric}` (the chosen value in brackets)")
+
+        factor = f"{factor_name(self.column_key)} (`{self.column_key}`)" if self.column_key else None
         lines += [f"## Main table: {what}", ""]
         lines += self._md_pivot(self.pivot())
         if factor:
             lines += ["", f"Columns: {factor}. Rows without that factor do not depend on it; their value fills the row."]
-        lines += ["", f"## Best `{self.metric}` reached during training (over the evaluations logged)", ""]
-        lines += self._md_pivot(self.pivot(best=True))
+        budget = self.budget_table()
+        if budget:
+            lines += ["", "## Steps to the best checkpoint (mean over seeds) / step budget", ""]
+            lines += ["| " + " | ".join([self._row_title()] + [self._column_title(c) for c in self.columns or [None]])
+                      + " |", "| --- |" + " ---: |" * len(self.columns or [None])]
+            lines += ["| " + " | ".join([row] + texts) + " |" for row, texts in budget]
+            lines += ["", "(cap): a seed ended at its step budget while its validation metric was still improving: "
+                          "its number is a lower bound on what more steps would give."]
+        if not self.metric.startswith("test_"):  # the protocol's own table already is the best checkpoint's
+            lines += ["", f"## Best `{self.metric}` reached during training (over the evaluations logged; chosen and "
+                          "measured on the same split, so optimistic: report test_* metrics for a study)", ""]
+            lines += self._md_pivot(self.pivot(best=True))
         lines += ["", "## Every configuration", ""] + self._md_long()
         lines += ["", "## Cells not finished", ""] + self._md_unfinished()
         if figures:
@@ -395,13 +516,12 @@ class Report:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         numeric = bool(self.columns) and all(_num(c) is not None for c in self.columns)
         rows = list(dict.fromkeys(d[0] for d in data))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         if self.column_key:
             positions = {repr(c): (c if numeric else i) for i, c in enumerate(self.columns)}
             for i, row in enumerate(rows):
                 points = [(positions[repr(x)], m, s) for r, x, m, s, _ in data if r == row and x is not None]
                 flat = [(m, s) for r, x, m, s, _ in data if r == row and x is None]
-                color = colors[i % len(colors)]
+                color = self.color_of(plt, row)
                 if points:
                     xs, ms, ss = zip(*points)
                     ax.errorbar(xs, ms, yerr=[s or 0.0 for s in ss], marker="o", capsize=3, label=row, color=color)
@@ -413,19 +533,19 @@ class Report:
                 ax.set_xscale("log")
             ax.set_xticks([positions[repr(c)] for c in self.columns])
             ax.set_xticklabels([_value_text(c) for c in self.columns])
-            ax.set_xlabel(self.column_key)
+            ax.set_xlabel(factor_name(self.column_key))
             ax.legend(fontsize=8, ncol=2)
-            caption = (f"Final {self.metric} against {self.column_key} (mean ± std over seeds; dashed: "
+            caption = (f"{self.metric} against {factor_name(self.column_key)} (mean ± std over seeds; dashed: "
                        "runs that do not depend on it)")
         else:
             xs = np.arange(len(data))
             ax.bar(xs, [d[2] for d in data], yerr=[d[3] or 0.0 for d in data], capsize=3,
-                   color=[colors[i % len(colors)] for i in range(len(data))])
+                   color=[self.color_of(plt, d[0]) for d in data])
             ax.set_xticks(xs)
             ax.set_xticklabels([d[0] for d in data], rotation=30, ha="right")
-            caption = f"Final {self.metric} per configuration (mean ± std over seeds)"
-        ax.set_ylabel(f"final {self.metric}")
-        ax.set_title(self.sweep.name)
+            caption = f"{self.metric} per configuration (mean ± std over seeds)"
+        ax.set_ylabel(_metric_label(self.metric))
+        ax.set_title(self.sweep.name, fontsize=10, wrap=True)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"{stem}.png"
@@ -453,8 +573,11 @@ class Report:
         fig, axes = plt.subplots(*shape, figsize=(3.4 * shape[1], 2.5 * shape[0]), squeeze=False,
                                  sharex=True, sharey=True)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        from matplotlib.ticker import MaxNLocator
+
         for g in groups:
             ax = axes[layout[id(g)]]
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))  # steps are whole numbers
             for cell in g.cells:
                 records = curves[g.cells[0].name][cell.name]
                 color = colors[cell.seed % len(colors)]
@@ -465,10 +588,14 @@ class Report:
                 if evals:
                     ax.plot(*zip(*evals), color=color, linestyle="--", marker=".", linewidth=1,
                             label=f"eval, seed {cell.seed}")
-            title = g.label + "".join(f", {_short(k)}={_value_text(v)}" for k, v in g.factors.items())
+            title = g.label + "".join(f", {factor_name(k)} {_value_text(v)}" for k, v in g.factors.items())
             ax.set_title(title, fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
+        for ax in axes[-1]:
+            ax.set_xlabel("step", fontsize=7)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("loss (nats/token)", fontsize=7)
         used = set(layout.values())
         for index in np.ndindex(*shape):
             if index not in used:
@@ -477,12 +604,18 @@ class Report:
         if handles:
             fig.legend(handles, names, loc="lower center", ncol=min(6, len(handles)), fontsize=7,
                        bbox_to_anchor=(0.5, 0.0))
-        fig.suptitle(f"{self.sweep.name}, stage {stage}: loss against step (solid: train, dashed: eval)", fontsize=9)
+        fig.suptitle(f"stage {stage}: loss against step\n(solid: train, dashed: validation)", fontsize=9)
         fig.tight_layout(rect=(0, 0.05, 1, 0.97))
         path = out / f"curves_{stage}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path, f"Loss curves of stage {stage}, every cell (colour: seed)"
+
+
+def _metric_label(metric: str) -> str:
+    unit = ("nats/token" if metric.endswith("loss") else "bits/byte" if metric.endswith("bits_per_byte")
+            else "fraction" if selection.higher_is_better(metric) else "")
+    return f"{metric} ({unit})" if unit else metric
 
 
 def _tex(text) -> str:

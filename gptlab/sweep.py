@@ -21,7 +21,9 @@ returning a plain dict:
                      that stage (same values of that stage's varied fields, and seed if it
                      varies seeds) through `finetune.init_from`
         label        the stage's name in reports (default: the stage name)
-    report       {"rows": "label" or a field, "columns": a grid field, "stages": [...]} (optional)
+    report       {"rows": "label" or a field, "columns": a grid field, "stages": [...],
+                  "select": [grid fields chosen on validation, e.g. the learning rate],
+                  "selection_metric": the validation metric that chooses} (optional; gptlab/report.py)
 
 Cells are variants x grid x seeds; each runs in DIR/runs/CELL/ as the real entry
 point would (`python -m experiments.pretrain|finetune --config=... --config.FIELD=...`,
@@ -35,8 +37,17 @@ command retries failed cells and runs whatever is left. Every cell event
 rewrites DIR/results.jsonl (one line per finished cell, with its result.json)
 and DIR/status.json from the per-cell files, atomically, so a finished result
 is never lost and both files can always be rebuilt.
+
+Where cells run: as processes on this machine (the default), or as jobs of a
+cluster scheduler through `submitit` (`pip install -e ".[cluster]"`): SLURM
+(`executor="slurm"`), or submitit's local executor (`"submitit_local"`, the same
+code path on one machine, for trying and testing it). A job runs `run_cell` on
+its node: the cell's same command, its lock and its log; SIGTERM or submitit's
+preemption/timeout signal (SIGUSR2) reach the cell, which saves a checkpoint and
+stops, so a preempted or timed-out job is an interrupted cell that the next run of
+the sweep resumes. The sweep process itself stays on the submitting machine, which
+must share the workdir's filesystem with the nodes.
 """
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -55,6 +66,10 @@ import time
 import traceback
 from typing import Callable, Optional
 
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path
+
 from gptlab import lock as lock_lib
 from gptlab import results
 from gptlab.errors import Preempted, UserError
@@ -64,7 +79,7 @@ EXPERIMENTS = ("pretrain", "finetune")
 SPEC_KEYS = {"name", "description", "metric", "stages", "report"}
 STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label"}
 VARIANT_RESERVED = ("label", "config")
-REPORT_KEYS = {"rows", "columns", "stages"}
+REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
 STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending")
 FRESH = "choose a new --workdir to start fresh, or delete {dir} to discard what it holds"
 
@@ -326,30 +341,29 @@ def _normalise_config(spec: str) -> str:
 
 
 def _cli_values(config_spec: str, cli_overrides: dict, used: set) -> dict:
-    """--set values parsed as the entry point's flags parse them (text for str fields, else a Python
-    literal), for the fields this config has."""
+    """--set values for the fields this config has, parsed by ml_collections' own flag parser, exactly as
+    the entry point would parse `--config.FIELD=VALUE`."""
     if not cli_overrides:
         return {}
     config = experiment_config(config_spec)
-    parsed = {}
-    for key, text in cli_overrides.items():
-        *parents, field = key.split(".")
-        try:
-            node = _get_field(config, ".".join(parents)) if parents else config
-            field_type = node.get_ref(field).get_type()
-        except (KeyError, AttributeError):
-            continue
-        used.add(key)
-        parsed[key] = text if field_type is str else _literal(text, key)
-    return parsed
-
-
-def _literal(text: str, key: str):
+    present = [key for key in cli_overrides if _has_field(config, key)]
+    used.update(present)
+    argv = ["sweep"] + [f"--config.{key}={cli_overrides[key]}" for key in present]
+    parser = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=parser, sys_argv=argv)
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise UserError(f"--set {key}={text}: not a Python literal (numbers, True/False, tuples like "
-                        "\"('a',)\", quoted strings)") from None
+        parser(argv)
+    except flags.Error as e:
+        raise UserError(f"--set: {str(e).splitlines()[0]}") from None
+    return {key: config_path.get_value(key, parser.config) for key in present}
+
+
+def _has_field(config, dotted: str) -> bool:
+    try:
+        config_path.get_value(dotted, config)
+        return True
+    except (KeyError, AttributeError, IndexError, ValueError):
+        return False
 
 
 def _match_upstream(cell: Cell, upstream: list, where: str) -> Cell:
@@ -367,15 +381,6 @@ def _match_upstream(cell: Cell, upstream: list, where: str) -> Cell:
     return matches[0]
 
 
-def _get_field(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not hasattr(node, "keys") or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
-
-
 def build_config(cell: Cell, init_from: Optional[str] = None):
     """The cell's experiment config: the preset with the cell's overrides, seed and init_from applied.
 
@@ -387,22 +392,17 @@ def build_config(cell: Cell, init_from: Optional[str] = None):
     if cell.depends_on:
         values["finetune.init_from"] = init_from
     for dotted, value in values.items():
-        *parents, field = dotted.split(".")
-        node = config
-        for i, part in enumerate(parents):
-            if not hasattr(node, "keys") or part not in node:
-                raise UserError(f"{where}: {dotted!r} is not a config field ({'.'.join(parents[:i + 1])} does not "
-                                f"exist; groups: {sorted(config.keys())}); fix the key in the ablation config")
-            node = node[part]
-        if not hasattr(node, "keys") or field not in node:
-            known = sorted(node.keys()) if hasattr(node, "keys") else []
-            raise UserError(f"{where}: {dotted!r} is not a config field (fields of {'.'.join(parents) or 'the config'}:"
-                            f" {', '.join(known)}); fix the key in the ablation config")
-        current = node[field]
+        if not _has_field(config, dotted):
+            parent = dotted.rpartition(".")[0]
+            node = config_path.get_value(parent, config) if parent and _has_field(config, parent) else None
+            known = f"fields of {parent}: {', '.join(sorted(node.keys()))}" if hasattr(node, "keys") else \
+                f"groups: {', '.join(sorted(config.keys()))}"
+            raise UserError(f"{where}: {dotted!r} is not a config field ({known}); fix the key in the ablation config")
+        current = config_path.get_value(dotted, config)
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
         try:
-            node[field] = value
+            config_path.set_value(dotted, config, value)
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: {dotted}={value!r} has the wrong type for a field holding "
                             f"{current!r} ({e}); fix the value in the ablation config") from None
@@ -573,16 +573,126 @@ def _error_line(log_path: pathlib.Path, offset: int) -> str:
     return lines[-1][:500] if lines else "no output"
 
 
+# -- cells as cluster jobs (submitit) --------------------------------------------------------------
+
+EXECUTORS = ("local", "submitit_local", "slurm")  # local: processes of this machine, without submitit
+SUBMITIT_DEFAULTS = {"timeout_min": 24 * 60}  # submitit's own default (5 minutes locally) would stop long cells
+
+
+def make_executor(kind: str, folder, parameters: dict):
+    """A submitit executor for `kind` ("submitit_local" or "slurm") with `parameters` (submitit's
+    AutoExecutor names: timeout_min, gpus_per_node, cpus_per_task, mem_gb, slurm_partition, ...)."""
+    if kind == "local":
+        if parameters:
+            raise UserError("--submitit=... needs --executor=slurm or --executor=submitit_local")
+        return None
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f'--executor={kind} needs submitit: pip install -e ".[cluster]"') from None
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if kind == "submitit_local" else "slurm")
+    except RuntimeError as e:  # no SLURM here ("Could not detect srun")
+        raise UserError(f"--executor={kind}: {e}; run the sweep on a SLURM login node, or use --executor=local") from None
+    try:
+        executor.update_parameters(**{**SUBMITIT_DEFAULTS, **parameters})
+    except (ValueError, TypeError, NameError, AssertionError) as e:  # submitit: unknown or mistyped parameters
+        raise UserError(f"--submitit: {str(e).splitlines()[0]} (the generic ones: timeout_min, mem_gb, "
+                        "cpus_per_task, gpus_per_node, nodes, tasks_per_node; SLURM's: slurm_partition, ...)") from None
+    return executor
+
+
+def run_cell(command: list, log_path: str, lock_path: str, env: dict) -> int:
+    """A cell's job on its node: runs `command` in the repository holding the cell's lock; returns its exit status.
+
+    SIGTERM and SIGUSR2 (submitit's preemption/timeout signal) become one SIGTERM to the cell,
+    which saves a checkpoint and exits with Preempted.EXIT_CODE; a second one stops it at once.
+    """
+    try:
+        lock = _Lock(pathlib.Path(lock_path))
+    except OSError:
+        with open(log_path, "a", encoding="utf-8") as out:
+            out.write(f"error: another process is running this cell (pid in {lock_path})\n")
+        return 1
+    try:
+        if (pathlib.Path(lock_path).parent / results.FILENAME).exists():
+            return 0  # a job that was queued twice (a sweep restarted meanwhile): the cell already finished
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, env={**os.environ, **env})
+        os.ftruncate(lock.fd, 0)
+        os.pwrite(lock.fd, str(process.pid).encode(), 0)  # the sweep signals it through this pid (same machine)
+        forward = lambda signum, frame: process.send_signal(signal.SIGTERM)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+        try:
+            return process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        lock.release()
+
+
+class _Job:
+    """A cell submitted through submitit, with the part of subprocess.Popen's interface the runner uses."""
+
+    def __init__(self, job, lock_path: pathlib.Path, on_slurm: bool):
+        self.job, self.lock_path, self.on_slurm = job, lock_path, on_slurm
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and self.job.done():
+            try:
+                self.returncode = int(self.job.result())
+            except Exception:  # pylint: disable=broad-except  # cancelled, killed, or lost by the scheduler
+                self.returncode = -signal.SIGKILL
+        return self.returncode
+
+    def wait(self):
+        while self.poll() is None:
+            time.sleep(0.5)
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        """Asks the cell to stop at a checkpoint (a job still queued is cancelled)."""
+        if self.on_slurm and self.job.state not in ("PENDING", "REQUEUED"):
+            subprocess.call(["scancel", f"--signal={signal.Signals(sig).name[3:]}", str(self.job.job_id)])
+            return
+        pid = _read_pid(self.lock_path) if not self.on_slurm else None
+        if pid is not None and _is_locked(self.lock_path):
+            os.kill(pid, sig)
+        else:
+            self.job.cancel(check=False)
+
+    def kill(self) -> None:
+        pid = None if self.on_slurm else _read_pid(self.lock_path)
+        if pid is not None and _is_locked(self.lock_path):
+            os.kill(pid, signal.SIGKILL)
+        self.job.cancel(check=False)
+
+
+def _read_pid(path: pathlib.Path):
+    return lock_lib.read_holder(path).get("pid")
+
+
 class Runner:
-    """Runs a sweep's cells: in order (or `parallel` at once), skipping finished ones, recording every outcome."""
+    """Runs a sweep's cells: in order (or `parallel` at once), skipping finished ones, recording every outcome.
+
+    `executor`: one of EXECUTORS; `submitit`: parameters of its submitit executor (`make_executor`).
+    """
 
     def __init__(self, sweep: Sweep, workdir, parallel: int = 1, in_process: bool = False,
-                 compilation_cache: Optional[str] = None, log: Callable = print):
+                 compilation_cache: Optional[str] = None, log: Callable = print, executor: str = "local",
+                 submitit: Optional[dict] = None):
         if parallel < 1:
             raise UserError(f"--parallel={parallel} must be at least 1")
-        if in_process and parallel != 1:
-            raise UserError("--in_process runs one cell at a time: drop --parallel or --in_process")
+        if executor not in EXECUTORS:
+            raise UserError(f"--executor={executor!r}: choose one of {', '.join(EXECUTORS)}")
+        if in_process and (parallel != 1 or executor != "local"):
+            raise UserError("--in_process runs one cell at a time in this process: drop --parallel, --executor "
+                            "or --in_process")
         self.sweep, self.parallel, self.in_process = sweep, parallel, in_process
+        self.executor_kind, self.submitit, self.executor = executor, dict(submitit or {}), None
         self.workdir = pathlib.Path(workdir).expanduser().absolute()
         self.compilation_cache = compilation_cache
         self._print = log
@@ -612,6 +722,7 @@ class Runner:
                             "wait for it to finish or stop it") from None
         try:
             write_sweep_json(self.workdir, self.sweep)
+            self.executor = make_executor(self.executor_kind, self.workdir / "submitit", self.submitit)
             return self._run_locked(only)
         finally:
             lock.release()
@@ -651,7 +762,8 @@ class Runner:
         self.log(f"sweep {self.sweep.name}: {len(cells)} cells in {self.workdir} "
                  f"({_counts_text(kinds)}); {len(todo)} to run, "
                  + (f"{self.parallel} at a time" if self.parallel > 1 else "one at a time")
-                 + (" in this process" if self.in_process else ""))
+                 + (" in this process" if self.in_process else "")
+                 + (f", as {self.executor_kind} jobs through submitit" if self.executor is not None else ""))
         self.total, self.done_before = len(cells), len(cells) - len(todo)
         self.finished_now, self.seconds_now = 0, 0.0
         self.outcomes = {}
@@ -759,12 +871,20 @@ class Runner:
 
     def _start(self, cell: Cell) -> None:
         directory, command, log_path, offset, _ = self._prepare(cell)
-        lock = _Lock(directory / ".lock")
-        env = dict(os.environ)
-        if self.compilation_cache and "JAX_COMPILATION_CACHE_DIR" not in env:
+        cache = {}
+        if self.compilation_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
             # Cells of one strategy share their compiled steps (seeds and data fractions change no shapes).
-            env.update(JAX_COMPILATION_CACHE_DIR=self.compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+            cache = dict(JAX_COMPILATION_CACHE_DIR=self.compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+        if self.executor is not None:  # the job takes the cell's lock where it runs
+            job = self.executor.submit(run_cell, command, str(log_path), str(directory / ".lock"), cache)
+            self._record(cell, {"status": "running", "job_id": str(job.job_id)})
+            self.log(f"  submitted {cell.name} as job {job.job_id}")
+            self.running[cell.name] = (_Job(job, directory / ".lock", self.executor.cluster == "slurm"), None,
+                                       time.perf_counter(), offset)
+            return
+        lock = _Lock(directory / ".lock")
+        env = {**os.environ, **cache}
         with open(log_path, "ab") as out:
             # Own session: a terminal's Ctrl-C reaches the sweep only, which forwards exactly one SIGTERM.
             # The child inherits the cell's lock, so a cell outliving a killed sweep is never started twice.
@@ -778,7 +898,8 @@ class Runner:
     def _finish(self, name: str, interrupted: bool = False) -> dict:
         process, lock, started, offset = self.running.pop(name)
         code = process.wait()
-        lock.release()
+        if lock is not None:  # a submitit job released its own
+            lock.release()
         cell = self.sweep.cell(name)
         directory = run_dir(self.workdir, name)
         seconds = time.perf_counter() - started

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -20,15 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import lock as lock_lib
 from gptlab import model as model_lib
+from gptlab import metrics as metrics_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
 from gptlab import perf
+from gptlab import progress as progress_lib
 from gptlab import results
+from gptlab import selection as selection_lib
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import pipeline
 from gptlab.errors import Preempted, UserError
@@ -142,13 +143,44 @@ def make_eval_step(loss_fn: LossFn, axis_name=None):
     return eval_step
 
 
-def evaluate(eval_step, params, batches) -> dict:
+def evaluate(eval_step, params, batches, prefix: str = "eval") -> dict:
+    """Metrics over `batches` (see `metrics_from_sums`), keys starting with `prefix`_."""
+    return metrics_from_sums(sum_batches(eval_step, params, batches), prefix)
+
+
+def sum_batches(eval_step, params, batches) -> dict:
     totals = defaultdict(float)
     for batch in batches:
         for key, value in jax.device_get(eval_step(params, batch)).items():
-            totals[key] += float(value)
-    averages = {f"eval_{k}": v / totals["count"] for k, v in totals.items() if k not in ("loss_sum", "count", "tokens")}
-    return {"eval_loss": totals["loss_sum"] / totals["count"], **averages}
+            totals[key] = totals[key] + np.asarray(value, np.float64)
+    return dict(totals)
+
+
+def metrics_from_sums(totals: dict, prefix: str = "eval") -> dict:
+    """Loss, perplexity, every other sum averaged per count, and from a summed `confusion`
+    matrix (classification) the macro-averaged F1. The same at training time and in evaluate."""
+    loss = float(totals["loss_sum"] / totals["count"])
+    metrics = {f"{prefix}_loss": loss, f"{prefix}_perplexity": float(np.exp(min(loss, 700.0)))}
+    for key, value in totals.items():
+        if key == "confusion":
+            metrics[f"{prefix}_macro_f1"] = macro_f1(value)
+        elif key not in ("loss_sum", "count", "tokens"):
+            metrics[f"{prefix}_{key}"] = float(value / totals["count"])
+    return metrics
+
+
+def macro_f1(confusion) -> float:
+    """Unweighted mean over classes of F1 from a confusion matrix (rows: true, columns: predicted).
+
+    A class that is neither present nor predicted counts as F1 = 0 only if it is present
+    or predicted; classes absent from both are left out of the mean.
+    """
+    confusion = np.asarray(confusion, np.float64)
+    true_pos = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    seen = (support + predicted) > 0
+    f1 = np.divide(2 * true_pos, support + predicted, out=np.zeros_like(true_pos), where=seen)
+    return float(f1[seen].mean()) if seen.any() else 0.0
 
 
 def resolve_model_config(config, tokenizer) -> model_lib.GPTConfig:
@@ -182,6 +214,7 @@ def check_train_config(config) -> None:
             raise UserError(f"train.num_steps={train.num_steps} must be >= 0 (0: evaluate only)")
         if name != "num_steps" and getattr(train, name) < 1:
             raise UserError(f"train.{name}={getattr(train, name)} must be positive")
+    selection_lib.check_config(config)
     if data.batch_size < 1:
         raise UserError(f"data.batch_size={data.batch_size} must be positive")
     if data.batch_size % train.grad_accum_steps:
@@ -261,8 +294,9 @@ def run_experiment(config, workdir, experiment) -> dict:
     try:
         # Proven writable now, in seconds, rather than at the first save inside Orbax's writer threads.
         checkpoint_lib.check_writable(workdir / "checkpoints", what="the checkpoint directory ")
-        checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", config.checkpoint.max_to_keep,
-                                                 config.checkpoint.async_save)
+        checkpoints = checkpoint_lib.Checkpoints(
+            workdir / "checkpoints", config.checkpoint.max_to_keep, config.checkpoint.async_save,
+            selection_metric=config.train.get("selection_metric", "eval_loss"))
     except BaseException:
         if writer_lock:
             writer_lock.release()
@@ -278,6 +312,7 @@ def run_experiment(config, workdir, experiment) -> dict:
                 moved = checkpoints.quarantine(e.step)
                 log(f"warning: {e}; moved it to {moved} and falling back to the previous checkpoint")
     finally:
+        metrics_lib.finish_wandb()  # a run that stopped early: its W&B run (if any) is marked failed
         try:
             checkpoints.close()
         finally:
@@ -362,7 +397,14 @@ def pretrain_experiment(config, data, log) -> "Experiment":
         loss_fn=lm_loss_fn(model), tx=tx, schedule=schedule, batches=data.train,
         eval_batches=data.eval_batches(config.train.eval_batches), tokenizer=tokenizer,
         config_json=resolved_config_json(config, model_cfg, seq_len),
-        flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len), dtype=model_cfg.dtype)
+        flops_per_token=model_lib.flops_per_token(model_cfg, num_params, seq_len), dtype=model_cfg.dtype,
+        test_batches=test_batches(data, config.train.eval_batches))
+
+
+def test_batches(data, num_batches: int):
+    """The test split's fixed batches, where the data has a test split (`data.test_split`), else None."""
+    get = getattr(data, "test_batches", None)
+    return get(num_batches) if get is not None else None
 
 
 def resolved_config_json(config, model_cfg: model_lib.GPTConfig, seq_len: int) -> dict:
@@ -390,6 +432,7 @@ class Experiment:
     dtype: str  # compute dtype, for the log
     init_from: Optional[Callable] = None  # (fresh state, abstract state) -> state holding pretrained parameters
     trainable: Any = None  # bool tree: differentiate and update only these parameters (None: all)
+    test_batches: Optional[list] = None  # the test split's batches: the best checkpoint is scored there, at the end
 
 
 def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
@@ -406,10 +449,16 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     state, train_step, eval_step = init_and_compile(config, exp, parallel)
     latest = checkpoints.latest_step()
+    train_cfg = config.train
+    stopping = selection_lib.EarlyStopping(train_cfg.get("selection_metric", "eval_loss"),
+                                           train_cfg.get("early_stopping_patience", 0))
+    abstract = parallel.abstract_state(state)
     if latest is not None:
-        state, items = checkpoints.restore(latest, parallel.abstract_state(state))
+        state, items = checkpoints.restore(latest, abstract)
         state = parallel.place_restored(state)
         exp.batches.restore(items["data"])
+        if items.get("selection"):
+            stopping = selection_lib.EarlyStopping.from_json(items["selection"], stopping.metric, stopping.patience)
         log(f"resumed from {checkpoints.directory / str(latest)} (step {latest})")
     elif exp.init_from is not None:
         state = parallel.place_restored(exp.init_from(parallel.checkpointable(state), parallel.abstract_state(state)))
@@ -417,22 +466,55 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
         log("no checkpoint in the workdir: starting from scratch")
     batches = prefetched(config, exp.batches, parallel)  # after the restore: it reads ahead from there
 
-    def save(step, state, wait=False):
+    def save(step, state, wait=False, metrics=None):
         checkpoints.save(step, parallel.checkpointable(state), data=batches.state(), config=exp.config_json,
-                         tokenizer=exp.tokenizer.to_json())
+                         tokenizer=exp.tokenizer.to_json(), selection=stopping.to_json(), metrics=metrics)
         if wait:
             checkpoints.wait()
 
     try:
         final = run_loop(config, workdir, state, batches, train_step, eval_step, exp.eval_batches, save, log,
-                         is_main, flops_per_token=exp.flops_per_token, dtype=exp.dtype)
+                         is_main, flops_per_token=exp.flops_per_token, dtype=exp.dtype, stopping=stopping)
     finally:
         if batches is not exp.batches:
             batches.close()
+    final["selection"] = selection_record(config, checkpoints, stopping, final, log, lambda step: evaluate(
+        eval_step, parallel.place_restored(checkpoints.restore(step, abstract)[0]).params, exp.test_batches,
+        prefix="test") if exp.test_batches else None)
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
-        results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params), exp.trainable,
-                             wall_time_s=time.perf_counter() - started, resumed_from_step=latest)
+        result = results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params),
+                                      exp.trainable, wall_time_s=time.perf_counter() - started,
+                                      resumed_from_step=latest)
+        metrics_lib.finish_wandb(workdir, result)
+        for line in progress_lib.summary_lines(workdir, result, "finetune" if "finetune" in exp.config_json
+                                               else "pretrain"):
+            log(line)
     return final
+
+
+def selection_record(config, checkpoints, stopping, final: dict, log, test_of_step) -> dict:
+    """result.json's `selection`: the best checkpoint (by validation), its validation and test metrics,
+    and how the run ended (stopped early, or at the budget cap while still improving)."""
+    checkpoints.wait()
+    best_step = stopping.best_step
+    record = {"metric": stopping.metric, "mode": selection_lib.mode(stopping.metric), "split": config.data.eval_split,
+              "best_step": best_step, "validation": stopping.best_metrics, "test_split": config.data.get("test_split"),
+              "test": None, "patience": stopping.patience, "stopped_early": stopping.stopped,
+              "budget_steps": config.train.num_steps, "last_step": final["step"]}
+    # At the cap and the last evaluation was the best: more steps would likely have helped.
+    record["hit_budget_while_improving"] = bool(
+        best_step is not None and not stopping.stopped and final["step"] >= config.train.num_steps
+        and stopping.evals_since_best == 0 and best_step > 0)
+    if best_step is not None and best_step in checkpoints.manager.all_steps():
+        orbax_best = checkpoints.manager.best_step()
+        if orbax_best != best_step:  # both rank the same metrics; a difference means a foreign checkpoint
+            log(f"warning: Orbax ranks step {orbax_best} best, the run's record step {best_step}; scoring {best_step}")
+        record["test"] = test_of_step(best_step)
+        if record["test"]:
+            log(f"best checkpoint: step {best_step}, {stopping.metric} {stopping.best_value:.4f} on "
+                f"{config.data.eval_split}; on {config.data.test_split}: " +
+                " | ".join(f"{k} {v:.4f}" for k, v in record["test"].items()))
+    return record
 
 
 def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel) -> tuple:
@@ -582,36 +664,44 @@ def check_finite(fetched, skip_nonfinite: bool, max_in_a_row: int, in_a_row: int
 
 
 def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batches, save, log, is_main,
-             flops_per_token: float, dtype: str) -> dict:
+             flops_per_token: float, dtype: str, stopping=None) -> dict:
     """The loop every experiment shares: step, log, evaluate, checkpoint; returns final metrics.
 
-    `save(step, state, wait=False)` writes a checkpoint (in the background unless `wait`).
+    `save(step, state, wait=False, metrics=None)` writes a checkpoint (in the background unless
+    `wait`); `metrics`, the validation metrics of that step, rank it for the best checkpoint.
+    `stopping` (gptlab.selection.EarlyStopping) records every evaluation: a new best is saved at
+    once, and the loop ends after `train.early_stopping_patience` evaluations without one.
     """
+    stopping = stopping or selection_lib.EarlyStopping(train_cfg_metric(config), 0)
     train = config.train
     start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
     peak, peak_source = perf.total_peak_tflops(train.peak_tflops)
     log(f"MFU is measured against {peak:.3g} TFLOP/s ({peak_source}); {dtype} compute")
     profiler = perf.StepProfiler(tuple(train.get("profile_steps") or ()),
                                  train.get("profile_dir") or str(workdir / "profile"), log)
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step, wandb_config=config.get("wandb"))
     final = {"step": start_step}
-    if start_step >= train.num_steps:
+    last_step = train.num_steps
+    if stopping.stopped:
+        last_step = start_step
+        log(f"early stopping ended this run at step {start_step} (best step {stopping.best_step}): "
+            "nothing to train, evaluating only")
+    elif start_step >= train.num_steps:
         log(f"step {start_step} >= train.num_steps={train.num_steps}: nothing to train, evaluating only")
-    bar = tqdm.tqdm(total=train.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                    disable=not (is_main and sys.stderr.isatty()))
-    log.bar = bar if not bar.disable else None
+    progress = progress_lib.Progress(train.num_steps, start_step, enabled=is_main,
+                                     every_s=train.get("progress_every_s", 30.0))
+    log.bar = progress.bar if not progress.bar.disable else None
     guard = PreemptionGuard()
     pending = []  # (step, device metrics) not yet fetched; fetched only to log or before a save
     unlogged = []  # fetched (step, host metrics) since the last logged record
     in_a_row, last_saved = 0, start_step or None
     interval_start = time.perf_counter()
     try:
-        for step in range(start_step + 1, train.num_steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             profiler.before(step)
             state, metrics = train_step(state, next(batches))
             profiler.after(step, state)
             pending.append((step, metrics))
-            bar.update(1)
             log_now = step % train.log_every == 0 or step == train.num_steps
             stop = guard.stop_after(step - start_step)  # read once: a later signal is handled at a later step
             save_now = step % train.checkpoint_every == 0 or step == train.num_steps or stop
@@ -633,29 +723,53 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     tokens_per_sec=tokens / elapsed,
                     mfu=tokens / elapsed * flops_per_token / (peak * 1e12))
                 unlogged = []
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
+            evals, new_best = None, False
             if step % train.eval_every == 0 or step == train.num_steps:
-                record.update(evaluate(eval_step, state.params, eval_batches))
+                evals = evaluate(eval_step, state.params, eval_batches)
+                record.update(evals)
+                new_best = stopping.update(step, evals)
             if record:
                 writer.write(step, record)
                 log(f"step {step:6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
                 final.update(record, step=step)
-            if save_now:
-                save(step, state, wait=stop)
+                progress.observe(record)
+            progress.update(step)
+            if stopping.stopped:
+                log(f"early stopping at step {step}: {stopping.metric} has not improved on "
+                    f"{stopping.best_value:.4f} (step {stopping.best_step}) for {stopping.evals_since_best} "
+                    f"evaluations (train.early_stopping_patience={stopping.patience})")
+            if save_now or new_best or stopping.stopped:
+                if not save_now:  # an unscheduled save: first the checks a scheduled one gets
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    in_a_row = check_finite(fetched, train.skip_nonfinite_steps, train.max_nonfinite_in_a_row,
+                                            in_a_row, last_saved, log)
+                    unlogged += fetched
+                save(step, state, wait=stop or stopping.stopped, metrics=evals)
                 last_saved = step
             if stop:
                 raise Preempted(step, workdir)
+            if stopping.stopped:
+                break
             if record or save_now:  # keep evaluation and saving out of the throughput figures
                 interval_start = time.perf_counter()
     finally:
         profiler.stop()
         guard.restore()
-        bar.close()
+        progress.close()
         log.bar = None
         writer.close()
     if "eval_loss" not in final:
-        final.update(evaluate(eval_step, state.params, eval_batches))
+        evals = evaluate(eval_step, state.params, eval_batches)
+        final.update(evals)
+        if stopping.best_step is None and start_step == 0:  # evaluation only (num_steps=0): the model as given
+            stopping.update(0, evals)  # is the best checkpoint, saved so that it is scored on test like any other
+            save(0, state, wait=True, metrics=evals)
     return final
+
+
+def train_cfg_metric(config) -> str:
+    return config.train.get("selection_metric", "eval_loss")
 
 
 def _fmt(value) -> str:

@@ -1,4 +1,10 @@
-"""Shared fixtures: a TFDS data dir prepared once per session, tiny configs, no network."""
+"""Shared fixtures: a TFDS data dir prepared once per session, tiny configs, no network.
+
+Optional packages and offline data: the quick run (README) skips a test that needs one that is
+missing, saying what to install or where to put the data; with GPTLAB_TEST_FULL=1 (.ci/run) such
+a test fails instead, so CI runs everything.
+"""
+import importlib
 import os
 import pathlib
 import socket
@@ -10,6 +16,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ and experiments/ import like the entry points see them
 
 from configs import pretrain as pretrain_config  # noqa: E402
+
+FULL = os.environ.get("GPTLAB_TEST_FULL") == "1"  # .ci/run: every optional package and the offline data must be there
+# Real text the tests read offline (see ../shared/data/README.md); GPTLAB_TEST_DATA points elsewhere.
+TEST_DATA = pathlib.Path(os.environ.get("GPTLAB_TEST_DATA") or REPO.parent / "shared" / "data")
+
+
+def needs(module: str, extra: str):
+    """Imports an optional package for a test (or, at module level, a test file); skips without it."""
+    if FULL:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f'needs {module}: pip install -e ".[{extra}]" (.ci/run installs it)')
+
+
+def needs_file(path: pathlib.Path) -> None:
+    """Skips a test whose offline data file is missing (fails under GPTLAB_TEST_FULL)."""
+    if not path.is_file():
+        message = (f"needs the offline data file {path}: put ../shared/data next to the repository or set "
+                   "GPTLAB_TEST_DATA=/path/to/data (see the README's Tests section)")
+        pytest.fail(message) if FULL else pytest.skip(message)
+
 
 # Tests run on one XLA CPU device (training would split the batch over one per core, gptlab/perf.py),
 # so a test's in-process and subprocess runs compute the same numbers. Tests of several devices set their own.

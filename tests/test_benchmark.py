@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs
 from gptlab import benchmark, perf
 from gptlab.errors import UserError
 
@@ -25,11 +25,12 @@ def check_spread(spread):
     assert 0 < spread["p10_s"] <= spread["p90_s"]
 
 
+@pytest.mark.slow
 def test_command_with_synthetic_data_torch_peers_and_sampling_prints_one_json_line(tmp_path):
     """The defaults as a user gets them (no XLA_FLAGS: automatic device split), both PyTorch peers,
     memory, and sampling against Hugging Face generate."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    needs("torch", "bench")
+    needs("transformers", "bench")
     data_dir = tmp_path / "tfds"  # --synthetic must leave it untouched
     cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/pretrain.py:tiny",
            f"--config.data.data_dir={data_dir}", "--steps=2", "--warmup=1", "--synthetic", "--compare=torch",

@@ -7,11 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO
+from conftest import REPO, needs
+
+torch = needs("torch", "bench")  # the reference implementation: transformers' GPT2LMHeadModel on CPU
+transformers = needs("transformers", "bench")
+GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 from gptlab import convert
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig, init_params

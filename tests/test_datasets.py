@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO, refuse_network, tiny_config
+from conftest import FULL, REPO, TEST_DATA, needs, needs_file, refuse_network, tiny_config
 from configs import pretrain as pretrain_config
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import model as model_lib
@@ -23,8 +23,8 @@ from gptlab import tokenizers, train
 from gptlab.data import catalog, pipeline, token_cache
 from gptlab.errors import UserError
 
-SHAKESPEARE_DIR = REPO.parent / "shared" / "data" / "tinyshakespeare"  # never copied into the repository
-needs_shakespeare = pytest.mark.skipif(not (SHAKESPEARE_DIR / "input.txt").is_file(),
+SHAKESPEARE_DIR = TEST_DATA / "tinyshakespeare"  # never copied into the repository
+needs_shakespeare = pytest.mark.skipif(not FULL and not (SHAKESPEARE_DIR / "input.txt").is_file(),
                                        reason=f"the offline Tiny Shakespeare file is not at {SHAKESPEARE_DIR}")
 
 
@@ -45,8 +45,8 @@ def shakespeare_config(data_dir, preset="tiny", **overrides):
 @pytest.fixture(scope="module")
 def shakespeare(data_dir):
     """The real TFDS `tiny_shakespeare` builder, prepared from ../shared/data with the network disabled."""
-    if not (SHAKESPEARE_DIR / "input.txt").is_file():
-        pytest.skip(f"the offline Tiny Shakespeare file is not at {SHAKESPEARE_DIR}")
+    needs_file(SHAKESPEARE_DIR / "input.txt")
+    needs("tensorflow", "tf")  # the tiny_shakespeare builder reads its file with tf.io.gfile
     with pytest.MonkeyPatch.context() as monkeypatch:
         refuse_network(monkeypatch)
         builder = pipeline.prepare(shakespeare_config(data_dir).data)
@@ -90,6 +90,7 @@ def test_tensorflow_sees_no_accelerator(shakespeare):
     assert device_type is None and [d.device_type for d in devices] == ["CPU"]
 
 
+@pytest.mark.slow
 def test_tensorflow_is_only_needed_to_prepare_a_catalog_dataset(shakespeare, tmp_path):
     """Without the `tf` extra, a prepared dataset still reads; preparing one says how to install it."""
     script = textwrap.dedent(f"""
@@ -349,6 +350,7 @@ def test_shakespeare_char_is_nanogpts_baby_gpt():
             config.optimizer.b2) == (1e-3, 1e-4, 100, 0.99)
 
 
+@pytest.mark.slow
 @needs_shakespeare
 def test_cpu_shakespeare_preset_trains_on_the_real_corpus(shakespeare, tmp_path):
     config = shakespeare_config(str(shakespeare.data_dir_root), preset="shakespeare_char_cpu",

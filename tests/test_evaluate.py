@@ -85,21 +85,21 @@ def test_bytes_are_counted_from_the_text_for_any_tokenizer():
 
 def test_tasks_are_evaluated_by_their_registered_evaluator(run, monkeypatch, tmp_path):
     loaded = convert.load_workdir(run)
-    config = dict(loaded.config, finetune={"task": "classify"})
+    config = dict(loaded.config, finetune={"task": "translate"})
     params = init_params(loaded.model_cfg, jax.random.key(0))
-    convert.save_workdir(tmp_path / "classify", params, config, {"kind": "byte"}, source="test")
-    with pytest.raises(UserError, match="'classify' run and this gptlab has no evaluator"):
-        evaluate.evaluate(tmp_path / "classify", eval_config(), log=lambda *_: None)
+    convert.save_workdir(tmp_path / "translate", params, config, {"kind": "byte"}, source="test")
+    with pytest.raises(UserError, match="'translate' run and this gptlab has no evaluator"):
+        evaluate.evaluate(tmp_path / "translate", eval_config(), log=lambda *_: None)
     seen = {}
 
     def accuracy(loaded, data_cfg, config, log):
         seen.update(step=loaded.step, split=data_cfg.eval_split)
         return {"accuracy": 0.75}
 
-    monkeypatch.setitem(evaluate.TASKS, "classify", accuracy)
-    result = evaluate.evaluate(tmp_path / "classify", eval_config(data__eval_split="test"), log=lambda *_: None)
-    assert seen == {"step": 0, "split": "test"} and result["accuracy"] == 0.75 and result["task"] == "classify"
-    assert json.loads((tmp_path / "classify" / "eval.json").read_text())["accuracy"] == 0.75
+    monkeypatch.setitem(evaluate.TASKS, "translate", accuracy)
+    result = evaluate.evaluate(tmp_path / "translate", eval_config(data__eval_split="test"), log=lambda *_: None)
+    assert seen == {"step": 0, "split": "test"} and result["accuracy"] == 0.75 and result["task"] == "translate"
+    assert json.loads((tmp_path / "translate" / "eval.json").read_text())["accuracy"] == 0.75
 
 
 def test_evaluate_entry_point_takes_data_overrides_and_refuses_a_workdir_without_checkpoint(run, tmp_path):

@@ -294,7 +294,9 @@ def fingerprint(directory) -> dict:
     return out
 
 
-@pytest.mark.parametrize("strategy", adapt.STRATEGIES)
+# End to end, LoRA in the quick suite and every strategy in CI (the unit tests above cover each mask).
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=() if s == "lora" else pytest.mark.slow)
+                                      for s in adapt.STRATEGIES])
 def test_every_strategy_finetunes_a_pretrained_tiny_run(strategy, pretrained, data_dir, tmp_path):
     before = fingerprint(pretrained)
     overrides = {"finetune__trainable": (r"blocks_1/.*",)} if strategy == "regex" else {}
@@ -351,6 +353,7 @@ def test_sft_learns_responses_from_the_stdlib_functions(pretrained, data_dir, tm
     assert np.isfinite(final["eval_loss"]) and final["step"] == 4
 
 
+@pytest.mark.slow
 def test_interrupted_finetuning_resumes_bit_identically(pretrained, data_dir, tmp_path):
     config = lambda steps: ft_config(data_dir, pretrained, "last_k,tiny", train__num_steps=steps,
                                      train__checkpoint_every=3, train__log_every=1, model__dropout=0.1,
@@ -397,6 +400,7 @@ def test_a_damaged_pretrained_checkpoint_is_refused_in_one_line(pretrained, data
         finetune.finetune_and_evaluate(ft_config(data_dir, copy, "full,tiny"), tmp_path / "ft")
 
 
+@pytest.mark.slow
 def test_entry_point_runs_and_reports_bad_input_in_one_line(pretrained, data_dir, tmp_path):
     def run(preset, *args):
         cmd = [sys.executable, "-m", "experiments.finetune", f"--config=configs/finetune.py:{preset}",

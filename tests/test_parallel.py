@@ -17,6 +17,8 @@ import pytest
 
 from conftest import REPO, restore_state_numpy
 
+pytestmark = pytest.mark.slow  # every test starts several multi-device processes (CI runs them)
+
 RTOL = 1e-5  # observed: ~4e-7 relative on losses after 20 steps
 ATOL_PARAMS = 1e-5
 STEPS = 20

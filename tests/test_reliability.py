@@ -68,6 +68,7 @@ def reference(tmp_path_factory, data_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_the_rerun_matches_the_uninterrupted_run(reference, tmp_path, data_dir):
     proc = start(tmp_path, data_dir)
     wait_until(lambda: logged_steps(tmp_path) >= 7, proc)
@@ -95,6 +96,7 @@ def test_a_second_signal_exits_at_once(monkeypatch):
         guard.restore()
 
 
+@pytest.mark.slow
 def test_kill_9_at_six_points_including_mid_save_never_breaks_the_resumed_run(reference, tmp_path, data_dir):
     """One run killed again and again (after steps, and while a checkpoint is being written)."""
     kill_points = [lambda: logged_steps(tmp_path) >= 2, lambda: saving(tmp_path),
@@ -150,6 +152,7 @@ def six_and_nine_step_runs(tmp_path_factory, data_dir):
     return root, config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_damage_truncate, _damage_alter, _damage_metadata])
 def test_a_damaged_latest_checkpoint_is_detected_and_fallback_is_opt_in(six_and_nine_step_runs, tmp_path, damage):
     import shutil
@@ -239,6 +242,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(make_config, tiny_disk):
     config = make_config(train__num_steps=9, train__checkpoint_every=3, train__eval_every=3)
     config.checkpoint.async_save = True

@@ -9,6 +9,7 @@ one finished cell is rerun to check that a seed reproduces its result exactly.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs
 from gptlab import report as report_lib
 from gptlab import results
 from gptlab import sweep as sweep_lib
@@ -106,6 +107,7 @@ def swept(tmp_path_factory, data_dir):
                 interrupted=interrupted, before=before, partial_md=partial_md, resumed=resumed)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(swept):
     workdir = swept["workdir"]
     assert swept["first_code"] == 75, swept["first_log"]  # Preempted: rerun to resume
@@ -140,6 +142,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(swept):
         assert line["result"] == results.read_result(workdir / line["workdir"])
 
 
+@pytest.mark.slow
 def test_result_json_holds_what_a_run_needs_to_be_reproduced(swept):
     result = results.read_result(swept["workdir"] / "runs" / "ft-train_fraction=0.5-seed1")
     assert result["steps"] == result["step"] == 40 and result["seed"] == 1
@@ -159,6 +162,7 @@ def md_table(text: str, heading: str) -> dict:
     return {row[0]: row[1:] for row in rows[2:]}
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_the_result_files(swept):
     workdir = swept["workdir"]
     completed = run_cli([sys.executable, "-m", "experiments.report", f"--workdir={workdir}"])
@@ -185,6 +189,7 @@ def test_report_numbers_equal_the_result_files(swept):
     assert "\\begin{tabular}" in latex and "\\toprule" in latex and "\\bottomrule" in latex
 
 
+@pytest.mark.slow
 def test_same_cell_and_seed_reproduce_result_json(swept):
     """Two runs of one cell with one seed give identical metrics (everything but timing and provenance)."""
     workdir = swept["workdir"]
@@ -214,6 +219,7 @@ def test_grid_key_that_is_not_a_config_field(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_workdir_of_another_sweep_or_no_sweep_is_refused(swept, tmp_path):
     workdir = swept["workdir"]
     other = sweep_lib.load_sweep(write_sweep(tmp_path / "other.py", name="other_sweep"))
@@ -253,3 +259,56 @@ def test_bad_sweep_specs_are_one_line_errors(tmp_path):
         expand(overrides={"seed": 3})
     with pytest.raises(UserError, match="does not exist"):
         sweep_lib.load_sweep(str(tmp_path / "missing.py"))
+
+
+@pytest.mark.slow
+def test_sweep_through_submitits_local_executor_is_interrupted_and_resumed(tmp_path, data_dir):
+    """The cluster code path (one submitit job per cell), run by submitit's local executor."""
+    needs("submitit", "cluster")
+    config = write_sweep(tmp_path / "jobs_sweep.py", name="jobs_sweep", grid={"data.train_fraction": [1.0]})
+    workdir = tmp_path / "sweep"
+    command = sweep_command(config, workdir, data_dir, "--executor=submitit_local", "--submitit=timeout_min=30")
+    log = open(tmp_path / "first.log", "w+", encoding="utf-8")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    deadline, runs = time.time() + 240, workdir / "runs"
+    while time.time() < deadline and process.poll() is None:  # SIGTERM once a fine-tuning job saved a checkpoint
+        midway = [p.parents[1].name for p in runs.glob("ft-*/checkpoints/[0-9]*")
+                  if not (p.parents[2] / results.FILENAME).exists()]
+        if midway:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    assert process.wait(timeout=120) == 75
+    log.seek(0)
+    first_log = log.read()
+    assert "submitted pre-seed0 as job" in first_log and "SIGTERM: stopping" in first_log, first_log
+    states = status(workdir)
+    [interrupted] = [name for name, s in states.items() if s["status"] == "interrupted"]
+    assert states[interrupted]["job_id"] and (runs / interrupted / "checkpoints").is_dir()
+    assert list((workdir / "submitit").glob("*_log.out"))  # submitit's own job logs
+
+    resumed = run_cli(command)
+    one_line_error(resumed, "1 of 4 cells did not finish (first: broken-seed0 failed: finetune.lora_rank=0")
+    assert f"resuming {interrupted}" in resumed.stdout
+    states = status(workdir)
+    assert [s["status"] for s in states.values()] == ["finished", "finished", "finished", "failed"]
+    result = results.read_result(runs / interrupted)
+    assert result["timing"]["resumed_from_step"] > 0 and result["steps"] == 40 and states[interrupted]["attempts"] == 2
+    # The report reads the same stored files as for a local sweep.
+    written = report_lib.write_report(workdir)
+    assert f"{result['eval_loss']:.4f}"[:5] in written["markdown"].read_text()
+
+
+def test_bad_executor_settings_are_one_line_errors(tmp_path):
+    needs("submitit", "cluster")
+    with pytest.raises(UserError, match="--submitit: Unknown executor 'bogus'"):
+        sweep_lib.make_executor("submitit_local", tmp_path / "a", {"bogus_key": 1})
+    with pytest.raises(UserError, match='--submitit: Parameter "timeout_min" expected type'):
+        sweep_lib.make_executor("submitit_local", tmp_path / "b", {"timeout_min": "many"})
+    with pytest.raises(UserError, match="--submitit=... needs --executor=slurm"):
+        sweep_lib.make_executor("local", tmp_path / "c", {"timeout_min": 5})
+    with pytest.raises(UserError, match="--executor='lsf': choose one of local, submitit_local, slurm"):
+        sweep_lib.Runner(sweep_lib.load_sweep("configs/ablations/smoke.py"), tmp_path / "d", executor="lsf")
+    if shutil.which("srun") is None:
+        with pytest.raises(UserError, match="--executor=slurm: .*srun.*use --executor=local"):
+            sweep_lib.make_executor("slurm", tmp_path / "e", {})

@@ -27,7 +27,8 @@ from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import catalog, corpora, task_corpora, token_cache
 from gptlab.errors import UserError
 
-OWN_DATASETS = ("python_stdlib", "text_folder", "python_stdlib_functions", "python_stdlib_packages")
+OWN_DATASETS = ("python_stdlib", "text_folder", "python_stdlib_functions", "python_stdlib_packages",
+                "python_stdlib_blocks")
 
 
 EVAL_SEED = 0  # the evaluation windows' sampler seed, the same for every run
@@ -42,6 +43,8 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
         corpora.check_decoding(**decoding)
     if data_cfg.dataset == "python_stdlib":
         return corpora.PythonStdlib(config=corpora.stdlib_config(include, exclude, **decoding), **common)
+    if data_cfg.dataset == "python_stdlib_blocks":  # fine-tuning task lm on held-out code
+        return task_corpora.PythonStdlibBlocks(config=corpora.stdlib_config(include, exclude), **common)
     if data_cfg.dataset == "python_stdlib_functions":  # fine-tuning task sft
         return task_corpora.PythonStdlibFunctions(config=corpora.stdlib_config(include, exclude), **common)
     if data_cfg.dataset == "python_stdlib_packages":  # fine-tuning task classify
@@ -269,7 +272,13 @@ class Data:
         trained = time.perf_counter()
         cache_dir = token_cache.default_dir(builder, data_cfg.get("cache_dir"))
         streams, self.cache_stats = {}, {}
-        for name, split in (("train", data_cfg.train_split), ("eval", data_cfg.eval_split)):
+        splits = [("train", data_cfg.train_split), ("eval", data_cfg.eval_split)]
+        test_split = data_cfg.get("test_split")
+        if test_split and test_split.split("[")[0] in builder.info.splits:  # reported only, never chosen on
+            splits.append(("test", test_split))
+        elif test_split:
+            log(f"data: {builder.info.full_name} has no split {test_split!r} (data.test_split): no test metrics")
+        for name, split in splits:
             streams[name], stats = token_cache.load_or_build(
                 cache_dir, builder, split, data_cfg.text_key, self.tokenizer, lambda s=split: texts(s), log, writer)
             how = (f"memory-mapped from the token cache in {stats['seconds']:.2f}s" if stats["cached"] else
@@ -278,6 +287,7 @@ class Data:
             log(f"data: {builder.info.full_name} {split}: {stats['num_tokens']:,} tokens, {how}")
             self.cache_stats[name] = stats
         self.train_tokens, self.eval_tokens = streams["train"], streams["eval"]
+        self.test_tokens = streams.get("test")
         fraction = data_cfg.get("train_fraction", 1.0)
         if fraction != 1.0:  # data-size ablations; the eval split is never cut
             self.train_tokens = take_fraction(self.train_tokens, fraction)
@@ -293,13 +303,20 @@ class Data:
         self._eval_args = (seq_len, data_cfg.batch_size, EVAL_SEED)
         self._process = (process_index, process_count)
 
-    def eval_batches(self, num_batches: int) -> list:
-        if len(self.eval_tokens) <= self._eval_args[0]:
-            raise UserError(f"the evaluation split has only {len(self.eval_tokens)} tokens, fewer than one "
+    def eval_batches(self, num_batches: int, tokens=None) -> list:
+        tokens = self.eval_tokens if tokens is None else tokens
+        if len(tokens) <= self._eval_args[0]:
+            raise UserError(f"the evaluation split has only {len(tokens)} tokens, fewer than one "
                             "window: use a larger dataset or a shorter data.seq_len")
         seq_len, batch_size, seed = self._eval_args
-        sampler = WindowBatches(self.eval_tokens, seq_len, batch_size, seed, *self._process)
+        sampler = WindowBatches(tokens, seq_len, batch_size, seed, *self._process)
         return [next(sampler) for _ in range(num_batches)]
+
+    def test_batches(self, num_batches: int):
+        """Fixed batches of the test split, drawn as the evaluation batches are; None without one."""
+        if self.test_tokens is None or len(self.test_tokens) <= self._eval_args[0]:
+            return None
+        return self.eval_batches(num_batches, self.test_tokens)
 
 
 class Prefetch:

@@ -139,6 +139,10 @@ class SupervisedData:
         encode = self._encode_sft if task == "sft" else self._encode_classify
         train, skipped = encode(read_examples(builder, data_cfg.train_split, self._keys(data_cfg)), data_cfg, seq_len)
         evals, eval_skipped = encode(read_examples(builder, data_cfg.eval_split, self._keys(data_cfg)), data_cfg, seq_len)
+        self._test = None
+        test_split = data_cfg.get("test_split")
+        if test_split and test_split in builder.info.splits:  # reported only, never chosen on
+            self._test = encode(read_examples(builder, test_split, self._keys(data_cfg)), data_cfg, seq_len)[0]
         if not len(evals["tokens"]):
             raise UserError(f"the evaluation split {data_cfg.eval_split!r} of {builder.info.full_name!r} has no usable "
                             "examples: widen data.include/data.exclude or use a longer data.seq_len")
@@ -162,23 +166,40 @@ class SupervisedData:
         del seed  # the same evaluation examples for every run (see pipeline.EVAL_SEED)
         return fixed_batches(evals, batch_size, num_batches, pipeline.EVAL_SEED, *process)
 
+    def test_batches(self, num_batches: int):
+        """Fixed batches of the test split, selected as the evaluation batches are; None without one."""
+        if self._test is None or not len(self._test["tokens"]):
+            return None
+        _, batch_size, _, *process = self._eval
+        return fixed_batches(self._test, batch_size, num_batches, pipeline.EVAL_SEED, *process)
+
     def _keys(self, data_cfg):
         if self.task == "sft":
             return (data_cfg.prompt_key, data_cfg.response_key)
         return (data_cfg.text_key, data_cfg.label_key)
 
     def _encode_sft(self, examples, data_cfg, seq_len):
-        encoded = [encode_sft(self.tokenizer, ex[data_cfg.prompt_key], ex[data_cfg.response_key], seq_len)
-                   for ex in examples]
-        kept = [e for e in encoded if e is not None]
-        arrays = {"tokens": np.array([t for t, _ in kept], np.int32).reshape(-1, seq_len + 1),
-                  "weights": np.array([w for _, w in kept], np.float32).reshape(-1, seq_len)}
-        return arrays, len(encoded) - len(kept)
+        return encode_sft_examples(self.tokenizer, examples, data_cfg, seq_len)
 
     def _encode_classify(self, examples, data_cfg, seq_len):
-        encoded = [encode_classify(self.tokenizer, ex[data_cfg.text_key], seq_len) for ex in examples]
-        arrays = {"tokens": np.array([t for t, _ in encoded], np.int32).reshape(-1, seq_len),
-                  "lengths": np.array([n for _, n in encoded], np.int32),
-                  "labels": np.array([int(ex[data_cfg.label_key]) for ex in examples], np.int32),
-                  "weights": np.ones(len(examples), np.float32)}
-        return arrays, 0
+        return encode_classify_examples(self.tokenizer, examples, data_cfg, seq_len)
+
+
+def encode_sft_examples(tokenizer, examples, data_cfg, seq_len: int) -> tuple:
+    """(arrays tokens/weights, number skipped) for a list of sft examples (training and experiments.evaluate)."""
+    encoded = [encode_sft(tokenizer, ex[data_cfg.prompt_key], ex[data_cfg.response_key], seq_len)
+               for ex in examples]
+    kept = [e for e in encoded if e is not None]
+    arrays = {"tokens": np.array([t for t, _ in kept], np.int32).reshape(-1, seq_len + 1),
+              "weights": np.array([w for _, w in kept], np.float32).reshape(-1, seq_len)}
+    return arrays, len(encoded) - len(kept)
+
+
+def encode_classify_examples(tokenizer, examples, data_cfg, seq_len: int) -> tuple:
+    """(arrays tokens/lengths/labels/weights, 0) for a list of classify examples."""
+    encoded = [encode_classify(tokenizer, ex[data_cfg.text_key], seq_len) for ex in examples]
+    arrays = {"tokens": np.array([t for t, _ in encoded], np.int32).reshape(-1, seq_len),
+              "lengths": np.array([n for _, n in encoded], np.int32),
+              "labels": np.array([int(ex[data_cfg.label_key]) for ex in examples], np.int32),
+              "weights": np.ones(len(examples), np.float32)}
+    return arrays, 0

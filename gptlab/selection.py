@@ -1,0 +1,103 @@
+"""Choosing on validation: the selection metric, early stopping and the best checkpoint's record.
+
+Every choice a run or a study makes (when to stop, which checkpoint is "best",
+which learning rate wins) reads the validation split (`data.eval_split`) through
+one metric, `train.selection_metric`; the test split (`data.test_split`) is only
+ever reported. `EarlyStopping` is the loop's host-side record of that choice:
+the best value so far, its step and validation metrics, and the evaluations
+since. It is saved with every checkpoint (the `selection` item), so a resumed
+run stops at exactly the evaluation the uninterrupted one would have.
+"""
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+
+from gptlab.errors import UserError
+
+# What each task's evaluation produces during training (train.evaluate), i.e. what
+# train.selection_metric may name; the report reads the same names from result.json.
+TASK_METRICS = {
+    "lm": ("eval_loss", "eval_perplexity"),
+    "sft": ("eval_loss", "eval_perplexity"),
+    "classify": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+}
+_HIGHER_IS_BETTER = ("accuracy", "f1", "exact_match", "parse_rate")
+
+
+def higher_is_better(metric: str) -> bool:
+    return any(word in metric for word in _HIGHER_IS_BETTER)
+
+
+def mode(metric: str) -> str:
+    """Orbax's best_mode for `metric`: "max" for accuracies and rates, else "min"."""
+    return "max" if higher_is_better(metric) else "min"
+
+
+def better(a: float, b: Optional[float], metric: str) -> bool:
+    """Is `a` strictly better than `b` (None: nothing yet)?"""
+    if b is None:
+        return math.isfinite(a)
+    return a > b if higher_is_better(metric) else a < b
+
+
+def task_of(config) -> str:
+    finetune = config.get("finetune") if hasattr(config, "get") else None
+    return (finetune.get("task") if finetune else None) or "lm"
+
+
+def check_config(config) -> None:
+    """Bad selection settings end here, before anything is written."""
+    train, task = config.train, task_of(config)
+    patience, metric = train.get("early_stopping_patience", 0), train.get("selection_metric", "eval_loss")
+    if patience < 0:
+        raise UserError(f"train.early_stopping_patience={patience} must be >= 0 (evaluations without improvement "
+                        "before stopping; 0: off)")
+    produced = TASK_METRICS.get(task, ("eval_loss",))
+    if metric not in produced:
+        raise UserError(f"train.selection_metric={metric!r} is not produced by task {task!r}: choose one of "
+                        f"{list(produced)}")
+    if patience and train.num_steps and train.eval_every >= train.num_steps:
+        raise UserError(f"train.early_stopping_patience={patience} needs evaluations before the end, but "
+                        f"train.eval_every={train.eval_every} >= train.num_steps={train.num_steps}: lower "
+                        "train.eval_every or set train.early_stopping_patience=0")
+    if config.data.get("test_split") and config.data.test_split == config.data.eval_split:
+        raise UserError(f"data.test_split={config.data.test_split!r} is also data.eval_split, on which every "
+                        "choice is made: use separate splits (e.g. validation and test)")
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    metric: str  # train.selection_metric
+    patience: int  # 0: never stop early
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    best_metrics: dict = dataclasses.field(default_factory=dict)  # the validation metrics at best_step
+    evals_since_best: int = 0
+    stopped: bool = False  # ended by early stopping: a resumed run trains no further
+
+    def update(self, step: int, metrics: dict) -> bool:
+        """Records an evaluation; returns whether it is a new best (then its step should be saved)."""
+        if self.metric not in metrics:
+            raise UserError(f"train.selection_metric={self.metric!r} is not among this run's evaluation metrics "
+                            f"{sorted(metrics)}: choose one of them")
+        value = float(metrics[self.metric])
+        if better(value, self.best_value, self.metric):
+            self.best_value, self.best_step, self.evals_since_best = value, step, 0
+            self.best_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+            return True
+        self.evals_since_best += 1
+        if self.patience and self.evals_since_best >= self.patience:
+            self.stopped = True
+        return False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, stored: dict, metric: str, patience: int) -> "EarlyStopping":
+        if stored.get("metric") != metric:
+            raise UserError(f"the checkpoint selects on {stored.get('metric')!r} but train.selection_metric="
+                            f"{metric!r}: keep the run's selection metric or start a fresh --workdir")
+        return cls(**{**stored, "patience": patience})
