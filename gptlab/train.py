@@ -595,11 +595,24 @@ def enable_compilation_cache(cache_dir) -> None:
 
 
 class PreemptionGuard:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once."""
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal exits at once.
+
+    With several processes a signal may reach only one of them, and a process that stops alone leaves the
+    others waiting in the collective checkpoint write. There the first signal is handed to JAX's preemption
+    sync service instead, and every process stops after the same step (see `stop_after`).
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._coordinated = jax.process_count() > 1
+        if self._coordinated:
+            from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+            if distributed.global_state.preemption_sync_manager is None:
+                raise UserError("a multi-process run needs JAX's preemption service to stop all its processes at "
+                                "the same step, and jax_enable_preemption_service is off: set "
+                                "JAX_ENABLE_PREEMPTION_SERVICE=true (or leave it unset)")
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -609,10 +622,47 @@ class PreemptionGuard:
         if self.requested:
             os._exit(128 + signum)  # the second signal: no checkpoint, exit now
         self.requested = True
+        if self._coordinated:
+            _notify_preemption_sync_service()
+
+    def stop_after(self, steps_this_run: int) -> bool:
+        """Whether to checkpoint and stop now, after this run's `steps_this_run`-th step; call it every step.
+
+        One process: whether a signal arrived. Several: whether this is the step JAX's preemption sync
+        protocol chose once any process was signalled (the furthest process's step + 1), the same step
+        on every process. Between signals it is a local counter check, no collective and no host sync.
+        The count starts at 1 in every run (not the global step), so that a notice that arrives before the
+        loop (JAX's own SIGTERM notifier holds the signal until this guard replaces it) still lands on
+        the first step of a resumed run."""
+        if not self._coordinated:
+            return self.requested
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        return multihost_utils.reached_preemption_sync_point(steps_this_run)
 
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# The coordination-service key JAX's preemption sync manager watches (its preemption_sync_manager.cc);
+# tests/test_multihost.py fails if a JAX upgrade renames it.
+PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
+def _notify_preemption_sync_service():
+    """Tells every process of the run that one was signalled, the way JAX's own SIGTERM notifier does.
+
+    JAX's notifier catches SIGTERM only while no Python handler replaces it, and never SIGINT, so the guard
+    above publishes the notice itself (JAX has no public call for it; Orbax reaches this client the same
+    way). The value is the expected death time: now, so the sync protocol starts at once."""
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+    try:
+        distributed.global_state.client.key_value_set(
+            PREEMPTION_NOTICE_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    except Exception:  # pylint: disable=broad-except
+        pass  # already published (another process was signalled too), or the coordinator is gone
 
 
 def check_finite(fetched, skip_nonfinite: bool, max_in_a_row: int, in_a_row: int, last_saved, log) -> int:
@@ -680,7 +730,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             profiler.after(step, state)
             pending.append((step, metrics))
             log_now = step % train.log_every == 0 or step == train.num_steps
-            stop = guard.requested  # read once: a signal arriving later in this step is handled at the next one
+            stop = guard.stop_after(step - start_step)  # read once: a later signal is handled at a later step
             save_now = step % train.checkpoint_every == 0 or step == train.num_steps or stop
             if log_now or save_now:
                 fetched = jax.device_get(pending)
