@@ -27,6 +27,7 @@ from gptlab import checkpoint as checkpoint_lib
 from gptlab import hf_llama
 from gptlab import lora
 from gptlab import model as model_lib
+from gptlab import perf
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.errors import UserError
 
@@ -56,7 +57,8 @@ def checkpoint_steps(checkpoints: pathlib.Path) -> list:
 
 def model_config(config: dict) -> model_lib.GPTConfig:
     """The GPTConfig a run's stored (JSON) config describes."""
-    fields = dict(config["model"])
+    # A config written by hand or from a preset may still say "auto"; a run's config.json is resolved.
+    fields = perf.resolve_model_fields(config["model"])
     # JSON turns tuples into lists; the config must stay hashable (it is a static jit argument).
     return model_lib.GPTConfig.from_config({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
