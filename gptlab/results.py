@@ -10,10 +10,15 @@ finished". It holds:
 - `best`: for every loss the minimum and for every accuracy the maximum over the
   logged steps (metrics.jsonl), each with its step;
 - `params`: total / trainable / frozen parameter counts (position embeddings
-  included) and the trainable percentage;
+  included), the trainable percentage, and `non_embedding` (Kaplan et al.'s N:
+  no token or position embeddings);
+- `train_data_tokens`: the tokens of the training split the run could draw from
+  (after `data.train_fraction`; None for example-based tasks);
 - `steps`, `tokens_seen` (input tokens processed: steps x global batch x seq_len);
+- `optimizer_state_bytes`: what the optimizer keeps for the trainable parameters;
 - `timing`: wall time of this process's run, the last logged tokens/s and MFU,
-  and the step it resumed from (0: uninterrupted) - the only part that varies
+  the process's peak resident memory, and the step it resumed from (0:
+  uninterrupted) - the only part that varies
   between two runs of the same config and seed on one machine;
 - `seed`, `config` (the resolved config), `versions` (Python, jax, jaxlib, flax,
   optax, orbax-checkpoint, ...), `git` (commit, and whether the tree had
@@ -30,11 +35,15 @@ import math
 import os
 import pathlib
 import platform
+import resource
 import subprocess
+import sys
 
 import jax
 import numpy as np
 
+from gptlab import model as model_lib
+from gptlab import perf
 from gptlab.metrics import read_metrics
 
 FILENAME = "result.json"
@@ -45,7 +54,7 @@ CIRCUMSTANCES = ("timing", "finished_at", "versions", "git", "device")
 
 
 def write_result(workdir, final: dict, config_json: dict, params, trainable, wall_time_s: float,
-                 resumed_from_step=None) -> dict:
+                 resumed_from_step=None, train_data_tokens=None, optimizer_state_bytes=None) -> dict:
     """Writes WORKDIR/result.json for a finished run and returns it.
 
     `params` is the parameter tree (arrays or ShapeDtypeStructs) and `trainable`
@@ -60,21 +69,31 @@ def write_result(workdir, final: dict, config_json: dict, params, trainable, wal
         "best": best_metrics(read_metrics(workdir) + [metrics]),
         "params": param_counts(params, trainable),
         "steps": step,
+        "train_data_tokens": None if train_data_tokens is None else int(train_data_tokens),
+        "optimizer_state_bytes": None if optimizer_state_bytes is None else int(optimizer_state_bytes),
         "tokens_seen": step * int(data.get("batch_size") or 0) * int(data.get("seq_len") or 0),
         "timing": {"wall_time_s": wall_time_s, "resumed_from_step": int(resumed_from_step or 0),
+                   "peak_rss_mb": peak_rss_mb(),
                    **{k: final[k] for k in THROUGHPUT_KEYS if k in final}},
         "seed": config_json.get("seed"),
         "config": config_json,
         "versions": versions(),
         "git": git_state(),
         "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
-                   "count": jax.device_count(), "processes": jax.process_count()},
+                   "count": jax.device_count(), "processes": jax.process_count(),
+                   "host_cpu": perf.cpu_description()},
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     tmp = workdir / (FILENAME + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=_plain) + "\n")
     os.replace(tmp, workdir / FILENAME)  # atomic: a result.json is always whole
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def read_result(workdir):
@@ -108,7 +127,8 @@ def param_counts(params, trainable) -> dict:
     trains = [True] * len(sizes) if trainable is None else [bool(t) for t in jax.tree.leaves(trainable)]
     total, count = sum(sizes), sum(s for s, t in zip(sizes, trains) if t)
     return {"total": total, "trainable": count, "frozen": total - count,
-            "trainable_percent": 100.0 * count / total if total else 0.0}
+            "trainable_percent": 100.0 * count / total if total else 0.0,
+            "non_embedding": model_lib.count_params(params, non_embedding=True)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,7 @@ returning a plain dict:
                      that stage (same values of that stage's varied fields, and seed if it
                      varies seeds) through `finetune.init_from`
         label        the stage's name in reports (default: the stage name)
+    study        what gptlab/study.py needs to read the cells as a study (optional)
     report       {"rows": "label" or a field, "columns": a grid field, "stages": [...],
                   "select": [grid fields chosen on validation, e.g. the learning rate],
                   "selection_metric": the validation metric that chooses} (optional; gptlab/report.py)
@@ -76,7 +77,7 @@ from gptlab.errors import Preempted, UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("pretrain", "finetune")
-SPEC_KEYS = {"name", "description", "metric", "stages", "report"}
+SPEC_KEYS = {"name", "description", "metric", "stages", "report", "study"}
 STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label"}
 VARIANT_RESERVED = ("label", "config")
 REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
@@ -137,6 +138,7 @@ class Sweep:
     report: dict
     cells: list  # of Cell, in run order
     source: str  # the ablation config as given on the command line
+    study: Optional[dict] = None  # the spec's `study`: how gptlab/study.py reads the cells
 
     def cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
@@ -254,7 +256,8 @@ def expand(spec: dict, source: str, cli_overrides: dict) -> Sweep:
         raise UserError(f"{where}: two cells are both named {duplicate}: give their variants distinct labels")
     report = dict(spec.get("report") or {})
     _check_keys(report, REPORT_KEYS, f"{where}, report")
-    return Sweep(spec["name"], spec.get("description", ""), spec.get("metric", "eval_loss"), report, cells, source)
+    return Sweep(spec["name"], spec.get("description", ""), spec.get("metric", "eval_loss"), report, cells, source,
+                 spec.get("study"))
 
 
 def _short_names(keys) -> dict:
@@ -490,7 +493,7 @@ def write_sweep_json(workdir, sweep: Sweep) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _write_json(workdir / "sweep.json", {
         "name": sweep.name, "description": sweep.description, "source": sweep.source, "metric": sweep.metric,
-        "report": sweep.report, "created_at": old.get("created_at", now), "updated_at": now,
+        "report": sweep.report, "study": sweep.study, "created_at": old.get("created_at", now), "updated_at": now,
         "git": results.git_state(),
         "cells": [{**c.to_json(), "command": " ".join(_quote(a) for a in ["python", *c.command(workdir)])}
                   for c in sweep.cells]})
@@ -511,7 +514,7 @@ def load_stored(workdir) -> Sweep:
     keys = {f.name for f in dataclasses.fields(Cell)}
     cells = [Cell(**{k: v for k, v in c.items() if k in keys}) for c in stored["cells"]]
     return Sweep(stored["name"], stored.get("description", ""), stored.get("metric", "eval_loss"),
-                 stored.get("report") or {}, cells, stored.get("source", ""))
+                 stored.get("report") or {}, cells, stored.get("source", ""), stored.get("study"))
 
 
 def collect(workdir, sweep: Sweep) -> dict:

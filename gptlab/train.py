@@ -425,7 +425,8 @@ def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
         config_json=resolved_config_json(config, model_cfg, seq_len), flops_per_token=flops, dtype=model_cfg.dtype,
         init_from=finetuning and finetuning.load,
         trainable=None if trainable is None or all(jax.tree.leaves(trainable)) else trainable,
-        test_batches=test_batches(data, config.train.eval_batches))
+        test_batches=test_batches(data, config.train.get("test_batches") or config.train.eval_batches),
+        train_data_tokens=len(data.train_tokens) if hasattr(data, "train_tokens") else None)
 
 
 def test_batches(data, num_batches: int):
@@ -460,6 +461,7 @@ class Experiment:
     init_from: Optional[Callable] = None  # (fresh state, abstract state) -> state holding pretrained parameters
     trainable: Any = None  # bool tree: differentiate and update only these parameters (None: all)
     test_batches: Optional[list] = None  # the test split's batches: the best checkpoint is scored there, at the end
+    train_data_tokens: Optional[int] = None  # tokens the training split holds (after data.train_fraction)
 
 
 def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
@@ -511,7 +513,8 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
         result = results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params),
                                       exp.trainable, wall_time_s=time.perf_counter() - started,
-                                      resumed_from_step=latest)
+                                      resumed_from_step=latest, train_data_tokens=exp.train_data_tokens,
+                                      optimizer_state_bytes=optim.state_bytes(abstract.opt_state))
         metrics_lib.finish_wandb(workdir, result)
         for line in progress_lib.summary_lines(workdir, result, "finetune" if "finetune" in exp.config_json
                                                else "pretrain"):

@@ -1,113 +1,166 @@
-"""Pretraining vs fine-tuning: does a model pretrained on broad code help on a narrow corpus it never saw?
+"""The study: how much is pretraining worth, across narrow data, model size and tasks?
 
-    python -m experiments.sweep --config=configs/ablations/pretrain_vs_finetune.py:small \\
-        --workdir=/tmp/gptlab/pretrain_vs_finetune --parallel=2
-    python -m experiments.report --workdir=/tmp/gptlab/pretrain_vs_finetune
+    python -m experiments.study --config=configs/ablations/pretrain_vs_finetune.py:small --workdir=DIR
 
-Protocol (gptlab/selection.py, gptlab/report.py): pretraining never reads the held-out
-packages (gptlab/data/held_out.py); the narrow corpus is `email`'s top-level blocks, split
-80/10/10. Every scratch and fine-tuning cell trains until early stopping on validation
-eval_loss ends it (patience PATIENCE evaluations) or its step budget is reached (scratch
-gets the fine-tuning budget or more); the learning rate is gridded per strategy and the
-report chooses it per strategy and data fraction on validation; the main table reports
-`test_loss` of each cell's best checkpoint, with the chosen learning rate, the steps to
-the best checkpoint and "(cap)" where a cell hit its budget while still improving.
+runs the whole sweep (resuming it when rerun) and writes DIR/study/ (report.md, report.tex,
+figures and their CSVs; gptlab/study.py). `python -m experiments.sweep` runs the same cells.
 
-Stages (each cell a separate run in WORKDIR/runs/CELL/):
-  pretrain   once, on the broad corpus: the standard library minus `test/` and the
-             held-out packages.
-  scratch    a fresh model of the same shape trained on the narrow corpus only:
-             what pretraining is measured against.
-  zero_shot  the pretrained model evaluated on the narrow corpus without any
-             fine-tuning (train.num_steps=0): what fine-tuning is measured against.
-             Nothing it computes depends on the seed or the data fraction.
-  finetune   the pretrained model fine-tuned on the narrow corpus with each strategy of
-             configs/finetune.py: full, last_k (last 2 of 4 blocks + ln_f + head), head,
-             bitfit, layernorm, and LoRA at ranks 4 and 16.
-Scratch and fine-tuning cells run at 1%, 10% and 100% of the narrow corpus's training
-split, 3 seeds each, at the same batch size. Choices read `email`'s validation blocks;
-the table reads its test blocks (nats per byte-level token).
+Protocol (gptlab/selection.py, gptlab/data/held_out.py): pretraining never reads the
+held-out packages; every narrow task draws only from them, split 80/10/10 by top-level
+block. Every scratch and fine-tuning cell trains until early stopping on validation ends it
+(PATIENCE evaluations without a better selection metric) or its step budget is reached
+(scratch gets twice the fine-tuning budget); the learning rate is gridded (LR_FACTORS) and
+the report chooses it per arm, size and data fraction on validation; every number reported
+is the chosen cells' best checkpoint scored on the test split, over SEEDS.
+
+Parts (stage names; each cell a run in DIR/runs/CELL/):
+  pretrain_SIZE      once per model size, on the broad corpus: the standard library minus
+                     `test/` and the held-out packages.
+  scratch_SIZE       a fresh model of that size trained on the narrow lm data only (all the
+                     held-out packages, NARROW), at each data fraction: the curve effective
+                     data is read from.
+  full_SIZE          pretrain_SIZE fully fine-tuned on the same data: data efficiency and
+                     effective data transferred (Hernandez et al. 2021).
+  zero_SIZE_TASK     the pretrained model scored without fine-tuning (train.num_steps=0).
+  STRATEGY_TASK      TASK_SIZE's pretrained model fine-tuned on every task (lm, sft,
+                     classify) with every strategy (full, last_k, head, bitfit, layernorm,
+                     LoRA at two ranks), on all of the task's training split; lm reads
+                     NARROW's data. full on lm is full_TASK_SIZE at fraction 1, not run twice.
 
 Presets:
-  small  a 2-core CPU: the `small` model (4 layers, 128 wide, context 128, 0.83M
-         parameters), pretrained 600 steps, then 40 steps per cell at batch 16:
-         76 cells, about 25 minutes with --parallel=2 (docs/results/pretrain_vs_finetune/).
-  full   a GPU: a 6-layer, 384-wide model with context 256 (10.7M parameters),
-         pretrained 5000 steps at batch 64, then 500 steps per cell.
+  small  a 2-core CPU, in about an hour: three sizes of 2 layers, 12, 24 and 48 wide, context 64
+         (4K-56K non-embedding parameters, 14x), 344 cells, three at a time.
+  gpu    one GPU: 6-12 layers, 384-768 wide, context 256 (10.6M-85M non-embedding
+         parameters), the same study at GPU scale.
 """
 
 from configs import finetune as finetune_config
 from gptlab.data import held_out
 
+TASKS = finetune_config.TASKS  # lm (here on all held-out packages), sft, classify
 STRATEGIES = ("full", "last_k", "head", "bitfit", "layernorm")
 LORA_RANKS = (4, 16)
-FRACTIONS = [0.01, 0.1, 1.0]
+FRACTIONS = [float(f"{3.0 ** -k:.6g}") for k in range(5, -1, -1)]  # 1/243 ... 1/3, 1: log-spaced, factor 3
 SEEDS = [0, 1, 2]
-LR_FACTORS = (0.5, 1.0, 2.0)  # the learning-rate grid: each strategy's configs/finetune.py rate times these
-PATIENCE = 3  # evaluations without a better validation eval_loss before a cell stops
-# The lm task's data (configs/finetune.py TASK_DATA): held-out `email`, by top-level block.
-NARROW = {"data.dataset": "python_stdlib_blocks", "data.include": held_out.globs((held_out.NARROW_PACKAGE,)),
+LR_FACTORS = (1.0, 3.0)  # the learning-rate grid: each arm's base rate times these, chosen on validation
+SCRATCH_LEARNING_RATE = 1e-3  # scratch's base rate (fine-tuning's: configs/finetune.py LEARNING_RATES)
+PATIENCE = 3  # evaluations without a better validation metric before a cell stops
+# The narrow lm data: all held-out packages (what sft and classify draw from too), one document per top-level
+# block, 2.4M training tokens: enough for a scratch curve that reaches the fine-tuned losses.
+NARROW = {"data.dataset": "python_stdlib_blocks", "data.include": held_out.globs(),
           "data.exclude": held_out.STDLIB_TESTS}
+LM_DATA = {"data.include": NARROW["data.include"]}  # the lm task (configs/finetune.py: `email`) on NARROW's data
+
+PRESETS = {
+    "small": dict(
+        # name -> model shape; context and batch are shared by every size
+        sizes={"2x12": dict(n_layer=2, n_head=2, n_embd=12), "2x24": dict(n_layer=2, n_head=2, n_embd=24),
+               "2x48": dict(n_layer=2, n_head=4, n_embd=48)},
+        task_size="2x48",  # the pretrained model fine-tuned on every task with every strategy
+        last_k=1,  # strategy last_k trains the last block of the task size's two (plus ln_f and the head)
+        cpu_devices=1,  # one XLA device per cell: cells run side by side, one per core
+        block_size=64, batch_size=32,
+        pretrain_steps=3000, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4,  # 3000 x 32 x 64 = 6.1M tokens
+        finetune_steps=500,  # fine-tuning's step budget (scratch: twice); early stopping ends most cells sooner
+        eval_every=25, eval_batches=8, test_batches=32),
+    "gpu": dict(
+        sizes={"6x384": dict(n_layer=6, n_head=6, n_embd=384), "8x512": dict(n_layer=8, n_head=8, n_embd=512),
+               "12x768": dict(n_layer=12, n_head=12, n_embd=768)},
+        task_size="8x512",
+        last_k=2, cpu_devices=None,
+        block_size=256, batch_size=64,
+        pretrain_steps=10000, pretrain_learning_rate=6e-4, pretrain_min_learning_rate=6e-5,
+        finetune_steps=3000,
+        eval_every=100, eval_batches=20, test_batches=64),
+}
 
 
 def get_config(preset: str = "small") -> dict:
-    if preset == "small":
-        model = {}  # the `small` preset's model
-        pretrain = {"train.num_steps": 600}
-        steps, batch = 400, 16  # a budget cap: early stopping ends most cells sooner
-        cell = {"train.log_every": 10, "train.eval_every": 20, "train.checkpoint_every": 100}
-    elif preset == "full":
-        model = {"model.n_layer": 6, "model.n_head": 6, "model.n_embd": 384, "model.block_size": 256}
-        pretrain = {"train.num_steps": 5000, "data.batch_size": 64, "optimizer.learning_rate": 1e-3,
-                    "optimizer.min_learning_rate": 1e-4, "optimizer.warmup_steps": 200,
-                    "train.eval_every": 500, "train.checkpoint_every": 1000}
-        steps, batch = 3000, 64
-        cell = {"train.log_every": 10, "train.eval_every": 100, "train.checkpoint_every": 250}
-    else:
-        raise ValueError(f"unknown preset {preset!r}: choose small (a CPU) or full (a GPU)")
-    # What every scratch and fine-tuning cell shares: equal steps, batch, warmup and evaluation.
-    budget = {"train.num_steps": steps, "data.batch_size": batch, "optimizer.warmup_steps": 20,
-              "optimizer.decay_steps": steps, "train.eval_batches": 10, "train.early_stopping_patience": PATIENCE,
-              "train.selection_metric": "eval_loss", **cell}
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} (small: a CPU, gpu: a GPU)")
+    p = PRESETS[preset]
+    steps = p["finetune_steps"]
+    devices = {"parallel.cpu_devices": p["cpu_devices"]} if p["cpu_devices"] else {}
+    shared = {"model.block_size": p["block_size"], "data.batch_size": p["batch_size"], "model.dropout": 0.0, **devices}
+
+    def shape(size):  # a size's model fields, for pretraining and scratch (fine-tuning takes them from init_from)
+        return {f"model.{k}": v for k, v in p["sizes"][size].items()}
+
+    # What every scratch and fine-tuning cell shares: batch, warmup, evaluation, early stopping.
+    budget = {**devices, "data.batch_size": p["batch_size"], "train.num_steps": steps, "optimizer.decay_steps": steps,
+              "optimizer.warmup_steps": 20, "train.log_every": p["eval_every"], "train.eval_every": p["eval_every"],
+              "train.checkpoint_every": 10 * p["eval_every"], "train.eval_batches": p["eval_batches"],
+              "train.test_batches": p["test_batches"], "train.early_stopping_patience": PATIENCE}
     # Scratch gets at least the fine-tuning budget: twice the steps, the same patience.
     scratch_budget = {**budget, "train.num_steps": 2 * steps, "optimizer.decay_steps": 2 * steps}
     rates = finetune_config.LEARNING_RATES
 
-    def lr_grid(strategy):  # per strategy: the report picks one of these per data fraction, on validation
-        return [rates[strategy] * f for f in LR_FACTORS]
+    def lr_grid(base):  # rounded: the values name the cells
+        return [float(f"{base * f:.6g}") for f in LR_FACTORS]
 
-    variants = [dict(label=s, config=f"configs/finetune.py:{s}") for s in STRATEGIES]
-    variants += [dict(label=f"lora r{r}", config="configs/finetune.py:lora", **{"finetune.lora_rank": r})
-                 for r in LORA_RANKS]
-    finetune_stages = [
-        dict(name=f"finetune_{v['label'].replace(' ', '_')}", experiment="finetune", config=v["config"],
-             init_from="pretrain", label=v["label"],
-             overrides={**budget, **{k: x for k, x in v.items() if k not in ("label", "config")}},
-             grid={"data.train_fraction": FRACTIONS,
-                   "optimizer.learning_rate": lr_grid(v["config"].rsplit(":", 1)[1])}, seeds=SEEDS)
-        for v in variants]
+    stages, roles = [], {"sizes": {}, "tasks": {}}
+    for size in p["sizes"]:
+        pretrain, scratch, full, zero = f"pretrain_{size}", f"scratch_{size}", f"full_{size}", f"zero_{size}_lm"
+        stages += [
+            dict(name=pretrain, experiment="pretrain", config="configs/pretrain.py:small", label=f"pretrain {size}",
+                 overrides={**shared, **shape(size), "train.num_steps": p["pretrain_steps"],
+                            "optimizer.learning_rate": p["pretrain_learning_rate"],
+                            "optimizer.min_learning_rate": p["pretrain_min_learning_rate"],
+                            "train.eval_every": p["pretrain_steps"] // 4,
+                            "train.checkpoint_every": p["pretrain_steps"] // 4, "train.log_every": 50}),
+            dict(name=scratch, experiment="pretrain", config="configs/pretrain.py:small", label=f"scratch {size}",
+                 overrides={**shared, **shape(size), **NARROW, **scratch_budget},
+                 grid={"data.train_fraction": FRACTIONS, "optimizer.learning_rate": lr_grid(SCRATCH_LEARNING_RATE)},
+                 seeds=SEEDS),
+            dict(name=full, experiment="finetune", config="configs/finetune.py:full,lm", init_from=pretrain,
+                 label=f"fine-tuned {size}", overrides={**budget, **LM_DATA},
+                 grid={"data.train_fraction": FRACTIONS, "optimizer.learning_rate": lr_grid(rates["full"])},
+                 seeds=SEEDS),
+            dict(name=zero, experiment="finetune", config="configs/finetune.py:full,lm", init_from=pretrain,
+                 label=f"pretrained {size}, no fine-tuning",
+                 overrides={**budget, **LM_DATA, "train.num_steps": 0, "train.early_stopping_patience": 0}),
+        ]
+        roles["sizes"][size] = dict(pretrain=pretrain, scratch=scratch, finetuned=full, zero_shot=zero)
+
+    arms = [dict(label=s, strategy=s, overrides={"finetune.last_k": p["last_k"]} if s == "last_k" else {})
+            for s in STRATEGIES]
+    arms += [dict(label=f"lora r{r}", strategy="lora", overrides={"finetune.lora_rank": r}) for r in LORA_RANKS]
+    task_pretrain = roles["sizes"][p["task_size"]]["pretrain"]
+    for task in TASKS:
+        metric = finetune_config.SELECTION_METRICS[task]
+        zero = roles["sizes"][p["task_size"]]["zero_shot"] if task == "lm" else f"zero_{p['task_size']}_{task}"
+        if task != "lm":
+            stages.append(dict(name=zero, experiment="finetune", config=f"configs/finetune.py:full,{task}",
+                               init_from=task_pretrain, label=f"pretrained, no fine-tuning ({task})",
+                               overrides={**budget, "train.num_steps": 0, "train.early_stopping_patience": 0,
+                                          "train.selection_metric": metric}))
+        arm_stages = {}
+        for arm in arms:
+            if task == "lm" and arm["label"] == "full":  # the data-efficiency cells at fraction 1
+                arm_stages[arm["label"]] = roles["sizes"][p["task_size"]]["finetuned"]
+                continue
+            name = f"{arm['label'].replace(' ', '_')}_{task}"
+            stages.append(dict(name=name, experiment="finetune", config=f"configs/finetune.py:{arm['strategy']},{task}",
+                               init_from=task_pretrain, label=f"{arm['label']} ({task})",
+                               overrides={**budget, **(LM_DATA if task == "lm" else {}), **arm["overrides"],
+                                          "train.selection_metric": metric},
+                               grid={"optimizer.learning_rate": lr_grid(rates[arm["strategy"]])}, seeds=SEEDS))
+            arm_stages[arm["label"]] = name
+        roles["tasks"][task] = dict(zero_shot=zero, arms=arm_stages, selection_metric=metric)
+
     return dict(
         name=f"pretrain_vs_finetune_{preset}",
         description=(
-            "Pretrain once on the Python standard library without the `email` package; then, on `email` "
-            "alone at 1%, 10% and 100% of its training split, compare training from scratch, the "
-            "pretrained model without fine-tuning, and fine-tuning with full, last_k, head, bitfit, "
-            "layernorm and LoRA (ranks 4 and 16): early stopping on validation within a step budget, the "
-            "learning rate chosen per strategy and fraction on validation, 3 seeds each; the table reports the "
-            "best checkpoints' loss on `email`'s test blocks."),
+            f"{len(p['sizes'])} model sizes pretrained on the Python standard library without the held-out packages; "
+            "on the held-out packages at 6 log-spaced fractions of their training split, training from scratch against full "
+            "fine-tuning (data efficiency, effective data transferred); then one pretrained model fine-tuned on three "
+            "held-out tasks (lm, sft, classify) with full, last_k, head, bitfit, layernorm and LoRA (ranks "
+            f"{' and '.join(map(str, LORA_RANKS))}). Early stopping on validation within a step budget, the learning "
+            f"rate chosen on validation, {len(SEEDS)} seeds; every number is a best checkpoint's test-split score."),
         metric="test_loss",
-        stages=[
-            dict(name="pretrain", experiment="pretrain", config="configs/pretrain.py:small",
-                 overrides={**model, **pretrain}),
-            dict(name="scratch", experiment="pretrain", config="configs/pretrain.py:small", label="scratch",
-                 overrides={**model, **NARROW, **scratch_budget},
-                 grid={"data.train_fraction": FRACTIONS, "optimizer.learning_rate": [1e-3, 2e-3, 4e-3]},
-                 seeds=SEEDS),
-            dict(name="zero_shot", experiment="finetune", config="configs/finetune.py:full", init_from="pretrain",
-                 label="pretrained, no fine-tuning",
-                 overrides={**budget, "train.num_steps": 0, "train.early_stopping_patience": 0}, seeds=SEEDS),
-            *finetune_stages,
-        ],
+        stages=stages,
         report=dict(rows="label", columns="data.train_fraction", select=["optimizer.learning_rate"],
                     selection_metric="eval_loss"),
+        study=dict(preset=preset, fractions=FRACTIONS, seeds=SEEDS, select="optimizer.learning_rate",
+                   task_size=p["task_size"], **roles),
     )

@@ -1,0 +1,48 @@
+"""Runs the pretraining-vs-fine-tuning study and writes its report: one command, resumable.
+
+    python -m experiments.study --config=configs/ablations/pretrain_vs_finetune.py:small --workdir=DIR
+
+runs every cell of the sweep (as `experiments.sweep` does, with the same flags: --parallel,
+--only, --set, --executor, ...; rerunning resumes), then writes DIR/study/: report.md,
+report.tex (and report.pdf where pdflatex is installed), figures/*.png with their CSVs,
+table_*.csv, and results.jsonl + study.json, from which `--report_only --workdir=DIR/study`
+regenerates the same report (--config is still required, any value). Exit status as experiments.sweep's; the report is written
+whatever the sweep's outcome, from the cells that finished.
+"""
+import time
+
+from absl import flags
+
+from experiments import sweep as sweep_main
+from gptlab import cli
+from gptlab import study
+
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report from stored results only (a sweep "
+                                 "workdir or its study/ directory); run nothing.")
+flags.FLAGS.set_default("parallel", 3)  # three cells at a time: one computes while another starts up (2 cores)
+
+
+def main() -> None:
+    workdir = flags.FLAGS.workdir
+    if _REPORT_ONLY.value:
+        written = study.write_study(workdir)
+        print(f"study report: {written['markdown']}" + (f", {written['pdf']}" if written["pdf"] else ""))
+        return
+    started = time.perf_counter()
+    finished = False
+    try:
+        sweep_main.main()
+        finished = True
+    finally:
+        if not flags.FLAGS.dry_run:
+            import pathlib
+
+            if (pathlib.Path(workdir) / "sweep.json").exists():
+                study.collect(workdir)
+                study.record_run(workdir, time.perf_counter() - started, finished)
+                written = study.write_study(workdir)
+                print(f"study report: {written['markdown']}" + (f", {written['pdf']}" if written["pdf"] else ""))
+
+
+if __name__ == "__main__":
+    cli.run(main)
