@@ -19,6 +19,27 @@ from gptlab.errors import UserError
 _wandb_run = None  # the open W&B run of this process, finished by finish_wandb()
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch at module level whenever it is installed (to accept torch
+    tensors): seconds of start-up in every run of an environment with the `bench` extra.
+    gptlab logs Python floats only, so torch is hidden while tensorboardX is first imported
+    (a None entry in sys.modules makes `import torch` raise ImportError, which it handles).
+    """
+    import sys
+
+    if "tensorboardX.writer" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            import tensorboardX  # pylint: disable=unused-import
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends logged metrics to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
 
@@ -29,7 +50,7 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter  # imported here: only process 0 writes
+        SummaryWriter = _summary_writer_class()  # imported here: only process 0 writes
 
         path = pathlib.Path(workdir) / "metrics.jsonl"
         if path.exists():

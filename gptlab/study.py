@@ -444,6 +444,7 @@ class Study:
         ax.set_yscale("log")
         ax.set_xlabel("narrow-data tokens D_F (held-out packages' training split)")
         ax.set_ylabel("test loss (nats/token, log scale)")
+        _plain_log_ticks(ax.yaxis)
         ax.set_title("Data efficiency: fine-tuned (solid) vs scratch (dashed);\ndotted: pretrained, no fine-tuning")
         ax.grid(alpha=0.3, which="both")
         ax.legend(ncol=2)
@@ -669,6 +670,14 @@ def write_csv(path, header, rows) -> None:
             writer.writerow([repr(x) if isinstance(x, float) else x for x in row])
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-axis ticks written as plain numbers (2, 3) rather than 2 x 10^0: losses span less than a decade."""
+    from matplotlib import ticker
+
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def _palette(i: int) -> str:
     # Dark to light blue-greens with distinct markers: distinguishable in colour and in greyscale.
     return ("#1b3a6b", "#2a7f62", "#c2731b", "#7a3b8f", "#8c8c8c", "#b03a2e", "#4a90c2", "#000000")[i % 8]
@@ -682,7 +691,9 @@ def _frac(fraction) -> str:
     if fraction is None:
         return "—"
     inverse = 1 / fraction
-    return "1" if fraction == 1 else (f"1/{round(inverse)}" if math.isclose(inverse, round(inverse)) else f"{fraction:g}")
+    # Fractions are stored rounded (1/243 as 0.00411523): name them by the whole number they invert to.
+    whole = math.isclose(inverse, round(inverse), rel_tol=1e-4)
+    return "1" if fraction == 1 else (f"1/{round(inverse)}" if whole else f"{fraction:g}")
 
 
 def _fmt_int(value) -> str:

@@ -108,3 +108,17 @@ def test_wandb_project_without_the_package_is_one_clear_error(make_config, tmp_p
     with pytest.raises(train.UserError, match=r'pip install -e "\.\[wandb\]"'):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "result.json").exists()
+
+
+def test_tensorboard_logging_does_not_import_pytorch(tmp_path):
+    """tensorboardX imports torch when it can (seconds per run); the metrics writer keeps it out."""
+    import subprocess
+    import sys
+
+    needs("torch", "bench")
+    code = ("import sys; from gptlab.metrics import MetricsWriter; w = MetricsWriter(sys.argv[1]); "
+            "w.write(1, {'train_loss': 1.5}); w.close(); print('torch' in sys.modules); "
+            "import torch; print(torch.zeros(1).shape)")  # torch stays importable afterwards
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False", "torch.Size([1])"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
