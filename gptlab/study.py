@@ -43,7 +43,8 @@ from gptlab.errors import UserError
 
 FRACTION = "data.train_fraction"
 PAPER = {"alpha": 0.18, "beta": 0.38}  # Hernandez et al. 2021, text -> Python, their fit of D_T
-TASK_METRIC = {"lm": "test_loss", "sft": "test_loss", "classify": "test_accuracy"}
+TASK_METRIC = {"lm": "test_loss", "sft": "test_loss", "classify": "test_accuracy"}  # what comparisons read
+TASK_EXTRA = {"classify": ("test_macro_f1",)}  # shown beside it in the tasks table
 CONFIDENCE = 0.95
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -290,15 +291,18 @@ class Study:
 
         table = self.task_table()
         labels = list(dict.fromkeys(label for task in table.values() for label in task["arms"]))
-        rows = [["pretrained, no fine-tuning"] + [_ci(table[task]["zero"].interval(TASK_METRIC[task]))
-                                                  if table[task]["zero"] else "—" for task in self.tasks]]
+        columns = [(task, metric) for task in self.tasks for metric in (TASK_METRIC[task], *TASK_EXTRA.get(task, ()))]
+        zero = {task: table[task]["zero"] for task in self.tasks}
+        rows = [["pretrained, no fine-tuning"] + [_ci(zero[task].interval(metric)) if zero[task] else "—"
+                                                  for task, metric in columns]]
         for label in labels:
             row = [label]
-            for task in self.tasks:
+            for task, metric in columns:
                 ch = table[task]["arms"].get(label)
-                row.append(f"{_ci(ch.interval(TASK_METRIC[task]))} (LR {_lr(ch.learning_rate)})" if ch else "—")
+                lr = f" (LR {_lr(ch.learning_rate)})" if ch and metric == TASK_METRIC[task] else ""
+                row.append(f"{_ci(ch.interval(metric))}{lr}" if ch else "—")
             rows.append(row)
-        t["tasks"] = (["strategy"] + [f"{task}: {TASK_METRIC[task]}" for task in self.tasks], rows)
+        t["tasks"] = (["strategy"] + [f"{task}: {metric}" for task, metric in columns], rows)
         rows = []
         for label in labels:
             row = [label]
@@ -604,7 +608,9 @@ class Study:
                          "and few points per size.", ""],
             "tasks": [f"The `{s['task_size']}` pretrained model, fine-tuned on all of each task's training split; "
                       "lm and sft report test loss (lower is better; sft on response tokens only), classify test "
-                      "accuracy over 8 packages (higher is better). The chosen learning rate is in brackets.", ""],
+                      "accuracy and macro-F1 over 8 packages (higher is better); the chosen learning rate is in "
+                      "brackets. sft's generation metrics (greedy exact match, parse rate: `experiments.evaluate`) "
+                      "are not part of the study: run it on a cell's workdir for them.", ""],
             "cost": ["Per arm on the lm task at the task size: trainable parameters and optimizer-state bytes "
                      "(AdamW moments of the trainable parameters) from result.json; step time from the last logged "
                      "tokens/s and peak resident memory of the cell's process (both measured with two cells running "
@@ -767,8 +773,11 @@ def load(study_dir) -> Study:
     if meta is None or not (study_dir / RECORDS).exists():
         raise UserError(f"{study_dir} holds no {SPEC} and {RECORDS}: run python -m experiments.study first")
     records = [json.loads(line) for line in (study_dir / RECORDS).read_text().splitlines() if line.strip()]
-    commits = sorted({(r["commit"] or "unknown")[:10] + (" (uncommitted changes)" if r.get("dirty") else "")
-                      for r in records}) or ["none"]
+    versions = {}  # what each cell ran: its commit, and whether tracked files had changed since
+    for r in records:
+        key = (r["commit"] or "unknown")[:7] + (" plus uncommitted changes" if r.get("dirty") else "")
+        versions[key] = versions.get(key, 0) + 1
+    commits = [f"{key} ({n} cells)" for key, n in sorted(versions.items())] or ["none"]
     devices = sorted({(r.get("device") or {}).get("host_cpu") or (r.get("device") or {}).get("kind", "?")
                       for r in records})
     runs = meta.get("runs") or []

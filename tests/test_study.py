@@ -177,3 +177,33 @@ def test_committed_report_is_regenerated_from_its_stored_results(tmp_path):
     assert committed_csvs == sorted(p.relative_to(copy) for p in copy.rglob("*.csv"))
     for path in committed_csvs:
         assert (copy / path).read_text() == (COMMITTED / path).read_text(), path
+
+
+@pytest.mark.slow
+def test_one_command_runs_the_study_and_writes_the_report(tmp_path):
+    """experiments.study on the tiny preset: a partial run already gets a report; the whole run gets every part."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "study"
+    base = [sys.executable, "-m", "experiments.study", "--config=configs/ablations/pretrain_vs_finetune.py:tiny",
+            f"--workdir={workdir}"]
+    partial = subprocess.run(base + ["--only=^scratch_1x8-train_fraction=1.0"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert "## 1. Data efficiency" in (workdir / "study" / "report.md").read_text()  # from one finished cell
+    run = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    study = workdir / "study"
+    records = [json.loads(line) for line in (study / study_lib.RECORDS).read_text().splitlines()]
+    assert len(records) == 39 and all(r["test"] for r in records)  # every cell scored on test
+    report = (study / "report.md").read_text()
+    assert "39 of 39 cells" in report and "over 2 invocation(s)" in report
+    for part in ("1. Data efficiency", "2. Effective data transferred", "3. One pretrained model", "4. Cost",
+                 "5. Paired differences", "share of full FT's gain", "test_macro_f1"):
+        assert part in report
+    assert (study / "figures" / "pareto.csv").exists() and (study / "table_paired.csv").exists()
+    again = subprocess.run(base + ["--report_only", f"--workdir={study}"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (study / "report.md").read_text() == report  # the stored results alone give the same report

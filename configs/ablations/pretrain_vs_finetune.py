@@ -72,6 +72,15 @@ PRESETS = {
         pretrain_steps=10000, pretrain_learning_rate=6e-4, pretrain_min_learning_rate=6e-5,
         finetune_steps=3000,
         eval_every=100, eval_batches=20, test_batches=64),
+    # Test-sized (tests/test_study.py runs it end to end): 39 cells of 1-layer models, about 2 minutes.
+    "tiny": dict(
+        sizes={"1x8": dict(n_layer=1, n_head=1, n_embd=8), "1x16": dict(n_layer=1, n_head=2, n_embd=16)},
+        task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
+        pretrain_steps=30, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4, finetune_steps=10,
+        eval_every=5, eval_batches=2, test_batches=2,
+        fractions=[1 / 9, 1 / 3, 1.0], seeds=[0, 1], lr_factors=(1.0,), strategies=("full", "head"), lora_ranks=(4,),
+        tasks=("lm", "classify"), pretrain_overrides={"optimizer.warmup_steps": 5},
+        cell_overrides={"optimizer.warmup_steps": 2}),
 }
 
 
@@ -79,6 +88,9 @@ def get_config(preset: str = "small") -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} (small: a CPU, gpu: a GPU)")
     p = PRESETS[preset]
+    # What a preset may narrow (the tiny one does): the grid of the study.
+    fractions, seeds, lr_factors = p.get("fractions", FRACTIONS), p.get("seeds", SEEDS), p.get("lr_factors", LR_FACTORS)
+    strategies, lora_ranks, tasks = p.get("strategies", STRATEGIES), p.get("lora_ranks", LORA_RANKS), p.get("tasks", TASKS)
     steps = p["finetune_steps"]
     devices = {"parallel.cpu_devices": p["cpu_devices"]} if p["cpu_devices"] else {}
     shared = {"model.block_size": p["block_size"], "data.batch_size": p["batch_size"], "model.dropout": 0.0, **devices}
@@ -90,13 +102,14 @@ def get_config(preset: str = "small") -> dict:
     budget = {**devices, "data.batch_size": p["batch_size"], "train.num_steps": steps, "optimizer.decay_steps": steps,
               "optimizer.warmup_steps": 20, "train.log_every": p["eval_every"], "train.eval_every": p["eval_every"],
               "train.checkpoint_every": 10 * p["eval_every"], "train.eval_batches": p["eval_batches"],
-              "train.test_batches": p["test_batches"], "train.early_stopping_patience": PATIENCE}
+              "train.test_batches": p["test_batches"], "train.early_stopping_patience": PATIENCE,
+              **p.get("cell_overrides", {})}
     # Scratch gets at least the fine-tuning budget: twice the steps, the same patience.
     scratch_budget = {**budget, "train.num_steps": 2 * steps, "optimizer.decay_steps": 2 * steps}
     rates = finetune_config.LEARNING_RATES
 
     def lr_grid(base):  # rounded: the values name the cells
-        return [float(f"{base * f:.6g}") for f in LR_FACTORS]
+        return [float(f"{base * f:.6g}") for f in lr_factors]
 
     stages, roles = [], {"sizes": {}, "tasks": {}}
     for size in p["sizes"]:
@@ -107,15 +120,16 @@ def get_config(preset: str = "small") -> dict:
                             "optimizer.learning_rate": p["pretrain_learning_rate"],
                             "optimizer.min_learning_rate": p["pretrain_min_learning_rate"],
                             "train.eval_every": p["pretrain_steps"] // 4,
-                            "train.checkpoint_every": p["pretrain_steps"] // 4, "train.log_every": 50}),
+                            "train.checkpoint_every": p["pretrain_steps"] // 4, "train.log_every": 50,
+                            **p.get("pretrain_overrides", {})}),
             dict(name=scratch, experiment="pretrain", config="configs/pretrain.py:small", label=f"scratch {size}",
                  overrides={**shared, **shape(size), **NARROW, **scratch_budget},
-                 grid={"data.train_fraction": FRACTIONS, "optimizer.learning_rate": lr_grid(SCRATCH_LEARNING_RATE)},
-                 seeds=SEEDS),
+                 grid={"data.train_fraction": fractions, "optimizer.learning_rate": lr_grid(SCRATCH_LEARNING_RATE)},
+                 seeds=seeds),
             dict(name=full, experiment="finetune", config="configs/finetune.py:full,lm", init_from=pretrain,
                  label=f"fine-tuned {size}", overrides={**budget, **LM_DATA},
-                 grid={"data.train_fraction": FRACTIONS, "optimizer.learning_rate": lr_grid(rates["full"])},
-                 seeds=SEEDS),
+                 grid={"data.train_fraction": fractions, "optimizer.learning_rate": lr_grid(rates["full"])},
+                 seeds=seeds),
             dict(name=zero, experiment="finetune", config="configs/finetune.py:full,lm", init_from=pretrain,
                  label=f"pretrained {size}, no fine-tuning",
                  overrides={**budget, **LM_DATA, "train.num_steps": 0, "train.early_stopping_patience": 0}),
@@ -123,10 +137,10 @@ def get_config(preset: str = "small") -> dict:
         roles["sizes"][size] = dict(pretrain=pretrain, scratch=scratch, finetuned=full, zero_shot=zero)
 
     arms = [dict(label=s, strategy=s, overrides={"finetune.last_k": p["last_k"]} if s == "last_k" else {})
-            for s in STRATEGIES]
-    arms += [dict(label=f"lora r{r}", strategy="lora", overrides={"finetune.lora_rank": r}) for r in LORA_RANKS]
+            for s in strategies]
+    arms += [dict(label=f"lora r{r}", strategy="lora", overrides={"finetune.lora_rank": r}) for r in lora_ranks]
     task_pretrain = roles["sizes"][p["task_size"]]["pretrain"]
-    for task in TASKS:
+    for task in tasks:
         metric = finetune_config.SELECTION_METRICS[task]
         zero = roles["sizes"][p["task_size"]]["zero_shot"] if task == "lm" else f"zero_{p['task_size']}_{task}"
         if task != "lm":
@@ -144,7 +158,7 @@ def get_config(preset: str = "small") -> dict:
                                init_from=task_pretrain, label=f"{arm['label']} ({task})",
                                overrides={**budget, **(LM_DATA if task == "lm" else {}), **arm["overrides"],
                                           "train.selection_metric": metric},
-                               grid={"optimizer.learning_rate": lr_grid(rates[arm["strategy"]])}, seeds=SEEDS))
+                               grid={"optimizer.learning_rate": lr_grid(rates[arm["strategy"]])}, seeds=seeds))
             arm_stages[arm["label"]] = name
         roles["tasks"][task] = dict(zero_shot=zero, arms=arm_stages, selection_metric=metric)
 
@@ -152,15 +166,16 @@ def get_config(preset: str = "small") -> dict:
         name=f"pretrain_vs_finetune_{preset}",
         description=(
             f"{len(p['sizes'])} model sizes pretrained on the Python standard library without the held-out packages; "
-            "on the held-out packages at 6 log-spaced fractions of their training split, training from scratch against full "
-            "fine-tuning (data efficiency, effective data transferred); then one pretrained model fine-tuned on three "
-            "held-out tasks (lm, sft, classify) with full, last_k, head, bitfit, layernorm and LoRA (ranks "
-            f"{' and '.join(map(str, LORA_RANKS))}). Early stopping on validation within a step budget, the learning "
-            f"rate chosen on validation, {len(SEEDS)} seeds; every number is a best checkpoint's test-split score."),
+            f"on the held-out packages at {len(fractions)} log-spaced fractions of their training split, training from "
+            "scratch against full fine-tuning (data efficiency, effective data transferred); then one pretrained model "
+            f"fine-tuned on {len(tasks)} held-out tasks ({', '.join(tasks)}) with {', '.join(strategies)} and LoRA "
+            f"(rank {' and '.join(map(str, lora_ranks))}). Early stopping on validation within a step budget, the "
+            f"learning rate chosen on validation, {len(seeds)} seeds; every number is a best checkpoint's test-split "
+            "score."),
         metric="test_loss",
         stages=stages,
         report=dict(rows="label", columns="data.train_fraction", select=["optimizer.learning_rate"],
                     selection_metric="eval_loss"),
-        study=dict(preset=preset, fractions=FRACTIONS, seeds=SEEDS, select="optimizer.learning_rate",
+        study=dict(preset=preset, fractions=fractions, seeds=seeds, select="optimizer.learning_rate",
                    task_size=p["task_size"], **roles),
     )
