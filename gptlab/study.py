@@ -77,6 +77,13 @@ class Choice:
     fraction: Optional[float]
     learning_rate: Optional[float]
     cells: list  # compact records of the chosen learning rate, one per seed
+    grid: tuple = ()  # the learning rates it was chosen from
+
+    @property
+    def lr_text(self) -> str:
+        """The chosen rate; "(edge)" when a grid of 3+ rates has it at either end: the best may lie outside."""
+        edge = len(self.grid) > 2 and self.learning_rate in (min(self.grid), max(self.grid))
+        return _lr(self.learning_rate) + (" (edge)" if edge else "")
 
     def values(self, metric: str) -> dict:
         """seed -> the best checkpoint's test `metric` (validation metrics are `eval_*`)."""
@@ -130,7 +137,8 @@ class Study:
             return None
         pick = max if selection.higher_is_better(selection_metric) else min
         lr = pick(scored, key=lambda k: (scored[k], -(k or 0)))
-        return Choice(stage, fraction, lr, sorted(groups[lr], key=lambda c: c["seed"]))
+        grid = tuple(sorted(k for k in groups if k is not None))
+        return Choice(stage, fraction, lr, sorted(groups[lr], key=lambda c: c["seed"]), grid)
 
     # -- part 1: data efficiency --
 
@@ -144,6 +152,15 @@ class Study:
                     if choice is not None:
                         rows.append((size, arm, fraction, choice))
         return rows
+
+    def _grid_note(self) -> str:
+        sizes = {len(ch.grid) for *_, ch in self.efficiency()}
+        if not sizes:
+            return ""
+        n = max(sizes)
+        return (f"The learning-rate grid has {n} value{'s' if n != 1 else ''} per arm" +
+                (": the chosen rate is always one of its two ends, so a better rate may lie outside it." if n == 2
+                 else "; (edge) marks a chosen rate at either end of it." if n > 2 else "."))
 
     def zero_shot(self, size: str) -> Optional[Choice]:
         return self.choose(self.spec["sizes"][size]["zero_shot"], "eval_loss")
@@ -181,8 +198,13 @@ class Study:
         """(TransferFit or None, why not) over the uncensored points with D_T > 0."""
         usable = [(p.fine_tuned_tokens, n, p.transferred_tokens) for _, n, _, p in points
                   if p.censored is None and p.transferred_tokens and p.transferred_tokens > 0 and n]
+        if not usable:
+            censored = sum(1 for *_, p in points if p.censored == "above")
+            return None, (f"no fine-tuned point has a D_E inside its size's scratch curve ({censored} of {len(points)} "
+                          "reach a lower test loss than every scratch run of their size, so only D_E > the largest "
+                          "scratch D_F is known)")
         try:
-            return transfer.fit_transfer_law(*zip(*usable)) if usable else None, None
+            return transfer.fit_transfer_law(*zip(*usable)), None
         except ValueError as e:
             return None, str(e)
 
@@ -255,7 +277,7 @@ class Study:
             i = ch.interval("test_loss")
             rows.append([size, _fmt_int(self.non_embedding(size)), "fine-tuned" if arm == "finetuned" else "scratch",
                          _frac(fraction), _fmt_int(ch.mean_of("train_data_tokens")), _ci(i), str(i.n) if i else "0",
-                         _lr(ch.learning_rate), _fmt_steps(ch)])
+                         ch.lr_text, _fmt_steps(ch)])
         for size in self.sizes:
             z = self.zero_shot(size)
             if z and z.interval("test_loss"):
@@ -299,7 +321,7 @@ class Study:
             row = [label]
             for task, metric in columns:
                 ch = table[task]["arms"].get(label)
-                lr = f" (LR {_lr(ch.learning_rate)})" if ch and metric == TASK_METRIC[task] else ""
+                lr = f" (LR {ch.lr_text})" if ch and metric == TASK_METRIC[task] else ""
                 row.append(f"{_ci(ch.interval(metric))}{lr}" if ch else "—")
             rows.append(row)
         t["tasks"] = (["strategy"] + [f"{task}: {metric}" for task, metric in columns], rows)
@@ -478,6 +500,13 @@ class Study:
             if pts:
                 d, t = zip(*sorted(pts))
                 ax.plot(d, t, linestyle="none", label=f"{size} (N = {_fmt_int(n)})", **style)
+            # Beyond the scratch curve D_E is only bounded below: D_T > bound - D_F, drawn hollow.
+            bounds = sorted((p.fine_tuned_tokens, p.bound - p.fine_tuned_tokens) for s, _, _, p in points
+                            if s == size and p.censored == "above" and p.bound > p.fine_tuned_tokens)
+            if bounds:
+                d, t = zip(*bounds)
+                ax.plot(d, t, linestyle=":", fillstyle="none", color=style["color"], marker=style["marker"],
+                        label=f"{size} (N = {_fmt_int(n)}): lower bound")
             if fit and n:
                 grid = np.geomspace(min(p.fine_tuned_tokens for _, _, _, p in points),
                                     max(p.fine_tuned_tokens for _, _, _, p in points), 20)
@@ -486,6 +515,8 @@ class Study:
         ax.set_yscale("log")
         ax.set_xlabel("narrow-data tokens D_F")
         ax.set_ylabel("effective data transferred D_T (tokens)")
+        ax.yaxis.set_major_formatter(_thousands())
+        ax.yaxis.set_minor_formatter(_thousands())
         title = "Effective data transferred"
         if fit:
             title += f": fit D_T = k D_F^{fit.alpha:.2f} N^{fit.beta:.2f} (lines)"
@@ -496,8 +527,9 @@ class Study:
         fig.tight_layout()
         return self._save(fig, plt, out, "effective_data", csv_rows,
                           ["size", "N", "fraction", "D_F", "D_E", "D_T", "censored", "bound"],
-                          "Effective data transferred D_T against D_F per model size (uncensored points with "
-                          "D_T > 0), with the fitted law.")
+                          "Effective data transferred D_T against D_F per model size: filled, D_E read inside "
+                          "the scratch curve (with the fitted law where there is one); hollow, lower bounds where "
+                          "the fine-tuned model beats every scratch run of its size.")
 
     def _pareto_figure(self, plt, out):
         table = self.task_table()
@@ -532,8 +564,13 @@ class Study:
                                                       else " (nats/token)"))
             ax.set_title(task)
             ax.grid(alpha=0.3, which="both")
-        handles, names = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="lower center", ncol=min(7, len(names)), bbox_to_anchor=(0.5, 0.0))
+        legend = {}  # label -> handle, over every panel (a task may lack some arms)
+        for ax in axes[0]:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(name, handle)
+        if legend:
+            fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(7, len(legend)),
+                       bbox_to_anchor=(0.5, 0.0))
         fig.suptitle("Cost against quality per task (dashed: the Pareto front)")
         fig.tight_layout(rect=(0, 0.1, 1, 0.95))
         return self._save(fig, plt, out, "pareto", csv_rows,
@@ -595,7 +632,7 @@ class Study:
                            f"training split (D_F tokens, byte-level); "
                            f"scratch trains a fresh model of the same size with twice the fine-tuning step budget. "
                            f"Steps to best: mean over seeds; (cap) marks cells that ended at their budget while still "
-                           f"improving.", ""],
+                           f"improving. " + self._grid_note(), ""],
             "transfer": ["D_E is read off the size's mean scratch curve (made non-increasing), interpolated in log-log "
                          "space; points outside it are never extrapolated: a fine-tuned loss below every scratch loss "
                          "gives only a lower bound (D_E > the largest scratch D_F, shown '>'), one above every scratch "
@@ -674,6 +711,12 @@ def write_csv(path, header, rows) -> None:
         writer.writerow(header)
         for row in rows:
             writer.writerow([repr(x) if isinstance(x, float) else x for x in row])
+
+
+def _thousands():
+    from matplotlib import ticker
+
+    return ticker.FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}K" if v >= 1e3 else f"{v:g}")
 
 
 def _plain_log_ticks(axis) -> None:
