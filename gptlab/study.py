@@ -265,6 +265,20 @@ class Study:
                                                                CONFIDENCE), metric))
         return out
 
+    def leak_warnings(self) -> list:
+        """Stages whose validation loss is under half their test loss: validation may overlap training."""
+        out = []
+        for stage, cells in self.by_stage.items():
+            pairs = [(c["validation"].get("eval_loss"), c["test"].get("test_loss")) for c in cells]
+            pairs = [(v, t) for v, t in pairs if isinstance(v, (int, float)) and isinstance(t, (int, float))]
+            low = [(v, t) for v, t in pairs if v < 0.5 * t]
+            if low:
+                v, t = min(low)
+                out.append(f"`{stage}`: {len(low)} of {len(pairs)} cells have a validation loss under half their test "
+                           f"loss (lowest {v:.3f} against {t:.3f}): the validation split may overlap what they "
+                           "train on, and choices made on it are suspect.")
+        return out
+
     # -- output --
 
     def tables(self) -> dict:
@@ -617,6 +631,7 @@ class Study:
                 lines += ["Fit of D_T = k D_F^alpha N^beta (least squares in log space; 95% t-intervals):", ""]
                 lines += md_table(*t["fit"]) + [""]
             if key == "tasks":
+                lines += [f"- **Check:** {w}" for w in self.leak_warnings()] + ([""] if self.leak_warnings() else [])
                 lines += ["Share of full fine-tuning's gain over the untouched pretrained model, (strategy - "
                           "untouched) / (full - untouched) per seed:", ""]
                 lines += md_table(*t["gain"]) + [""]
@@ -650,8 +665,8 @@ class Study:
                       "are not part of the study: run it on a cell's workdir for them.", ""],
             "cost": ["Per arm on the lm task at the task size: trainable parameters and optimizer-state bytes "
                      "(AdamW moments of the trainable parameters) from result.json; step time from the last logged "
-                     "tokens/s and peak resident memory of the cell's process (both measured with two cells running "
-                     "at once on the study's machine, so compare them within this table only); time to best = the "
+                     "tokens/s and peak resident memory of the cell's process (both measured while the study's other "
+                     "cells ran beside it, three at a time, so compare them within this table only); time to best = the "
                      "cell's wall time x best step / last step. The Pareto front: no other arm has fewer trainable "
                      "parameters and a lower test loss.", ""],
             "paired": ["Per-seed differences a - b of the test metric between arms that share seeds (each at its own "
@@ -794,7 +809,7 @@ def collect(workdir) -> pathlib.Path:
     previous = _read(out / SPEC) or {}
     meta = {"name": sweep.name, "description": sweep.description, "source": sweep.source, "study": sweep.study,
             "cells_in_sweep": len(sweep.cells), "runs": previous.get("runs", [])}
-    (out / SPEC).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / SPEC).write_text(json.dumps(meta, indent=2) + "\n")  # in the config's order: rows and columns follow it
     return out
 
 
@@ -803,7 +818,7 @@ def record_run(workdir, wall_time_s: float, finished: bool) -> None:
     path = pathlib.Path(workdir) / STUDY_DIR / SPEC
     meta = _read(path) or {}
     meta.setdefault("runs", []).append({"wall_time_s": round(wall_time_s, 1), "finished": finished})
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _read(path: pathlib.Path):
