@@ -40,6 +40,7 @@ from gptlab import selection
 from gptlab import sweep as sweep_lib
 from gptlab import transfer
 from gptlab.errors import UserError
+from gptlab.report import tex_escape
 
 FRACTION = "data.train_fraction"
 PAPER = {"alpha": 0.18, "beta": 0.38}  # Hernandez et al. 2021, text -> Python, their fit of D_T
@@ -680,9 +681,9 @@ class Study:
         p = self.provenance
         out = [r"\documentclass[10pt]{article}", r"\usepackage[margin=2cm,landscape]{geometry}",
                r"\usepackage[T1]{fontenc}", r"\usepackage{booktabs}", r"\usepackage{graphicx}", r"\begin{document}",
-               rf"\section*{{{_tex(p['name'])}: how much is pretraining worth?}}",
-               _tex(p.get("description", "")) + r"\par",
-               rf"\noindent Made by \texttt{{{_tex(p['command'])}}}; code version {_tex(p['commits'])}. "
+               rf"\section*{{{tex_escape(p['name'])}: how much is pretraining worth?}}",
+               tex_escape(p.get("description", "")) + r"\par",
+               rf"\noindent Made by \texttt{{{tex_escape(p['command'])}}}; code version {tex_escape(p['commits'])}. "
                r"Test-split scores of best checkpoints chosen on validation; 95\% t-intervals over seeds.\par"]
         captions = {"efficiency": "Data efficiency (test loss)", "transfer": "Effective data transferred",
                     "fit": r"Fit of $D_T = k D_F^\alpha N^\beta$", "tasks": "Every task and strategy (test metric)",
@@ -692,12 +693,12 @@ class Study:
             header, rows = t[key]
             out += [r"\begin{table}[ht]\centering\footnotesize", rf"\caption{{{captions[key]}}}",
                     r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
-                    " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
-            out += [" & ".join(_tex(c) for c in row) + r" \\" for row in rows]
+                    " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
+            out += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in rows]
             out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
         for path, caption in figures:
             out += [r"\begin{figure}[ht]\centering", rf"\includegraphics[width=0.7\linewidth]{{{path}}}",
-                    rf"\caption{{{_tex(caption)}}}", r"\end{figure}"]
+                    rf"\caption{{{tex_escape(caption)}}}", r"\end{figure}"]
         out.append(r"\end{document}")
         return "\n".join(out) + "\n"
 
@@ -780,14 +781,6 @@ def _fmt_steps(choice: Choice) -> str:
     steps = [c["best_step"] for c in choice.cells if c.get("best_step") is not None]
     capped = any(c.get("hit_budget") for c in choice.cells)
     return (f"{np.mean(steps):.0f}" if steps else "—") + (" (cap)" if capped else "")
-
-
-def _tex(text) -> str:
-    text = str(text)
-    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "±": r"$\pm$", "—": "--", "≈": r"$\approx$"}
-    return "".join(replacements.get(ch, ch) for ch in text)
 
 
 # -- reading and writing ---------------------------------------------------------------------------
