@@ -26,10 +26,12 @@ pins the step it reads (see `Reader`), so the writer's rotation cannot pull the
 step away mid-read.
 """
 import errno
+import gc
 import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -214,8 +216,14 @@ class Reader:
         return target
 
     def _restore(self, state_handler, args: dict):
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_item_handlers(state_handler))) as checkpointer:
-            return checkpointer.restore(self.path, args=ocp.args.Composite(**args))
+        failure = None
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_item_handlers(state_handler))) as checkpointer:
+                return checkpointer.restore(self.path, args=ocp.args.Composite(**args))
+        except Exception as e:  # pylint: disable=broad-except  (callers turn it into CorruptCheckpoint)
+            failure = _first_line(e)  # only the text: the exception's frames hold Orbax's abandoned reads
+        _collect_abandoned_reads()
+        raise RuntimeError(failure)
 
     def _check_fingerprints(self, tree, checked=lambda path: True) -> None:
         damaged = first_mismatch(self.fingerprints, tree, checked)
@@ -416,6 +424,37 @@ def resolve_step(directory, step, where: str):
         return int(step)
     except (TypeError, ValueError):
         raise UserError(f"step={step!r} is neither a step number nor 'best': pass e.g. --step=600 or --step=best") from None
+
+
+def _collect_abandoned_reads() -> None:
+    """Quiets the reads Orbax abandons when one array of a checkpoint fails to read.
+
+    Orbax reads the arrays in parallel; the first failure ends the restore while the other reads
+    are mid-flight. Python would then print their tracebacks after the one-line error the user
+    is given: each abandoned coroutine's when it is collected ("Exception ignored in: <coroutine
+    _read_array_index_and_device_put>"), and each TensorStore read that completes after Orbax
+    closed its event loop ("RuntimeError: Event loop is closed"), possibly much later and from
+    another thread. From the first failed read on, this process drops exactly those two reports
+    (any other unraisable exception is reported as before) and collects the coroutines now.
+    """
+    global _reads_abandoned
+    if not _reads_abandoned:
+        _reads_abandoned = True
+        report = sys.unraisablehook
+
+        def hook(unraisable):
+            code = getattr(unraisable.object, "cr_code", None)
+            if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+                return  # an abandoned Orbax read, collected
+            if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+                return  # an abandoned TensorStore read, finished after Orbax's event loop closed
+            report(unraisable)
+
+        sys.unraisablehook = hook
+    gc.collect()
+
+
+_reads_abandoned = False
 
 
 def _first_line(error: Exception) -> str:

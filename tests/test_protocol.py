@@ -113,6 +113,7 @@ def test_best_checkpoint_survives_rotation_and_result_records_it(make_config, tm
     assert train.train_and_evaluate(es_config(make_config, 18), tmp_path)["selection"]["last_step"] == 15
 
 
+@pytest.mark.slow
 def test_resume_with_early_stopping_is_bit_identical(make_config, tmp_path, crafted_eval):
     fake, calls = crafted_eval
     train.train_and_evaluate(es_config(make_config, 18), tmp_path / "straight")

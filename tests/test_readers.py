@@ -195,6 +195,7 @@ def test_without_flock_the_exclusive_file_is_taken_over_only_from_a_provably_dea
         lock_lib.FileLock(path)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(make_config, tmp_path):
     train.train_and_evaluate(make_config(train__num_steps=2, train__checkpoint_every=1), tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gptlab import lock; "

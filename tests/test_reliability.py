@@ -173,6 +173,7 @@ def test_a_damaged_latest_checkpoint_is_detected_and_fallback_is_opt_in(six_and_
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_a_nan_stops_training_before_it_reaches_a_checkpoint(make_config, tmp_path):
     config = make_config(optimizer__learning_rate=1e6, optimizer__min_learning_rate=0.0, optimizer__warmup_steps=0,
                          optimizer__grad_clip_norm=0.0, train__checkpoint_every=1, train__num_steps=30)
@@ -185,6 +186,7 @@ def test_a_nan_stops_training_before_it_reaches_a_checkpoint(make_config, tmp_pa
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(restore_state_numpy(tmp_path, step)["params"]))
 
 
+@pytest.mark.slow
 def test_skipping_nonfinite_steps_leaves_the_state_untouched_and_gives_up_after_a_limit():
     cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8)
     model_loss = train.lm_loss_fn(GPT(cfg))
@@ -324,6 +326,7 @@ def test_a_signal_at_any_moment_ends_in_a_checkpoint_or_a_clean_exit_and_the_rer
     assert_identical_runs(reference, tmp_path)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_command_changes_nothing(make_config, tmp_path):
     def snapshot():
         return {str(p.relative_to(tmp_path)): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -353,6 +356,7 @@ def test_a_damaged_prepared_file_is_refused_in_one_line_naming_the_folder(make_c
         list(pipeline.read_texts(builder, "train", "text"))
 
 
+@pytest.mark.slow
 def test_config_paths_work_from_any_directory_and_a_misspelling_is_one_line(tmp_path, data_dir):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
 

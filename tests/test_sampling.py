@@ -151,6 +151,7 @@ def _sample(*args):
                           text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_sample_entry_point_on_a_pretraining_workdir(char_run, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("def main():\n    ")

@@ -101,6 +101,7 @@ def test_stopped_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_c
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_model_names_the_first_mismatching_parameter(make_config, tmp_path):
     train.train_and_evaluate(make_config(train__num_steps=2, train__eval_every=2), tmp_path)
     with pytest.raises(UserError, match=r"parameter blocks_0/\S+ has shape \(64,\) there but \(96,\) here"):
