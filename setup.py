@@ -40,7 +40,7 @@ setuptools.setup(
         # only for that, with accelerators hidden. macOS has no tensorflow-cpu wheels; its tensorflow is CPU-only.
         "tf": ["tensorflow-cpu>=2.21; sys_platform != 'darwin'", "tensorflow>=2.21; sys_platform == 'darwin'"],
         # The quick tests (README): light. Tests needing a package of another extra skip without it.
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],  # xdist: the quick suite on every core
         # Everything the full suite (.ci/run) needs: the tests that prepare the real tiny_shakespeare builder (tf),
         # compare with transformers' GPT-2 (bench), log to W&B offline (wandb) and sweep through submitit (cluster).
         "test-full": ["gptlab[test,tf,bench,wandb,cluster]"],

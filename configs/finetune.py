@@ -98,6 +98,7 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
 
         train = config.train
         train.selection_metric = SELECTION_METRICS[task]
+        train.eval_at_start = True  # the untouched pretrained model competes for best checkpoint: never worse than it
         if tiny:
             train.num_steps, train.log_every, train.eval_every, train.eval_batches = 20, 5, 10, 2
             train.checkpoint_every = 10

@@ -14,6 +14,9 @@ finished". It holds:
   no token or position embeddings);
 - `train_data_tokens`: the tokens of the training split the run could draw from
   (after `data.train_fraction`; None for example-based tasks);
+- `data_examples`: for example-based tasks (sft, classify), the usable examples of
+  each split (train, validation, test), after those that do not fit the window are
+  dropped: what a task's numbers rest on;
 - `steps`, `tokens_seen` (input tokens processed: steps x global batch x seq_len);
 - `optimizer_state_bytes`: what the optimizer keeps for the trainable parameters;
 - `timing`: wall time of this process's run, the last logged tokens/s and MFU,
@@ -54,7 +57,8 @@ CIRCUMSTANCES = ("timing", "finished_at", "versions", "git", "device")
 
 
 def write_result(workdir, final: dict, config_json: dict, params, trainable, wall_time_s: float,
-                 resumed_from_step=None, train_data_tokens=None, optimizer_state_bytes=None) -> dict:
+                 resumed_from_step=None, train_data_tokens=None, optimizer_state_bytes=None,
+                 data_examples=None) -> dict:
     """Writes WORKDIR/result.json for a finished run and returns it.
 
     `params` is the parameter tree (arrays or ShapeDtypeStructs) and `trainable`
@@ -70,6 +74,7 @@ def write_result(workdir, final: dict, config_json: dict, params, trainable, wal
         "params": param_counts(params, trainable),
         "steps": step,
         "train_data_tokens": None if train_data_tokens is None else int(train_data_tokens),
+        "data_examples": data_examples,
         "optimizer_state_bytes": None if optimizer_state_bytes is None else int(optimizer_state_bytes),
         "tokens_seen": step * int(data.get("batch_size") or 0) * int(data.get("seq_len") or 0),
         "timing": {"wall_time_s": wall_time_s, "resumed_from_step": int(resumed_from_step or 0),

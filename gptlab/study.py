@@ -62,7 +62,7 @@ def compact(line: dict) -> dict:
         "best_step": sel.get("best_step"), "last_step": sel.get("last_step", r.get("steps")),
         "stopped_early": sel.get("stopped_early"), "hit_budget": sel.get("hit_budget_while_improving"),
         "params": r.get("params") or {}, "optimizer_state_bytes": r.get("optimizer_state_bytes"),
-        "train_data_tokens": r.get("train_data_tokens"),
+        "train_data_tokens": r.get("train_data_tokens"), "data_examples": r.get("data_examples"),
         "batch_tokens": int(data.get("batch_size") or 0) * int(data.get("seq_len") or 0),
         "wall_time_s": timing.get("wall_time_s"), "peak_rss_mb": timing.get("peak_rss_mb"),
         "tokens_per_sec": timing.get("tokens_per_sec"),
@@ -330,8 +330,10 @@ class Study:
         labels = list(dict.fromkeys(label for task in table.values() for label in task["arms"]))
         columns = [(task, metric) for task in self.tasks for metric in (TASK_METRIC[task], *TASK_EXTRA.get(task, ()))]
         zero = {task: table[task]["zero"] for task in self.tasks}
-        rows = [["pretrained, no fine-tuning"] + [_ci(zero[task].interval(metric)) if zero[task] else "—"
-                                                  for task, metric in columns]]
+        rows = [["usable examples, train / validation / test"] + [self._examples_text(zero[task])
+                                                                  for task, _ in columns]]
+        rows += [["pretrained, no fine-tuning"] + [_ci(zero[task].interval(metric)) if zero[task] else "—"
+                                                   for task, metric in columns]]
         for label in labels:
             row = [label]
             for task, metric in columns:
@@ -365,6 +367,16 @@ class Study:
             rows.append([family, what, metric, f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", str(d.n), verdict])
         t["paired"] = (["comparison", "a - b", "metric", "mean difference (95% CI)", "seeds", "verdict"], rows)
         return t
+
+    @staticmethod
+    def _examples_text(choice) -> str:
+        """A task's split sizes as its runs recorded them (examples; lm: training tokens)."""
+        cell = choice.cells[0] if choice and choice.cells else {}
+        sizes = cell.get("data_examples")
+        if sizes:
+            return " / ".join(_fmt_int(sizes.get(k)) if sizes.get(k) is not None else "—"
+                              for k in ("train", "validation", "test"))
+        return f"{_fmt_int(cell['train_data_tokens'])} train tokens" if cell.get("train_data_tokens") else "—"
 
     def cost_rows(self) -> list:
         """[(label, lm test loss, [params, opt bytes, ms/step, RSS, s to best, pareto])] at the task size."""
@@ -641,12 +653,19 @@ class Study:
                 lines += [f"![{caption}]({path})", "", f"*{caption}* Numbers: `{path[:-4]}.csv`.", ""]
         return "\n".join(lines).rstrip() + "\n"
 
+    def _budget_text(self) -> str:
+        budgets = self.spec.get("budgets")
+        if not budgets:  # studies recorded before their budgets were (scratch had twice fine-tuning's)
+            return "twice the fine-tuning step budget"
+        return (f"a budget of {budgets['scratch']:,} steps (fine-tuning: {budgets['finetune']:,}), evaluated every "
+                f"{budgets['scratch_eval_every']} steps (fine-tuning: {budgets['eval_every']})")
+
     def _notes(self, key: str) -> list:
         s = self.spec
         notes = {
             "efficiency": [f"Narrow data: the held-out packages (gptlab/data/held_out.py), the first fraction of their "
                            f"training split (D_F tokens, byte-level); "
-                           f"scratch trains a fresh model of the same size with twice the fine-tuning step budget. "
+                           f"scratch trains a fresh model of the same size with {self._budget_text()}. "
                            f"Steps to best: mean over seeds; (cap) marks cells that ended at their budget while still "
                            f"improving. " + self._grid_note(), ""],
             "transfer": ["D_E is read off the size's mean scratch curve (made non-increasing), interpolated in log-log "

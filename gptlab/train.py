@@ -426,7 +426,8 @@ def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
         init_from=finetuning and finetuning.load,
         trainable=None if trainable is None or all(jax.tree.leaves(trainable)) else trainable,
         test_batches=test_batches(data, config.train.get("test_batches") or config.train.eval_batches),
-        train_data_tokens=len(data.train_tokens) if hasattr(data, "train_tokens") else None)
+        train_data_tokens=len(data.train_tokens) if hasattr(data, "train_tokens") else None,
+        data_examples=data.split_sizes() if hasattr(data, "split_sizes") else None)
 
 
 def test_batches(data, num_batches: int):
@@ -462,6 +463,7 @@ class Experiment:
     trainable: Any = None  # bool tree: differentiate and update only these parameters (None: all)
     test_batches: Optional[list] = None  # the test split's batches: the best checkpoint is scored there, at the end
     train_data_tokens: Optional[int] = None  # tokens the training split holds (after data.train_fraction)
+    data_examples: Optional[dict] = None  # sft/classify: usable examples per split (after filtering to the window)
 
 
 def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
@@ -514,6 +516,7 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
         result = results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params),
                                       exp.trainable, wall_time_s=time.perf_counter() - started,
                                       resumed_from_step=latest, train_data_tokens=exp.train_data_tokens,
+                                      data_examples=exp.data_examples,
                                       optimizer_state_bytes=optim.state_bytes(abstract.opt_state))
         metrics_lib.finish_wandb(workdir, result)
         for line in progress_lib.summary_lines(workdir, result, "finetune" if "finetune" in exp.config_json
@@ -725,6 +728,15 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     pending = []  # (step, device metrics) not yet fetched; fetched only to log or before a save
     unlogged = []  # fetched (step, host metrics) since the last logged record
     in_a_row, last_saved = 0, start_step or None
+    if train.get("eval_at_start") and start_step == 0 < last_step and not stopping.stopped:
+        # The starting model is a candidate too (fine-tuning: the untouched pretrained model), so a run whose
+        # updates only hurt on validation keeps its start rather than its least bad update.
+        evals = evaluate(eval_step, state.params, eval_batches)
+        writer.write(0, evals)
+        log("step      0 | " + " | ".join(f"{k} {_fmt(v)}" for k, v in evals.items()) + " (the starting model)")
+        stopping.update(0, evals)
+        save(0, state, metrics=evals)
+        last_saved = 0
     interval_start = time.perf_counter()
     try:
         for step in range(start_step + 1, last_step + 1):

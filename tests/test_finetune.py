@@ -416,6 +416,21 @@ def test_bad_fine_tuning_input_is_refused_and_leaves_the_checkpoint_alone(pretra
     assert fingerprint(pretrained) == before and not (pretrained / "ft").exists()
 
 
+def test_the_untouched_pretrained_model_stays_the_best_when_fine_tuning_only_hurts(pretrained, data_dir, tmp_path):
+    # A learning rate this large wrecks the model at the first update: every trained step is worse on validation.
+    hurt = dict(optimizer__learning_rate=30.0, optimizer__warmup_steps=1, train__eval_every=2,
+                train__checkpoint_every=2, train__early_stopping_patience=2)
+    record = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "full,tiny", **hurt),
+                                            tmp_path / "ft")["selection"]
+    assert record["best_step"] == 0 and record["stopped_early"]  # stopped at step 4, kept step 0
+    untouched = finetune.finetune_and_evaluate(
+        ft_config(data_dir, pretrained, "full,tiny", train__num_steps=0), tmp_path / "zero")["selection"]
+    assert record["test"] == untouched["test"]  # the best checkpoint scores exactly as the untouched model
+    without = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "full,tiny", train__eval_at_start=False,
+                                                       **hurt), tmp_path / "without")["selection"]
+    assert without["best_step"] == 2 and without["test"]["test_loss"] > record["test"]["test_loss"]
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_pretrained_checkpoint_is_refused_in_one_line(pretrained, data_dir, tmp_path):
     copy = tmp_path / "pretrained"

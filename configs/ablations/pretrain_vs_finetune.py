@@ -9,7 +9,7 @@ Protocol (gptlab/selection.py, gptlab/data/held_out.py): pretraining never reads
 held-out packages; every narrow task draws only from them, split 80/10/10 by top-level
 block. Every scratch and fine-tuning cell trains until early stopping on validation ends it
 (PATIENCE evaluations without a better selection metric) or its step budget is reached
-(scratch gets twice the fine-tuning budget); the learning rate is gridded (LR_FACTORS) and
+(scratch gets four times the fine-tuning budget); the learning rate is gridded (LR_FACTORS) and
 the report chooses it per arm, size and data fraction on validation; every number reported
 is the chosen cells' best checkpoint scored on the test split, over SEEDS.
 
@@ -28,7 +28,7 @@ Parts (stage names; each cell a run in DIR/runs/CELL/):
                      NARROW's data. full on lm is full_TASK_SIZE at fraction 1, not run twice.
 
 Presets:
-  small  a 2-core CPU, in about an hour: three sizes of 2 layers, 12, 24 and 48 wide, context 64
+  small  a 2-core CPU, in about 90 minutes: three sizes of 2 layers, 12, 24 and 48 wide, context 128
          (4K-56K non-embedding parameters, 14x), 344 cells, three at a time.
   gpu    one GPU: 6-12 layers, 384-768 wide, context 256 (10.6M-85M non-embedding
          parameters), the same study at GPU scale.
@@ -43,7 +43,7 @@ LORA_RANKS = (4, 16)
 FRACTIONS = [float(f"{3.0 ** -k:.6g}") for k in range(5, -1, -1)]  # 1/243 ... 1/3, 1: log-spaced, factor 3
 SEEDS = [0, 1, 2]
 LR_FACTORS = (1.0, 3.0)  # the learning-rate grid: each arm's base rate times these, chosen on validation
-SCRATCH_LEARNING_RATE = 1e-3  # scratch's base rate (fine-tuning's: configs/finetune.py LEARNING_RATES)
+SCRATCH_LEARNING_RATE = 2e-3  # scratch's base rate (fine-tuning's: configs/finetune.py LEARNING_RATES)
 PATIENCE = 3  # evaluations without a better validation metric before a cell stops
 # The narrow lm data: all held-out packages (what sft and classify draw from too), one document per top-level
 # block, 2.4M training tokens: enough for a scratch curve that reaches the fine-tuned losses.
@@ -59,9 +59,12 @@ PRESETS = {
         task_size="2x48",  # the pretrained model fine-tuned on every task with every strategy
         last_k=1,  # strategy last_k trains the last block of the task size's two (plus ln_f and the head)
         cpu_devices=1,  # one XLA device per cell: cells run side by side, one per core
-        block_size=64, batch_size=32,
-        pretrain_steps=3000, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4,  # 3000 x 32 x 64 = 6.1M tokens
-        finetune_steps=500,  # fine-tuning's step budget (scratch: twice); early stopping ends most cells sooner
+        # Context 128: the sft prompts (a signature and a docstring line, median 92 bytes) must fit in 3/4 of
+        # it (gptlab/data/supervised.py); at 64 only 25 training examples did. Batch 16: 2,048 tokens a step.
+        block_size=128, batch_size=16,
+        pretrain_steps=3000, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4,  # 3000 x 16 x 128 = 6.1M tokens
+        finetune_steps=500,  # fine-tuning's step budget; early stopping ends most cells sooner
+        scratch_steps=2000, scratch_eval_every=50,  # scratch's: 4x fine-tuning's, to approach convergence
         eval_every=25, eval_batches=8, test_batches=32),
     "gpu": dict(
         sizes={"6x384": dict(n_layer=6, n_head=6, n_embd=384), "8x512": dict(n_layer=8, n_head=8, n_embd=512),
@@ -70,14 +73,14 @@ PRESETS = {
         last_k=2, cpu_devices=None,
         block_size=256, batch_size=64,
         pretrain_steps=10000, pretrain_learning_rate=6e-4, pretrain_min_learning_rate=6e-5,
-        finetune_steps=3000,
+        finetune_steps=3000, scratch_steps=12000, scratch_eval_every=200,
         eval_every=100, eval_batches=20, test_batches=64),
     # Test-sized (tests/test_study.py runs it end to end): 39 cells of 1-layer models, about 2 minutes.
     "tiny": dict(
         sizes={"1x8": dict(n_layer=1, n_head=1, n_embd=8), "1x16": dict(n_layer=1, n_head=2, n_embd=16)},
         task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
         pretrain_steps=30, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4, finetune_steps=10,
-        eval_every=5, eval_batches=2, test_batches=2,
+        scratch_steps=20, scratch_eval_every=5, eval_every=5, eval_batches=2, test_batches=2,
         fractions=[1 / 9, 1 / 3, 1.0], seeds=[0, 1], lr_factors=(1.0,), strategies=("full", "head"), lora_ranks=(4,),
         tasks=("lm", "classify"), pretrain_overrides={"optimizer.warmup_steps": 5},
         cell_overrides={"optimizer.warmup_steps": 2}),
@@ -104,8 +107,11 @@ def get_config(preset: str = "small") -> dict:
               "train.checkpoint_every": 10 * p["eval_every"], "train.eval_batches": p["eval_batches"],
               "train.test_batches": p["test_batches"], "train.early_stopping_patience": PATIENCE,
               **p.get("cell_overrides", {})}
-    # Scratch gets at least the fine-tuning budget: twice the steps, the same patience.
-    scratch_budget = {**budget, "train.num_steps": 2 * steps, "optimizer.decay_steps": 2 * steps}
+    # Scratch gets a larger budget (it starts from nothing), evaluated less often, with the same patience.
+    scratch_steps = p["scratch_steps"]
+    scratch_budget = {**budget, "train.num_steps": scratch_steps, "optimizer.decay_steps": scratch_steps,
+                      "train.log_every": p["scratch_eval_every"], "train.eval_every": p["scratch_eval_every"],
+                      "train.checkpoint_every": 10 * p["scratch_eval_every"]}
     rates = finetune_config.LEARNING_RATES
 
     def lr_grid(base):  # rounded: the values name the cells
@@ -177,5 +183,7 @@ def get_config(preset: str = "small") -> dict:
         report=dict(rows="label", columns="data.train_fraction", select=["optimizer.learning_rate"],
                     selection_metric="eval_loss"),
         study=dict(preset=preset, fractions=fractions, seeds=seeds, select="optimizer.learning_rate",
+                   budgets=dict(finetune=steps, scratch=scratch_steps, eval_every=p["eval_every"],
+                                scratch_eval_every=p["scratch_eval_every"]),
                    task_size=p["task_size"], **roles),
     )

@@ -157,6 +157,13 @@ class SupervisedData:
         self.train = ExampleBatches(train, data_cfg.batch_size, seed, process_index, process_count)
         self._eval = (evals, data_cfg.batch_size, seed, process_index, process_count)
 
+    def split_sizes(self) -> dict:
+        """Usable examples per split (train, validation, test), after those that do not fit were dropped."""
+        sizes = {"train": self.train.num_examples, "validation": len(self._eval[0]["tokens"])}
+        if self._test is not None:
+            sizes["test"] = len(self._test["tokens"])
+        return sizes
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
