@@ -9,7 +9,7 @@ Protocol (gptlab/selection.py, gptlab/data/held_out.py): pretraining never reads
 held-out packages; every narrow task draws only from them, split 80/10/10 by top-level
 block. Every scratch and fine-tuning cell trains until early stopping on validation ends it
 (PATIENCE evaluations without a better selection metric) or its step budget is reached
-(scratch gets four times the fine-tuning budget); the learning rate is gridded (LR_FACTORS) and
+(scratch gets twice the fine-tuning budget); the learning rate is gridded (LR_FACTORS) and
 the report chooses it per arm, size and data fraction on validation; every number reported
 is the chosen cells' best checkpoint scored on the test split, over SEEDS.
 
@@ -64,7 +64,7 @@ PRESETS = {
         block_size=128, batch_size=16,
         pretrain_steps=3000, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4,  # 3000 x 16 x 128 = 6.1M tokens
         finetune_steps=500,  # fine-tuning's step budget; early stopping ends most cells sooner
-        scratch_steps=2000, scratch_eval_every=50,  # scratch's: 4x fine-tuning's, to approach convergence
+        scratch_steps=1000, scratch_eval_every=50,  # scratch's: twice fine-tuning's (it starts from nothing)
         eval_every=25, eval_batches=8, test_batches=32),
     "gpu": dict(
         sizes={"6x384": dict(n_layer=6, n_head=6, n_embd=384), "8x512": dict(n_layer=8, n_head=8, n_embd=512),
@@ -73,7 +73,7 @@ PRESETS = {
         last_k=2, cpu_devices=None,
         block_size=256, batch_size=64,
         pretrain_steps=10000, pretrain_learning_rate=6e-4, pretrain_min_learning_rate=6e-5,
-        finetune_steps=3000, scratch_steps=12000, scratch_eval_every=200,
+        finetune_steps=3000, scratch_steps=6000, scratch_eval_every=200,
         eval_every=100, eval_batches=20, test_batches=64),
     # Test-sized (tests/test_study.py runs it end to end): 39 cells of 1-layer models, about 2 minutes.
     "tiny": dict(
