@@ -60,7 +60,7 @@ PRESETS = {
         last_k=1,  # strategy last_k trains the last block of the task size's two (plus ln_f and the head)
         cpu_devices=1,  # one XLA device per cell: cells run side by side, one per core
         # Context 128: the sft prompts (a signature and a docstring line, median 92 bytes) must fit in 3/4 of
-        # it (gptlab/data/supervised.py); at 64 only 25 training examples did. Batch 16: 2,048 tokens a step.
+        # it (gptlab/data/supervised.py); at 64 only 33 training examples did. Batch 16: 2,048 tokens a step.
         block_size=128, batch_size=16,
         pretrain_steps=3000, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4,  # 3000 x 16 x 128 = 6.1M tokens
         finetune_steps=500,  # fine-tuning's step budget; early stopping ends most cells sooner
