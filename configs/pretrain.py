@@ -75,7 +75,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     model.dense_backward = "auto"  # kernel gradients: auto (narrow_transpose on CPUs), xla or narrow_transpose
 
     config.data = data = config_dict.ConfigDict()
-    data.dataset = "python_stdlib"  # python_stdlib, text_folder or any TFDS catalog name (tiny_shakespeare, lm1b, ...)
+    data.dataset = "python_stdlib"  # python_stdlib, python_stdlib_docstrings (prose), text_folder or any TFDS catalog name (tiny_shakespeare, lm1b, ...)
     data.text_key = "text"  # the feature holding the text
     data.data_dir = config_dict.placeholder(str)  # where TFDS prepares data; None: ~/tensorflow_datasets
     data.manual_dir = config_dict.placeholder(str)  # where a catalog builder finds files it cannot download

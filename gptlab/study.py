@@ -495,7 +495,7 @@ class Study:
                 csv_rows.append([size, "zero_shot", "", 0, z.interval("test_loss").mean, "", "", 1])
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("narrow-data tokens D_F (held-out packages' training split)")
+        ax.set_xlabel(f"narrow-data tokens D_F ({self._corpora()['narrow_short']})")
         ax.set_ylabel("test loss (nats/token, log scale)")
         _plain_log_ticks(ax.yaxis)
         ax.set_title("Data efficiency: fine-tuned (solid) vs scratch (dashed);\ndotted: pretrained, no fine-tuning")
@@ -660,11 +660,22 @@ class Study:
         return (f"a budget of {budgets['scratch']:,} steps (fine-tuning: {budgets['finetune']:,}), evaluated every "
                 f"{budgets['scratch_eval_every']} steps (fine-tuning: {budgets['eval_every']})")
 
+    # What the pretraining and narrow data were, for studies recorded before study.json said (pretraining on the
+    # rest of the library's code, the narrow lm data all held-out packages).
+    _OLD_CORPORA = dict(broad="Python (the standard library)", narrow="the held-out packages (gptlab/data/held_out.py)",
+                        narrow_short="held-out packages' training split")
+
+    def _corpora(self) -> dict:
+        return {**self._OLD_CORPORA, **self.spec.get("corpora", {})}
+
     def _notes(self, key: str) -> list:
         s = self.spec
+        corpora = self._corpora()
         notes = {
-            "efficiency": [f"Narrow data: the held-out packages (gptlab/data/held_out.py), the first fraction of their "
-                           f"training split (D_F tokens, byte-level); "
+            "efficiency": [(f"Pretraining data: {corpora['broad']}. Narrow data: {corpora['narrow']}, the first "
+                            "fraction of its training split" if "corpora" in s else
+                            f"Narrow data: {corpora['narrow']}, the first fraction of their training split")
+                           + " (D_F tokens, byte-level); "
                            f"scratch trains a fresh model of the same size with {self._budget_text()}. "
                            f"Steps to best: mean over seeds; (cap) marks cells that ended at their budget while still "
                            f"improving. " + self._grid_note(), ""],
@@ -675,9 +686,11 @@ class Study:
                          "Set-up differences from the paper: models of "
                          f"{_fmt_int(min(filter(None, map(self.non_embedding, self.sizes)), default=0))} to "
                          f"{_fmt_int(max(filter(None, map(self.non_embedding, self.sizes)), default=0))} non-embedding "
-                         "parameters (theirs are far larger), BPE-free byte tokens, pretraining on Python (the "
-                         "standard library) rather than English text, early stopping instead of their fixed schedule, "
-                         "and few points per size.", ""],
+                         "parameters (theirs are far larger), BPE-free byte tokens, "
+                         + ("pretraining on Python (the standard library) rather than English text"
+                            if "corpora" not in s else
+                            f"pretraining on {corpora['broad_short']} rather than web text")
+                         + ", early stopping instead of their fixed schedule, and few points per size.", ""],
             "tasks": [f"The `{s['task_size']}` pretrained model, fine-tuned on all of each task's training split; "
                       "lm and sft report test loss (lower is better; sft on response tokens only), classify test "
                       "accuracy and macro-F1 over 8 packages (higher is better); the chosen learning rate is in "

@@ -32,6 +32,41 @@ def test_include_and_exclude_hold_out_a_package(make_config, no_network):
     assert pipeline.prepare(make_config().data).info.full_name != builder.info.full_name
 
 
+def test_docstrings_corpus_is_the_prose_of_the_same_files_without_their_code(make_config, no_network):
+    source = '''"""Module summary."""
+import os
+
+
+class A:
+    """A class."""
+
+    def f(self):
+        """Method f.
+
+            Indented detail.
+        """
+        return os.sep
+
+
+def g():
+    return 1
+'''
+    assert corpora.docstrings(source) == "Module summary.\n\nA class.\n\nMethod f.\n\nIndented detail."
+    assert corpora.docstrings("def broken(:\n") == ""  # a file that does not parse has no prose
+    config = make_config(data__dataset="python_stdlib_docstrings", data__include=("json/*",))
+    builder = pipeline.prepare(config.data)
+    assert builder.info.full_name.startswith("python_stdlib_docstrings/")
+    examples = [ex for split in builder.info.splits for ex in builder.as_data_source(split=split)]
+    code_builder = pipeline.prepare(make_config(data__include=("json/*",)).data)
+    code = {ex["path"].decode(): ex["text"].decode() for split in code_builder.info.splits
+            for ex in code_builder.as_data_source(split=split)}
+    assert examples and {ex["path"].decode() for ex in examples} <= set(code)  # same files, same splits
+    for ex in examples:
+        path, text = ex["path"].decode(), ex["text"].decode()
+        assert text == corpora.docstrings(code[path]) and len(text) < len(code[path])  # the prose, not the code
+        assert corpora.split_of(path) in builder.info.splits
+
+
 def test_empty_split_names_the_split_and_the_fix(make_config):
     config = make_config(data__include=("json/decoder.py",))  # one file: a train split only
     builder = pipeline.prepare(config.data)

@@ -12,7 +12,7 @@ from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 from conftest import restore_state_numpy, tiny_config
 from gptlab import checkpoint as checkpoint_lib
-from gptlab import evaluate, finetune, report, selection, train
+from gptlab import evaluate, finetune, report, selection, sweep, train
 from gptlab.data import corpora, held_out, task_corpora
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
@@ -45,6 +45,18 @@ def test_pretraining_never_reads_a_file_any_task_draws_from(preset, task):
     assert not pretraining & task_files, sorted(pretraining & task_files)[:5]
     if preset in ("small", "gpt2_124m"):  # the broad presets (tiny reads a-c only)
         assert len(pretraining) > 3 * len(task_files)  # pretraining stays broad
+
+
+@pytest.mark.parametrize("preset", ["small", "gpu", "tiny"])
+def test_the_studys_pretraining_never_reads_a_file_its_narrow_cells_draw_from(preset):
+    files = stdlib_files()
+    study = sweep.load_sweep(f"configs/ablations/pretrain_vs_finetune.py:{preset}")
+    read = {"pretrain": set(), "narrow": set()}
+    for cell in {c.stage: c for c in study.cells}.values():  # one cell per stage: a stage's cells share their data
+        data = sweep.build_config(cell, init_from="<checked>" if cell.depends_on else None).data
+        read["pretrain" if cell.stage.startswith("pretrain_") else "narrow"] |= files_read(data, files)
+    assert read["narrow"] and all(held_out.is_held_out(f) for f in read["narrow"])
+    assert read["pretrain"] and not read["pretrain"] & read["narrow"], sorted(read["pretrain"] & read["narrow"])[:5]
 
 
 def test_block_split_keeps_nested_functions_with_their_block():

@@ -9,16 +9,17 @@ Protocol (gptlab/selection.py, gptlab/data/held_out.py): pretraining never reads
 held-out packages; every narrow task draws only from them, split 80/10/10 by top-level
 block. Every scratch and fine-tuning cell trains until early stopping on validation ends it
 (PATIENCE evaluations without a better selection metric) or its step budget is reached
-(scratch gets twice the fine-tuning budget); the learning rate is gridded (LR_FACTORS) and
+(scratch gets twice the fine-tuning budget); the learning rate is gridded (LR_FACTORS; scratch: SCRATCH_LR_FACTORS) and
 the report chooses it per arm, size and data fraction on validation; every number reported
 is the chosen cells' best checkpoint scored on the test split, over SEEDS.
 
 Parts (stage names; each cell a run in DIR/runs/CELL/):
-  pretrain_SIZE      once per model size, on the broad corpus: the standard library minus
-                     `test/` and the held-out packages.
-  scratch_SIZE       a fresh model of that size trained on the narrow lm data only (all the
-                     held-out packages, NARROW), at each data fraction: the curve effective
-                     data is read from.
+  pretrain_SIZE      once per model size, on the broad corpus (BROAD): English prose, the
+                     docstrings of the standard library minus `test/` and the held-out
+                     packages. Text -> code, the transfer Hernandez et al. measured.
+  scratch_SIZE       a fresh model of that size trained on the narrow lm data only (the
+                     held-out package `email`, NARROW), at each data fraction: the curve
+                     effective data is read from.
   full_SIZE          pretrain_SIZE fully fine-tuned on the same data: data efficiency and
                      effective data transferred (Hernandez et al. 2021).
   zero_SIZE_TASK     the pretrained model scored without fine-tuning (train.num_steps=0).
@@ -28,8 +29,8 @@ Parts (stage names; each cell a run in DIR/runs/CELL/):
                      NARROW's data. full on lm is full_TASK_SIZE at fraction 1, not run twice.
 
 Presets:
-  small  a 2-core CPU, in about 90 minutes: three sizes of 2 layers, 12, 24 and 48 wide, context 128
-         (4K-56K non-embedding parameters, 14x), 344 cells, three at a time.
+  small  a 2-core CPU, in about 90 minutes: three sizes of 2 layers and 2 heads, 12, 24 and 48 wide,
+         context 128 (3.5K-56K non-embedding parameters, 16x), 344 cells, three at a time.
   gpu    one GPU: 6-12 layers, 384-768 wide, context 256 (10.6M-85M non-embedding
          parameters), the same study at GPU scale.
 """
@@ -40,22 +41,35 @@ from gptlab.data import held_out
 TASKS = finetune_config.TASKS  # lm (here on all held-out packages), sft, classify
 STRATEGIES = ("full", "last_k", "head", "bitfit", "layernorm")
 LORA_RANKS = (4, 16)
-FRACTIONS = [float(f"{3.0 ** -k:.6g}") for k in range(5, -1, -1)]  # 1/243 ... 1/3, 1: log-spaced, factor 3
+FRACTIONS = [2.0 ** -k for k in range(5, -1, -1)]  # 1/32, 1/16, ... 1/2, 1: log-spaced, factor 2
 SEEDS = [0, 1, 2]
 LR_FACTORS = (1.0, 3.0)  # the learning-rate grid: each arm's base rate times these, chosen on validation
-SCRATCH_LEARNING_RATE = 2e-3  # scratch's base rate (fine-tuning's: configs/finetune.py LEARNING_RATES)
+SCRATCH_LEARNING_RATE = 3e-3  # scratch's base rate (fine-tuning's: configs/finetune.py LEARNING_RATES)
+# Scratch's grid: 3e-3 and 6e-3. A pilot (2x48, one seed) had 1.2e-2 far worse than 4e-3 at every fraction (validation
+# 2.27 against 1.76 at 1/4), and the previous study's scratch chose 6e-3 over 2e-3 from 1/27 of its data up.
+SCRATCH_LR_FACTORS = (1.0, 2.0)
 PATIENCE = 3  # evaluations without a better validation metric before a cell stops
-# The narrow lm data: all held-out packages (what sft and classify draw from too), one document per top-level
-# block: 1.75M training tokens on Python 3.11, the most narrow data the scratch curve can reach.
-NARROW = {"data.dataset": "python_stdlib_blocks", "data.include": held_out.globs(),
+# The broad corpus: English prose, the docstrings of the standard library minus `test/` and the held-out packages
+# (configs/pretrain.py's exclusions; 1.3M training bytes on Python 3.11), so the transfer measured is text -> code
+# as in Hernandez et al.; pretraining on the rest of the library's code transferred more than all the narrow code
+# was worth, and left effective data transferred unmeasurable.
+BROAD = {"data.dataset": "python_stdlib_docstrings"}
+# The narrow lm data: the held-out package `email` (configs/finetune.py's lm task), one document per top-level
+# block: 322K training bytes on Python 3.11; small enough that scratch converges within its budget at every fraction.
+NARROW = {"data.dataset": "python_stdlib_blocks", "data.include": held_out.globs((held_out.NARROW_PACKAGE,)),
           "data.exclude": held_out.STDLIB_TESTS}
+# How the report names the two corpora.
+CORPORA = dict(broad="English prose, the docstrings of the standard library minus `test/` and the held-out packages "
+                     "(python_stdlib_docstrings)", broad_short="English prose (docstrings)",
+               narrow=f"the held-out package `{held_out.NARROW_PACKAGE}` (python_stdlib_blocks)",
+               narrow_short=f"`{held_out.NARROW_PACKAGE}`'s training split")
 LM_DATA = {"data.include": NARROW["data.include"]}  # the lm task (configs/finetune.py: `email`) on NARROW's data
 
 PRESETS = {
     "small": dict(
         # name -> model shape; context and batch are shared by every size
         sizes={"2x12": dict(n_layer=2, n_head=2, n_embd=12), "2x24": dict(n_layer=2, n_head=2, n_embd=24),
-               "2x48": dict(n_layer=2, n_head=4, n_embd=48)},
+               "2x48": dict(n_layer=2, n_head=2, n_embd=48)},
         task_size="2x48",  # the pretrained model fine-tuned on every task with every strategy
         last_k=1,  # strategy last_k trains the last block of the task size's two (plus ln_f and the head)
         cpu_devices=1,  # one XLA device per cell: cells run side by side, one per core
@@ -65,7 +79,7 @@ PRESETS = {
         pretrain_steps=3000, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4,  # 3000 x 16 x 128 = 6.1M tokens
         finetune_steps=500,  # fine-tuning's step budget; early stopping ends most cells sooner
         scratch_steps=1000, scratch_eval_every=50,  # scratch's: twice fine-tuning's (it starts from nothing)
-        eval_every=25, eval_batches=8, test_batches=32),
+        eval_every=25, eval_batches=8, test_batches=16),  # 16 x 2,048 tokens: more than `email`'s test split (25K)
     "gpu": dict(
         sizes={"6x384": dict(n_layer=6, n_head=6, n_embd=384), "8x512": dict(n_layer=8, n_head=8, n_embd=512),
                "12x768": dict(n_layer=12, n_head=12, n_embd=768)},
@@ -81,7 +95,7 @@ PRESETS = {
         task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
         pretrain_steps=30, pretrain_learning_rate=3e-3, pretrain_min_learning_rate=3e-4, finetune_steps=10,
         scratch_steps=20, scratch_eval_every=5, eval_every=5, eval_batches=2, test_batches=2,
-        fractions=[1 / 9, 1 / 3, 1.0], seeds=[0, 1], lr_factors=(1.0,), strategies=("full", "head"), lora_ranks=(4,),
+        fractions=[0.25, 0.5, 1.0], seeds=[0, 1], lr_factors=(1.0,), strategies=("full", "head"), lora_ranks=(4,),
         tasks=("lm", "classify"), pretrain_overrides={"optimizer.warmup_steps": 5},
         cell_overrides={"optimizer.warmup_steps": 2}),
 }
@@ -93,6 +107,7 @@ def get_config(preset: str = "small") -> dict:
     p = PRESETS[preset]
     # What a preset may narrow (the tiny one does): the grid of the study.
     fractions, seeds, lr_factors = p.get("fractions", FRACTIONS), p.get("seeds", SEEDS), p.get("lr_factors", LR_FACTORS)
+    scratch_factors = p.get("lr_factors", SCRATCH_LR_FACTORS)
     strategies, lora_ranks, tasks = p.get("strategies", STRATEGIES), p.get("lora_ranks", LORA_RANKS), p.get("tasks", TASKS)
     steps = p["finetune_steps"]
     devices = {"parallel.cpu_devices": p["cpu_devices"]} if p["cpu_devices"] else {}
@@ -114,15 +129,15 @@ def get_config(preset: str = "small") -> dict:
                       "train.checkpoint_every": 10 * p["scratch_eval_every"]}
     rates = finetune_config.LEARNING_RATES
 
-    def lr_grid(base):  # rounded: the values name the cells
-        return [float(f"{base * f:.6g}") for f in lr_factors]
+    def lr_grid(base, factors=lr_factors):  # rounded: the values name the cells
+        return [float(f"{base * f:.6g}") for f in factors]
 
     stages, roles = [], {"sizes": {}, "tasks": {}}
     for size in p["sizes"]:
         pretrain, scratch, full, zero = f"pretrain_{size}", f"scratch_{size}", f"full_{size}", f"zero_{size}_lm"
         stages += [
             dict(name=pretrain, experiment="pretrain", config="configs/pretrain.py:small", label=f"pretrain {size}",
-                 overrides={**shared, **shape(size), "train.num_steps": p["pretrain_steps"],
+                 overrides={**shared, **shape(size), **BROAD, "train.num_steps": p["pretrain_steps"],
                             "optimizer.learning_rate": p["pretrain_learning_rate"],
                             "optimizer.min_learning_rate": p["pretrain_min_learning_rate"],
                             "train.eval_every": p["pretrain_steps"] // 4,
@@ -130,7 +145,7 @@ def get_config(preset: str = "small") -> dict:
                             **p.get("pretrain_overrides", {})}),
             dict(name=scratch, experiment="pretrain", config="configs/pretrain.py:small", label=f"scratch {size}",
                  overrides={**shared, **shape(size), **NARROW, **scratch_budget},
-                 grid={"data.train_fraction": fractions, "optimizer.learning_rate": lr_grid(SCRATCH_LEARNING_RATE)},
+                 grid={"data.train_fraction": fractions, "optimizer.learning_rate": lr_grid(SCRATCH_LEARNING_RATE, scratch_factors)},
                  seeds=seeds),
             dict(name=full, experiment="finetune", config="configs/finetune.py:full,lm", init_from=pretrain,
                  label=f"fine-tuned {size}", overrides={**budget, **LM_DATA},
@@ -185,5 +200,5 @@ def get_config(preset: str = "small") -> dict:
         study=dict(preset=preset, fractions=fractions, seeds=seeds, select="optimizer.learning_rate",
                    budgets=dict(finetune=steps, scratch=scratch_steps, eval_every=p["eval_every"],
                                 scratch_eval_every=p["scratch_eval_every"]),
-                   task_size=p["task_size"], **roles),
+                   task_size=p["task_size"], corpora=CORPORA, **roles),
     )

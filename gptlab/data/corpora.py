@@ -1,7 +1,10 @@
 """TFDS builders for corpora that are always there: no download, no TensorFlow.
 
 `python_stdlib`: the running interpreter's standard-library `.py` files, one
-example per file (`path`, `text`). `text_folder`: a user's own folder of text
+example per file (`path`, `text`). `python_stdlib_docstrings`: English prose from
+the same files, their docstrings only (module, class, function), one example per
+file: a pretraining corpus of text, not code, for studies of transfer from text
+to code (configs/ablations/pretrain_vs_finetune.py). `text_folder`: a user's own folder of text
 files. Both split deterministically by a hash of each file's relative path
 (90/5/5 train/validation/test), so a file lands in the same split whatever the
 include/exclude patterns; the patterns (fnmatch globs on `/`-joined relative
@@ -17,6 +20,7 @@ byte offset (`strict`, the default), or become U+FFFD and are counted (`replace`
 Binary files (a NUL byte in the first 8 KiB, git's test) are skipped and counted.
 The counts are stored with the prepared dataset (`decoding_note`).
 """
+import ast
 import dataclasses
 import fnmatch
 import hashlib
@@ -212,6 +216,35 @@ class PythonStdlib(_FileCorpus):
     def _candidate_files(self, root):
         return sorted(p for p in root.rglob("*.py")
                       if "site-packages" not in p.parts and "dist-packages" not in p.parts and p.is_file())
+
+
+def docstrings(source: str) -> str:
+    """A module's docstrings (the module's, then every class's and function's, in source order), cleaned of their
+    indentation and separated by blank lines; "" for a file without any or that does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):  # e.g. lib2to3's test data; such a file simply has no prose
+        return ""
+    nodes = [tree] + sorted((n for n in ast.walk(tree)
+                             if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))),
+                            key=lambda n: n.lineno)
+    return "\n\n".join(text for text in (ast.get_docstring(n, clean=True) for n in nodes) if text)
+
+
+class PythonStdlibDocstrings(PythonStdlib):
+    """English prose: the docstrings of the Python standard library's `.py` files, one example per file.
+
+    The same files, include/exclude globs and path-hash splits as `python_stdlib`; a file without docstrings
+    gives no example."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def _generate_examples(self, files):
+        for rel, path in files:
+            text = docstrings(path.read_bytes().decode("utf-8", errors="replace"))
+            if text:
+                yield rel, {"path": rel, "text": text}
 
 
 @dataclasses.dataclass

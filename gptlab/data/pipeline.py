@@ -27,8 +27,8 @@ from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import catalog, corpora, task_corpora, token_cache
 from gptlab.errors import UserError
 
-OWN_DATASETS = ("python_stdlib", "text_folder", "python_stdlib_functions", "python_stdlib_packages",
-                "python_stdlib_blocks")
+OWN_DATASETS = ("python_stdlib", "python_stdlib_docstrings", "text_folder", "python_stdlib_functions",
+                "python_stdlib_packages", "python_stdlib_blocks")
 
 
 EVAL_SEED = 0  # the evaluation windows' sampler seed, the same for every run
@@ -43,6 +43,8 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
         corpora.check_decoding(**decoding)
     if data_cfg.dataset == "python_stdlib":
         return corpora.PythonStdlib(config=corpora.stdlib_config(include, exclude, **decoding), **common)
+    if data_cfg.dataset == "python_stdlib_docstrings":  # English prose: the transfer study's pretraining corpus
+        return corpora.PythonStdlibDocstrings(config=corpora.stdlib_config(include, exclude), **common)
     if data_cfg.dataset == "python_stdlib_blocks":  # fine-tuning task lm on held-out code
         return task_corpora.PythonStdlibBlocks(config=corpora.stdlib_config(include, exclude), **common)
     if data_cfg.dataset == "python_stdlib_functions":  # fine-tuning task sft
