@@ -438,13 +438,23 @@ class Study:
                     failed.append(f"{family}, {what}: the interval [{d.low:+.4f}, {d.high:+.4f}] includes zero")
         fit, why = self.transfer_fit(self.transfer_points())
         if fit:
-            lines.append(f"Effective data transferred grows as D_F^{fit.alpha:.2f} (95% CI {fit.alpha_interval[0]:.2f} "
-                         f"to {fit.alpha_interval[1]:.2f}) and N^{fit.beta:.2f} ({fit.beta_interval[0]:.2f} to "
-                         f"{fit.beta_interval[1]:.2f}); the paper's text -> Python fit has alpha {PAPER['alpha']} and "
-                         f"beta {PAPER['beta']}" + ("; both lie inside our intervals." if
-                                                    fit.alpha_interval[0] <= PAPER["alpha"] <= fit.alpha_interval[1]
-                                                    and fit.beta_interval[0] <= PAPER["beta"] <= fit.beta_interval[1]
-                                                    else "."))
+            def exponent(name, value, interval, of):  # what the interval supports about D_T's growth with `of`
+                grows = ("grows with" if interval[0] > 0 else "shrinks with" if interval[1] < 0
+                         else "has no growth shown with")
+                return f"{grows} {of} ({name} {value:.2f}, 95% CI {interval[0]:.2f} to {interval[1]:.2f})"
+
+            inside = (fit.alpha_interval[0] <= PAPER["alpha"] <= fit.alpha_interval[1]
+                      and fit.beta_interval[0] <= PAPER["beta"] <= fit.beta_interval[1])
+            lines.append(f"Effective data transferred, fitted as D_T = k D_F^alpha N^beta on {fit.n} points, "
+                         f"{exponent('beta', fit.beta, fit.beta_interval, 'model size N')} and "
+                         f"{exponent('alpha', fit.alpha, fit.alpha_interval, 'narrow data D_F')}; the paper's text -> "
+                         f"Python fit has alpha {PAPER['alpha']} and beta {PAPER['beta']}"
+                         + ("; both lie inside our intervals, which are too wide to confirm or refute them." if inside
+                            else "."))
+            for name, interval, of in (("alpha", fit.alpha_interval, "D_F"), ("beta", fit.beta_interval, "N")):
+                if interval[0] <= 0 <= interval[1]:
+                    failed.append(f"the transfer law's {name}: its interval [{interval[0]:.2f}, {interval[1]:.2f}] "
+                                  f"includes zero, so growth of D_T with {of} is not shown")
         else:
             failed.append(f"the transfer law could not be fitted: {why}")
         return lines, failed

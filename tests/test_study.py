@@ -111,6 +111,12 @@ def test_effective_data_of_the_study_recovers_the_known_answer(tmp_path):
     fit, why = study.transfer_fit(study.transfer_points())
     assert why is None and fit.n == 4
     assert fit.alpha == pytest.approx(1.0, abs=1e-6) and fit.beta == pytest.approx(0.0, abs=1e-6)
+    # The conclusions say only what the exponents' intervals support: growth with D_F, none shown with N.
+    lines, failed = study.conclusions()
+    fit_line = next(line for line in lines if line.startswith("Effective data transferred"))
+    assert "grows with narrow data D_F (alpha 1.00" in fit_line
+    assert "has no growth shown with model size N (beta " in fit_line
+    assert [f for f in failed if "transfer law" in f] == [next(f for f in failed if "transfer law's beta" in f)]
 
 
 def test_share_of_full_fine_tunings_gain_is_per_seed(tmp_path):

@@ -59,10 +59,10 @@ BROAD = {"data.dataset": "python_stdlib_docstrings"}
 NARROW = {"data.dataset": "python_stdlib_blocks", "data.include": held_out.globs((held_out.NARROW_PACKAGE,)),
           "data.exclude": held_out.STDLIB_TESTS}
 # How the report names the two corpora.
-CORPORA = dict(broad="English prose, the docstrings of the standard library minus `test/` and the held-out packages "
+CORPORA = dict(broad="English prose, the docstrings of the standard library minus test/ and the held-out packages "
                      "(python_stdlib_docstrings)", broad_short="English prose (docstrings)",
-               narrow=f"the held-out package `{held_out.NARROW_PACKAGE}` (python_stdlib_blocks)",
-               narrow_short=f"`{held_out.NARROW_PACKAGE}`'s training split")
+               narrow=f"the held-out package {held_out.NARROW_PACKAGE} (python_stdlib_blocks)",
+               narrow_short=f"{held_out.NARROW_PACKAGE}'s training split")
 LM_DATA = {"data.include": NARROW["data.include"]}  # the lm task (configs/finetune.py: `email`) on NARROW's data
 
 PRESETS = {
@@ -186,8 +186,9 @@ def get_config(preset: str = "small") -> dict:
     return dict(
         name=f"pretrain_vs_finetune_{preset}",
         description=(
-            f"{len(p['sizes'])} model sizes pretrained on the Python standard library without the held-out packages; "
-            f"on the held-out packages at {len(fractions)} log-spaced fractions of their training split, training from "
+            f"{len(p['sizes'])} model sizes pretrained on English prose (the docstrings of the Python standard library "
+            f"without the held-out packages); on the code of the held-out package {held_out.NARROW_PACKAGE} at "
+            f"{len(fractions)} log-spaced fractions of its training split, training from "
             "scratch against full fine-tuning (data efficiency, effective data transferred); then one pretrained model "
             f"fine-tuned on {len(tasks)} held-out tasks ({', '.join(tasks)}) with {', '.join(strategies)} and LoRA "
             f"(rank {' and '.join(map(str, lora_ranks))}). Early stopping on validation within a step budget, the "
