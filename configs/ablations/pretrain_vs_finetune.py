@@ -29,8 +29,9 @@ Parts (stage names; each cell a run in DIR/runs/CELL/):
                      NARROW's data. full on lm is full_TASK_SIZE at fraction 1, not run twice.
 
 Presets:
-  small  a 2-core CPU, in about 90 minutes: three sizes of 2 layers and 2 heads, 12, 24 and 48 wide,
-         context 128 (3.5K-56K non-embedding parameters, 16x), 344 cells, three at a time.
+  small  a 2-core CPU, in under 90 minutes (85 on an idle 2-core Intel Xeon): three sizes of 2 layers
+         and 2 heads, 12, 24 and 48 wide, context 128 (3.8K-57K non-embedding parameters, 15x),
+         344 cells, three at a time.
   gpu    one GPU: 6-12 layers, 384-768 wide, context 256 (10.6M-85M non-embedding
          parameters), the same study at GPU scale.
 """
@@ -38,7 +39,7 @@ Presets:
 from configs import finetune as finetune_config
 from gptlab.data import held_out
 
-TASKS = finetune_config.TASKS  # lm (here on all held-out packages), sft, classify
+TASKS = finetune_config.TASKS  # lm (on NARROW: the held-out package email), sft, classify
 STRATEGIES = ("full", "last_k", "head", "bitfit", "layernorm")
 LORA_RANKS = (4, 16)
 FRACTIONS = [2.0 ** -k for k in range(5, -1, -1)]  # 1/32, 1/16, ... 1/2, 1: log-spaced, factor 2
