@@ -672,7 +672,8 @@ class Study:
 
     # What the pretraining and narrow data were, for studies recorded before study.json said (pretraining on the
     # rest of the library's code, the narrow lm data all held-out packages).
-    _OLD_CORPORA = dict(broad="Python (the standard library)", narrow="the held-out packages (gptlab/data/held_out.py)",
+    _OLD_CORPORA = dict(broad="Python code (the standard library)", broad_short="Python code",
+                        narrow="the held-out packages (gptlab/data/held_out.py)",
                         narrow_short="held-out packages' training split")
 
     def _corpora(self) -> dict:
@@ -682,10 +683,8 @@ class Study:
         s = self.spec
         corpora = self._corpora()
         notes = {
-            "efficiency": [(f"Pretraining data: {corpora['broad']}. Narrow data: {corpora['narrow']}, the first "
-                            "fraction of its training split" if "corpora" in s else
-                            f"Narrow data: {corpora['narrow']}, the first fraction of their training split")
-                           + " (D_F tokens, byte-level); "
+            "efficiency": [f"Pretraining data: {corpora['broad']}. Narrow data: {corpora['narrow']}, the first "
+                           "fraction of its training split (D_F tokens, byte-level); "
                            f"scratch trains a fresh model of the same size with {self._budget_text()}. "
                            f"Steps to best: mean over seeds; (cap) marks cells that ended at their budget while still "
                            f"improving. " + self._grid_note(), ""],
@@ -697,9 +696,7 @@ class Study:
                          f"{_fmt_int(min(filter(None, map(self.non_embedding, self.sizes)), default=0))} to "
                          f"{_fmt_int(max(filter(None, map(self.non_embedding, self.sizes)), default=0))} non-embedding "
                          "parameters (theirs are far larger), BPE-free byte tokens, "
-                         + ("pretraining on Python (the standard library) rather than English text"
-                            if "corpora" not in s else
-                            f"pretraining on {corpora['broad_short']} rather than web text")
+                         + f"pretraining on {corpora['broad_short']} rather than web text"
                          + ", early stopping instead of their fixed schedule, and few points per size.", ""],
             "tasks": [f"The `{s['task_size']}` pretrained model, fine-tuned on all of each task's training split; "
                       "lm and sft report test loss (lower is better; sft on response tokens only), classify test "
