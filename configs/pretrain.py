@@ -70,7 +70,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     model.scan_layers = False  # nn.scan over stacked blocks: compile time independent of depth
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay param_dtype)
     model.param_dtype = "float32"  # storage dtype of parameters and optimizer state
-    model.attention = "auto"  # auto (gptlab/perf.py picks for the machine), xla, cudnn (NVIDIA GPUs) or explicit (einsum)
+    model.attention = "auto"  # auto (gptlab/perf.py picks for the machine), xla, cudnn (NVIDIA GPUs),
+    # explicit (einsum) or blocked (causal query blocks, gptlab/blocked_attention.py)
     model.remat = "none"  # activation rematerialisation: none, full, dots or dots_all
     model.dense_backward = "auto"  # kernel gradients: auto (narrow_transpose on CPUs), xla or narrow_transpose
 

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptlab import blocked_attention
 from gptlab.optim import param_paths
 
 # Activation-rematerialisation policies selectable by name from the config.
@@ -30,7 +31,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_all": jax.checkpoint_policies.dots_saveable,
 }
-ATTENTION_IMPLS = ("xla", "cudnn", "explicit")
+ATTENTION_IMPLS = ("xla", "cudnn", "explicit", "blocked")  # blocked: gptlab/blocked_attention.py
 DTYPES = ("float32", "bfloat16", "float16")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -180,8 +181,11 @@ class CausalSelfAttention(nn.Module):
             visible = jnp.arange(keys.value.shape[1]) <= positions[:, :, None]
             y = attend(q, keys.value, values.value, visible)
         elif cfg.attention == "explicit" or (cfg.dropout > 0 and not deterministic):
-            # jax.nn.dot_product_attention has no dropout, so nanoGPT's attention dropout needs the explicit form.
+            # jax.nn.dot_product_attention and the blocked form have no dropout: nanoGPT's attention dropout
+            # needs the explicit form.
             y = attend(q, k, v, jnp.tril(jnp.ones((1, seq_len, seq_len), bool)), dropout)
+        elif cfg.attention == "blocked":
+            y = blocked_attention.causal_attention(q, k, v)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
         y = y.reshape(batch, seq_len, cfg.n_embd)

@@ -115,7 +115,7 @@ def choose_attention(platform_name: str, dtype: str) -> tuple:
     if platform_name == "gpu" and dtype in ("bfloat16", "float16") and _is_nvidia():
         return "cudnn", "NVIDIA GPU, 16-bit compute: cuDNN flash attention"
     if platform_name == "cpu":
-        return "explicit", "CPU: the einsum form, masked softmax fused, no generic attention kernel"
+        return "blocked", "CPU: causal blocks of queries, masked key blocks skipped, hand-written backward"
     return "xla", f"{platform_name}: jax.nn.dot_product_attention"
 
 

@@ -54,7 +54,7 @@ def test_command_with_synthetic_data_torch_peers_and_sampling_prints_one_json_li
     assert result["peak_rss_increase_bytes"] is None or result["peak_rss_increase_bytes"] > 0
     expected_devices, _ = perf.choose_cpu_devices(perf.usable_cores(), 8)  # tiny: batch 8
     assert result["num_devices"] == expected_devices == result["auto"]["parallel.cpu_devices"]
-    assert result["auto"]["model.attention"] == result["model"]["attention"] == "explicit"
+    assert result["auto"]["model.attention"] == result["model"]["attention"] == "blocked"
     assert "cores" in result["cpu"] and "auto [" in run.stderr
     for batch in (1, 2):
         check_positive(result, (f"sample_tokens_per_s_batch{batch}", f"hf_sample_tokens_per_s_batch{batch}",

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptlab import blocked_attention
 from gptlab import dense_backward as dense_backward_lib
 from gptlab import lora
-from gptlab.model import GPT, GPTConfig, ParamInfo, count_params, describe, init_params, rope
+from gptlab.model import GPT, GPTConfig, ParamInfo, attend, count_params, describe, init_params, rope
 from gptlab.optim import param_paths
 
 
@@ -54,7 +55,7 @@ def test_gpt2_initialisation():
     assert np.all(block["attn"]["qkv"]["bias"] == 0) and np.all(block["ln_1"]["scale"] == 1)
 
 
-@pytest.mark.parametrize("attention", ["xla", "explicit"])
+@pytest.mark.parametrize("attention", ["xla", "explicit", "blocked"])
 def test_causality_changing_token_t_never_changes_earlier_logits(attention):
     cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, attention=attention)
     params = init_params(cfg, jax.random.key(0))
@@ -67,13 +68,38 @@ def test_causality_changing_token_t_never_changes_earlier_logits(attention):
         assert not np.allclose(logits[:, t], other[:, t])
 
 
+@pytest.mark.parametrize("seq_len,query_block,kv_heads", [(16, 4, 4), (13, 4, 4), (16, 64, 4), (12, 5, 2)])
+def test_blocked_attention_has_the_explicit_forms_values_and_gradients(seq_len, query_block, kv_heads):
+    # Blocks that divide the sequence, a last partial block, one block, grouped-query heads.
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, seq_len, 4, 8))
+    k, v = (jax.random.normal(key, (2, seq_len, kv_heads, 8)) for key in keys[1:3])
+    upstream = jax.random.normal(keys[3], q.shape)
+    explicit = lambda q, k, v: attend(q, k, v, jnp.tril(jnp.ones((1, seq_len, seq_len), bool)))
+    blocked = lambda q, k, v: blocked_attention.causal_attention(q, k, v, query_block)
+    np.testing.assert_allclose(blocked(q, k, v), explicit(q, k, v), atol=1e-5)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * upstream), argnums=(0, 1, 2))(q, k, v)
+             for f in (blocked, explicit)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_blocked_attention_in_bfloat16_stays_close_to_float32():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 24, 2, 16)) for i in range(3))
+    want = blocked_attention.causal_attention(q, k, v, 8)
+    got = blocked_attention.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), 8)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05)
+
+
 def test_attention_implementations_agree_and_tied_head_is_the_embedding():
     cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
     xla = GPT(cfg).apply({"params": params}, tokens)
-    explicit = GPT(dataclasses.replace(cfg, attention="explicit")).apply({"params": params}, tokens)
-    np.testing.assert_allclose(xla, explicit, atol=1e-5)
+    for attention in ("explicit", "blocked"):
+        other = GPT(dataclasses.replace(cfg, attention=attention)).apply({"params": params}, tokens)
+        np.testing.assert_allclose(xla, other, atol=1e-5)
     hidden = GPT(cfg).apply({"params": params}, tokens, return_hidden=True)
     np.testing.assert_allclose(hidden @ params["wte"]["embedding"].T, xla, atol=1e-5)
 
@@ -158,7 +184,7 @@ def test_grouped_query_attention_equals_multi_head_attention_with_shared_keys():
         qkv = params[block]["attn"]["qkv"]["kernel"]
         q, k, v = qkv[:, :d], qkv[:, d:d + 2 * hd], qkv[:, d + 2 * hd:]
         widened[block]["attn"]["qkv"]["kernel"] = jnp.concatenate([q, repeat(k), repeat(v)], axis=1)
-    for attention in ("xla", "explicit"):
+    for attention in ("xla", "explicit", "blocked"):
         gqa = GPT(dataclasses.replace(LLAMA, attention=attention)).apply({"params": params}, tokens)
         np.testing.assert_allclose(gqa, GPT(mha).apply({"params": widened}, tokens), atol=1e-5)
 

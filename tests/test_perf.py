@@ -26,10 +26,10 @@ def test_auto_fields_are_resolved_for_the_cpu_and_logged(make_config):
     chosen = perf.resolve_auto(config, lines.append)
     assert jax.default_backend() == "cpu"
     assert (config.model.attention, config.model.dense_backward, config.data.prefetch) == (
-        "explicit", "narrow_transpose", 0)
+        "blocked", "narrow_transpose", 0)
     assert config.parallel.cpu_devices == jax.local_device_count()
     assert set(chosen) >= {"model.attention", "model.dense_backward", "data.prefetch"}
-    assert len(lines) == 1 and "model.attention=explicit" in lines[0] and "cores" in lines[0]
+    assert len(lines) == 1 and "model.attention=blocked" in lines[0] and "cores" in lines[0]
 
 
 def test_explicit_values_override_the_automatic_choice(make_config):
