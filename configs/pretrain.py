@@ -136,6 +136,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     par.mode = "jit"  # jit (device mesh: data parallel + FSDP) or pmap (classic data parallel)
     par.mesh = (-1, 1)  # jit: (data, fsdp) mesh shape; data=-1 takes the devices fsdp leaves
     par.cpu_devices = config_dict.placeholder(int)  # XLA CPU devices the batch is split over; None: auto
+    # keep freed memory for the next step instead of unmapping it (glibc); None: auto (on for CPU-only JAX)
+    par.cpu_reuse_memory = config_dict.placeholder(bool)
     par.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port" of process 0
     par.num_processes = config_dict.placeholder(int)  # multi-host: how many processes in all
     par.process_id = config_dict.placeholder(int)  # multi-host: this process's index, 0..num_processes-1

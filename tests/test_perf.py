@@ -1,5 +1,7 @@
 """Automatic speed settings (gptlab/perf.py): resolved from the machine, logged, overridable; the
 cached CPU peak; the profiler flag. No timing is asserted."""
+import os
+
 import jax
 import pytest
 
@@ -41,8 +43,10 @@ def test_explicit_values_override_the_automatic_choice(make_config):
 
 def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
     """The count JAX starts with: automatic, parallel.cpu_devices, or left to XLA_FLAGS."""
-    updates = []
+    updates, reuse_calls = [], []
     monkeypatch.setattr(perf, "_cpu_devices_choice", (None, ""))  # restored afterwards
+    monkeypatch.setattr(perf, "_reuse_memory_choice", (None, ""))
+    monkeypatch.setattr(perf, "reuse_freed_memory", lambda: reuse_calls.append(1) or True)
     monkeypatch.setattr(perf, "_backend_started", lambda: False)
     monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
     monkeypatch.setattr(perf, "usable_cores", lambda: 4)
@@ -56,6 +60,56 @@ def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
     assert perf.start_cpu_devices(make_config())[0] is None and len(updates) == 3  # the environment's count stands
     with pytest.raises(UserError, match="parallel.cpu_devices=0"):
         perf.start_cpu_devices(make_config(parallel__cpu_devices=0))
+    # The allocator: automatic (on here, a CPU-only Linux), or as parallel.cpu_reuse_memory says.
+    assert perf._reuse_memory_choice[0] == perf.choose_reuse_memory()[0] is True
+    assert len(reuse_calls) == 4
+    perf.start_cpu_devices(make_config(parallel__cpu_reuse_memory=False))
+    assert perf._reuse_memory_choice == (False, "parallel.cpu_reuse_memory") and len(reuse_calls) == 4
+
+
+def test_memory_is_reused_only_where_jax_runs_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(perf, "_may_run_on_an_accelerator", lambda: True)
+    assert perf.choose_reuse_memory()[0] is False
+    monkeypatch.setattr(perf, "_may_run_on_an_accelerator", lambda: False)
+    assert perf.choose_reuse_memory()[0] is True  # Linux with glibc, as the test machines are
+    monkeypatch.undo()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert perf._may_run_on_an_accelerator() is False
+
+
+_PAGE_FAULTS_PER_CALL = """
+import resource, sys
+from gptlab import perf
+if sys.argv[1] == "reuse":
+    assert perf.reuse_freed_memory()
+import jax, jax.numpy as jnp
+# A 160 MB intermediate (the first product) in XLA's temporary buffer, as a train step's activations are.
+f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)
+x, w, v = jnp.ones((20000, 64)), jnp.ones((64, 2000)), jnp.ones((2000, 8))
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x, w, v).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(faults[4:]))  # steady state: the slowest of the last four calls
+"""
+
+
+@pytest.mark.parametrize("mode", ["reuse", "default"])
+def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
+    # What parallel.cpu_reuse_memory is for: without it, glibc unmaps XLA's large per-call buffer
+    # and the next call faults its 40,000 pages in again; with it, the freed buffer is reused.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_PER_CALL, mode], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    faults = int(out.stdout.split()[-1])
+    if mode == "reuse":
+        assert faults < 2_000
+    else:
+        assert faults > 20_000
 
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
