@@ -9,7 +9,9 @@ With `compare="torch"`, two PyTorch peers of the same shapes (`gptlab.torch_peer
 Hugging Face transformers' `GPT2LMHeadModel` and a nanoGPT-style eager model) train on
 the same batches with AdamW at the same precision, timed the same way, in blocks that
 alternate with gptlab's, so that noise from a shared machine falls on all alike
-(`compare="transformers"` or `"nanogpt"`: one of them). PyTorch is imported only then.
+(`compare="transformers"` or `"nanogpt"`: one of them). Each peer runs in a fresh process
+of its own (`PeerProcess`), as PyTorch users run it: nothing gptlab sets for its process
+reaches it. PyTorch is imported only there.
 
 The config's automatic speed settings (`gptlab.perf.resolve_auto`) are resolved as
 training resolves them, so the defaults are what is timed. `sampling(...)` times
@@ -294,6 +296,65 @@ class TorchSteps(TimedSteps):
                 f"{self.device.type}, {torch.get_num_threads()} threads")
 
 
+def _serve_peer(conn, peer: str, config, model_cfg, host_batches: list, threads: int, compile_model: bool,
+                warmup: int) -> None:
+    """A PyTorch peer in its own process: builds it, warms it up, then runs the steps it is sent."""
+    memory = PeakRSS()
+    import_torch_peers()
+    memory.start()
+    timed = TorchSteps(peer, config, model_cfg, host_batches, threads, compile_model)
+    timed.run(1 + warmup, record=False)
+    conn.send({"memory": memory.increase(), "summary": timed.summary_line()})
+    while (count := conn.recv()) is not None:
+        timed.run(count)
+        conn.send(timed.times[-count:])
+
+
+class PeerProcess(TimedSteps):
+    """A PyTorch peer timed in a fresh process of its own (`_serve_peer`), as its users run it.
+
+    So nothing gptlab sets for its own process (the C allocator's settings,
+    `parallel.cpu_reuse_memory`) reaches the peer, and the peer's peak memory is its own.
+    """
+
+    def __init__(self, peer: str, config, model_cfg, host_batches: list, threads: int, compile_model: bool,
+                 warmup: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a new interpreter: none of this process's state
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve_peer, daemon=True, args=(
+            child, peer, config, model_cfg, host_batches, threads, compile_model, warmup))
+        self.process.start()
+        child.close()
+        ready = self._receive()
+        self.memory, self.description = ready["memory"], ready["summary"]
+        self.times = []
+
+    def _receive(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the PyTorch peer's process ended (exit code {self.process.exitcode}); "
+                               "its error is above") from None
+
+    def run(self, count: int, record: bool = True) -> None:
+        self.conn.send(count)
+        times = self._receive()
+        if record:
+            self.times.extend(times)
+
+    def summary_line(self) -> str:
+        return self.description + ", own process"
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: str = "", blocks: int = 4,
         log=print, torch_compile: bool = False) -> dict:
     """Measures `steps` timed train steps (after `warmup` untimed ones); returns one flat-ish dict.
@@ -340,18 +401,16 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         memory.base = base
         jax_steps.run(max(1, warmup), record=False)
         jax_memory = memory.increase()
-        if peers:
-            import_torch_peers()
-        for peer in peers:  # one after the other: each one's memory above what was there before it
-            memory.start()
-            peer_steps[peer] = TorchSteps(peer, config, model_cfg, host_batches, num_threads(), torch_compile)
-            peer_steps[peer].run(1 + warmup, record=False)
-            peer_memory[peer] = memory.increase()
+        for peer in peers:  # each in a process of its own, its memory above what was there before it
+            peer_steps[peer] = PeerProcess(peer, config, model_cfg, host_batches, num_threads(), torch_compile, warmup)
+            peer_memory[peer] = peer_steps[peer].memory
         for block in blocks_of(steps, blocks if peers else 1):
             jax_steps.run(block)
             for timed in peer_steps.values():
                 timed.run(block)
     finally:
+        for timed in peer_steps.values():
+            timed.close()
         if batches is not exp.batches:
             batches.close()
 

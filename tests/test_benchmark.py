@@ -48,6 +48,9 @@ def test_command_with_synthetic_data_torch_peers_and_sampling_prints_one_json_li
         check_spread(result[f"{peer}_step_time_spread"])
         assert result[f"{peer}_peak_rss_increase_bytes"] is None or result[f"{peer}_peak_rss_increase_bytes"] >= 0
     assert "nanoGPT" in result["nanogpt_peer"] and "GPT2LMHeadModel" in result["torch_peer"]
+    # Each peer in a process of its own: gptlab's allocator settings (on here) never reach it.
+    assert "own process" in result["nanogpt_peer"] and "own process" in result["torch_peer"]
+    assert result["auto"]["parallel.cpu_reuse_memory"] is True
     check_spread(result["step_time_spread"])
     assert result["data"] == "synthetic" and result["model"]["vocab_size"] == 257
     assert result["peak_memory_bytes"] is None or result["peak_memory_bytes"] > 0
