@@ -25,12 +25,14 @@ SMALL=(--config=configs/pretrain.py:small)
 BABY_STEPS=(--steps=4 --warmup=1 --blocks=2)
 SMALL_STEPS=(--steps=20 --warmup=3 --blocks=4)
 QUICKSTART_STEPS=600
+BABY_SAMPLE=()
 if [[ "${SPEED_TABLE_SMOKE:-0}" == 1 ]]; then
   BABY=(--config=configs/pretrain.py:tiny --synthetic)
   SMALL=(--config=configs/pretrain.py:tiny)
   BABY_STEPS=(--steps=2 --warmup=1 --blocks=2)
   SMALL_STEPS=(--steps=2 --warmup=1 --blocks=2)
   QUICKSTART_STEPS=20
+  BABY_SAMPLE=(--sample_new_tokens=32)  # tiny's context is 64
 fi
 
 bench() {  # bench SHAPES ROW [flags...]: one benchmark run, its JSON line tagged with the shapes and row
@@ -46,22 +48,28 @@ rm -f "${XDG_CACHE_HOME:-$HOME/.cache}/gptlab/cpu_peak_tflops.json"
 
 for run in 1 2; do
   bench baby "defaults" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=torch
-  bench baby "model.attention=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt --config.model.attention=xla
+  bench baby "model.attention=explicit" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
+    --config.model.attention=explicit
   bench baby "model.dense_backward=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
     --config.model.dense_backward=xla
   bench baby "parallel.cpu_devices=1" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt --config.parallel.cpu_devices=1
+  bench baby "parallel.cpu_reuse_memory=False" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_reuse_memory=False
   bench small "defaults" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=torch
-  bench small "model.attention=xla" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt --config.model.attention=xla
+  bench small "model.attention=explicit" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
+    --config.model.attention=explicit
   bench small "model.dense_backward=xla" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
     --config.model.dense_backward=xla
   bench small "parallel.cpu_devices=1" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
     --config.parallel.cpu_devices=1
+  bench small "parallel.cpu_reuse_memory=False" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_reuse_memory=False
   bench small "data.prefetch=2" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt --config.data.prefetch=2
 done
 if grep -qE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then  # PyTorch peers in bfloat16 autocast
   bench baby "bfloat16" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=torch --config.model.dtype=bfloat16
 fi
-bench baby "sampling" "${BABY[@]}" --sample_only --compare=torch
+bench baby "sampling" "${BABY[@]}" --sample_only --compare=torch "${BABY_SAMPLE[@]}"
 bench small "sampling" "${SMALL[@]}" --sample_only --compare=torch --sample_prompt_len=16 --sample_new_tokens=64
 
 # The README quick start, end to end (start-up, data, compile, 600 steps, evaluations, checkpoints).
