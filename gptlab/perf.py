@@ -194,6 +194,9 @@ def start_cpu_devices(config) -> tuple:
     or `JAX_NUM_CPU_DEVICES` in the environment (tests pin one device that way). Once
     the backend has started (a second experiment in one process) the count is what it
     is; multi-process runs keep JAX's one device per process.
+
+    Before the backend starts it also applies `parallel.cpu_reuse_memory` (None:
+    `choose_reuse_memory`), which must precede the backend's threads; `resolve_auto` logs it.
     """
     global _cpu_devices_choice, _reuse_memory_choice
     par = config.parallel
