@@ -22,10 +22,11 @@ START=$(date +%s)
 BABY=(--config=configs/pretrain.py:shakespeare_char --synthetic --config.model.dtype=float32
       --config.model.dropout=0.0 --config.data.batch_size=16 --config.model.vocab_size=65)
 SMALL=(--config=configs/pretrain.py:small)
-BABY_STEPS=(--steps=4 --warmup=1 --blocks=2)
+BABY_STEPS=(--steps=8 --warmup=1 --blocks=2)  # 8 timed steps: MFU from a median of 8
 SMALL_STEPS=(--steps=20 --warmup=3 --blocks=4)
 QUICKSTART_STEPS=600
 BABY_SAMPLE=()
+SMALL_SAMPLE=(--sample_prompt_len=16 --sample_new_tokens=64)
 if [[ "${SPEED_TABLE_SMOKE:-0}" == 1 ]]; then
   BABY=(--config=configs/pretrain.py:tiny --synthetic)
   SMALL=(--config=configs/pretrain.py:tiny)
@@ -33,6 +34,7 @@ if [[ "${SPEED_TABLE_SMOKE:-0}" == 1 ]]; then
   SMALL_STEPS=(--steps=2 --warmup=1 --blocks=2)
   QUICKSTART_STEPS=20
   BABY_SAMPLE=(--sample_new_tokens=32)  # tiny's context is 64
+  SMALL_SAMPLE=(--sample_new_tokens=32)
 fi
 
 bench() {  # bench SHAPES ROW [flags...]: one benchmark run, its JSON line tagged with the shapes and row
@@ -70,7 +72,7 @@ if grep -qE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then  # PyTorch pe
   bench baby "bfloat16" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=torch --config.model.dtype=bfloat16
 fi
 bench baby "sampling" "${BABY[@]}" --sample_only --compare=torch "${BABY_SAMPLE[@]}"
-bench small "sampling" "${SMALL[@]}" --sample_only --compare=torch --sample_prompt_len=16 --sample_new_tokens=64
+bench small "sampling" "${SMALL[@]}" --sample_only --compare=torch "${SMALL_SAMPLE[@]}"
 
 # The README quick start, end to end (start-up, data, compile, 600 steps, evaluations, checkpoints).
 rm -rf "$OUT/quickstart"
@@ -103,6 +105,15 @@ for shapes in ("baby", "small"):
               f"| {mb(r.get('peak_rss_increase_bytes'))} / {mb(r.get('torch_peak_rss_increase_bytes'))} / "
               f"{mb(r.get('nanogpt_peak_rss_increase_bytes'))} |")
     print()
+    # MFU repeatability: the defaults' two runs, next to how much the peer's own speed moved between them.
+    runs = [r for r in train if r["row"] == "defaults"]
+    if len(runs) == 2:
+        apart = lambda a, b: f"{abs(a - b) / max(a, b):.0%} apart"
+        peer = [r.get("nanogpt_tokens_per_s") for r in runs]
+        line = f"defaults, two runs: MFU {runs[0]['mfu']:.3f} and {runs[1]['mfu']:.3f} ({apart(runs[0]['mfu'], runs[1]['mfu'])})"
+        if None not in peer:
+            line += f"; the nanoGPT peer in the same runs: {peer[0]:,.0f} and {peer[1]:,.0f} tokens/s ({apart(*peer)})"
+        print(line + "\n")
 print("| sampling (greedy, cache) | batch | gptlab tokens/s | HF generate tokens/s | ratio |")
 print("| --- | ---: | ---: | ---: | ---: |")
 for r in rows:
