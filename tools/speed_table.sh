@@ -40,9 +40,13 @@ fi
 bench() {  # bench SHAPES ROW [flags...]: one benchmark run, its JSON line tagged with the shapes and row
   local shapes=$1 row=$2; shift 2
   echo "[$(( $(date +%s) - START ))s] $shapes: $row" >&2
-  "$PY" -m experiments.benchmark "$@" 2>>"$OUT/log.txt" \
-    | "$PY" -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(shapes='$shapes', row='$row'); print(json.dumps(r))" \
-    >> "$RESULTS"
+  local line
+  if ! line=$("$PY" -m experiments.benchmark "$@" 2>>"$OUT/log.txt"); then
+    echo "speed_table.sh: the benchmark failed ($shapes: $row); the end of $OUT/log.txt says why" >&2
+    exit 1
+  fi
+  "$PY" -c "import json,sys; r=json.loads(sys.stdin.read()); r.update(shapes='$shapes', row='$row'); print(json.dumps(r))" \
+    <<< "$line" >> "$RESULTS"
 }
 
 # The CPU peak behind MFU is measured once per machine and cached: measure it now, on the idle machine.
