@@ -216,13 +216,14 @@ class Reader:
         return target
 
     def _restore(self, state_handler, args: dict):
+        _quiet_abandoned_io()  # before reading: an abandoned read can report as soon as the first one fails
         failure = None
         try:
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_item_handlers(state_handler))) as checkpointer:
                 return checkpointer.restore(self.path, args=ocp.args.Composite(**args))
         except Exception as e:  # pylint: disable=broad-except  (callers turn it into CorruptCheckpoint)
             failure = _first_line(e)  # only the text: the exception's frames hold Orbax's abandoned reads
-        _collect_abandoned_reads()
+        gc.collect()  # the abandoned coroutines, now, through the hook
         raise RuntimeError(failure)
 
     def _check_fingerprints(self, tree, checked=lambda path: True) -> None:
@@ -295,6 +296,7 @@ def _fingerprints_paths(tree) -> list:
 class Checkpoints:
     def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True, selection_metric=None):
         self.directory = pathlib.Path(directory).absolute()
+        _quiet_abandoned_io()  # before writing: a failed write (a full disk) abandons the others
         if max_to_keep < 1:
             raise UserError(f"checkpoint.max_to_keep={max_to_keep} must be at least 1")
         handlers = {**_item_handlers(ocp.StandardCheckpointHandler()),
@@ -426,35 +428,36 @@ def resolve_step(directory, step, where: str):
         raise UserError(f"step={step!r} is neither a step number nor 'best': pass e.g. --step=600 or --step=best") from None
 
 
-def _collect_abandoned_reads() -> None:
-    """Quiets the reads Orbax abandons when one array of a checkpoint fails to read.
+def _quiet_abandoned_io() -> None:
+    """Quiets the reads and writes Orbax abandons when one array of a checkpoint fails.
 
-    Orbax reads the arrays in parallel; the first failure ends the restore while the other reads
-    are mid-flight. Python would then print their tracebacks after the one-line error the user
-    is given: each abandoned coroutine's when it is collected ("Exception ignored in: <coroutine
-    _read_array_index_and_device_put>"), and each TensorStore read that completes after Orbax
-    closed its event loop ("RuntimeError: Event loop is closed"), possibly much later and from
-    another thread. From the first failed read on, this process drops exactly those two reports
-    (any other unraisable exception is reported as before) and collects the coroutines now.
+    Orbax reads and writes the arrays in parallel; the first failure (a damaged file, a full disk)
+    ends the restore or save while the others are mid-flight. Python would then print their
+    tracebacks after the one-line error the user is given: each abandoned coroutine's when it is
+    collected ("Exception ignored in: <coroutine _read_array_index_and_device_put>"), and each
+    TensorStore operation that completes after Orbax closed its event loop ("RuntimeError: Event
+    loop is closed"), from another thread, possibly while the failure is still on its way out of
+    Orbax. So the hook goes in before the first read or write (once per process) and drops
+    exactly those two reports; any other unraisable exception is reported as before.
     """
-    global _reads_abandoned
-    if not _reads_abandoned:
-        _reads_abandoned = True
-        report = sys.unraisablehook
+    global _io_quieted
+    if _io_quieted:
+        return
+    _io_quieted = True
+    report = sys.unraisablehook
 
-        def hook(unraisable):
-            code = getattr(unraisable.object, "cr_code", None)
-            if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-                return  # an abandoned Orbax read, collected
-            if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-                return  # an abandoned TensorStore read, finished after Orbax's event loop closed
-            report(unraisable)
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return  # an abandoned Orbax read or write, collected
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return  # an abandoned TensorStore operation, finished after Orbax's event loop closed
+        report(unraisable)
 
-        sys.unraisablehook = hook
-    gc.collect()
+    sys.unraisablehook = hook
 
 
-_reads_abandoned = False
+_io_quieted = False
 
 
 def _first_line(error: Exception) -> str:

@@ -245,6 +245,7 @@ def tiny_disk(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no tracebacks after the error
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(make_config, tiny_disk):
     config = make_config(train__num_steps=9, train__checkpoint_every=3, train__eval_every=3)
     config.checkpoint.async_save = True
