@@ -303,7 +303,10 @@ KNOWN_PEAK_TFLOPS = (
 )
 
 
-def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds: float = 2.0) -> float:
+PEAK_MIN_SECONDS = 2.0  # how long each matmul size is sampled for the cached CPU peak
+
+
+def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds: float = PEAK_MIN_SECONDS) -> float:
     """Best float32 matmul throughput of the default device, in TFLOP/s.
 
     The best of many is the machine's capability; a busy moment only lowers single samples.
@@ -333,9 +336,9 @@ def peak_cache_path() -> pathlib.Path:
 
 def _machine_key() -> str:
     info = cpu_info()
-    # "best of 2 s": how it is measured (measured_matmul_tflops); older, shorter measurements are not reused.
+    # How it is measured is part of the key: older, shorter measurements are not reused.
     return (f"{info['model']} | {usable_cores()} cores | {','.join(sorted(info['flags']))} | jaxlib {jax.__version__}"
-            " | best of 2 s")
+            f" | best of {PEAK_MIN_SECONDS:g} s")
 
 
 @functools.lru_cache(maxsize=None)
