@@ -379,25 +379,38 @@ KNOWN_PEAK_TFLOPS = (
 PEAK_MIN_SECONDS = 2.0  # how long each matmul size is sampled for the cached CPU peak
 
 
+# Each matmul library the CPU peak is measured with, as per-compile XLA options (CPU_MATMUL_FLAGS):
+# the peak is the best of them, whichever the process trains with, so MFU has one denominator.
+PEAK_MATMUL_OPTIONS = {
+    "xla": {"xla_cpu_use_onednn": False},
+    "onednn": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
+
+
 def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds: float = PEAK_MIN_SECONDS) -> float:
-    """Best float32 matmul throughput of the default device, in TFLOP/s.
+    """Best float32 matmul throughput of the default device, in TFLOP/s, over the CPU's matmul libraries.
 
     The best of many is the machine's capability; a busy moment only lowers single samples.
-    Each size runs at least `min_repeats` times and for at least `min_seconds`: on a shared
-    2-core VM the best of 8 quick repeats was 0.17-0.26 TFLOP/s in three runs a minute apart,
+    Each size runs at least `min_repeats` times and for at least `min_seconds` per library: on a
+    shared 2-core VM the best of 8 quick repeats was 0.17-0.26 TFLOP/s in three runs a minute apart,
     and the best of 2 s per size 0.25-0.27 (2026-11-30), so a short window under-measures the peak.
     """
     best = 0.0
     for size in sizes:
         a = jnp.ones((size, size), jnp.float32)
-        matmul = jax.jit(lambda x: x @ x)
-        matmul(a).block_until_ready()
-        began, repeats = time.perf_counter(), 0
-        while repeats < min_repeats or time.perf_counter() - began < min_seconds:
-            start = time.perf_counter()
+        lowered = jax.jit(lambda x: x @ x).lower(a)
+        for options in PEAK_MATMUL_OPTIONS.values():
+            try:
+                matmul = lowered.compile(compiler_options=options)
+            except Exception:  # noqa: BLE001  # a jaxlib without this library: the others measure the peak
+                continue
             matmul(a).block_until_ready()
-            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
-            repeats += 1
+            began, repeats = time.perf_counter(), 0
+            while repeats < min_repeats or time.perf_counter() - began < min_seconds:
+                start = time.perf_counter()
+                matmul(a).block_until_ready()
+                best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e12)
+                repeats += 1
     return best
 
 
@@ -410,9 +423,8 @@ def peak_cache_path() -> pathlib.Path:
 def _machine_key() -> str:
     info = cpu_info()
     # How it is measured is part of the key: older, shorter measurements are not reused.
-    # So is the matmul library it measures: the process's, as its train step's.
     return (f"{info['model']} | {usable_cores()} cores | {','.join(sorted(info['flags']))} | jaxlib {jax.__version__}"
-            f" | best of {PEAK_MIN_SECONDS:g} s | matmuls {_matmuls_in_flags(os.environ.get('XLA_FLAGS', ''))}")
+            f" | best of {PEAK_MIN_SECONDS:g} s | of {' and '.join(PEAK_MATMUL_OPTIONS)} matmuls")
 
 
 @functools.lru_cache(maxsize=None)
@@ -420,8 +432,7 @@ def cpu_peak_tflops() -> tuple:
     """(float32 matmul peak of this CPU, its source): measured once per machine and cached on disk.
 
     So MFU has the same denominator in every run on a machine. The key is the CPU
-    model, its usable cores, its flags, the JAX version and the matmul library
-    (`parallel.cpu_matmuls`); a change measures again.
+    model, its usable cores, its flags and the JAX version; a change measures again.
     """
     path, key = peak_cache_path(), _machine_key()
     try:

@@ -61,6 +61,8 @@ for run in 1 2; do
   bench baby "parallel.cpu_devices=1" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt --config.parallel.cpu_devices=1
   bench baby "parallel.cpu_reuse_memory=False" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
     --config.parallel.cpu_reuse_memory=False
+  bench baby "parallel.cpu_matmuls=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_matmuls=xla
   bench small "defaults" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=torch
   bench small "model.attention=explicit" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
     --config.model.attention=explicit
@@ -70,6 +72,8 @@ for run in 1 2; do
     --config.parallel.cpu_devices=1
   bench small "parallel.cpu_reuse_memory=False" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
     --config.parallel.cpu_reuse_memory=False
+  bench small "parallel.cpu_matmuls=xla" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_matmuls=xla
   bench small "data.prefetch=2" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt --config.data.prefetch=2
 done
 if grep -qE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then  # PyTorch peers in bfloat16 autocast
