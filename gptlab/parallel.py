@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from gptlab import model as model_lib
+from gptlab import perf
 from gptlab.errors import UserError
 from gptlab.optim import path_str
 
@@ -109,6 +110,11 @@ class Parallel:
         self.log = log
         if self.mode not in MODES:
             raise UserError(f"parallel.mode={self.mode!r} is not one of {MODES}")
+        # XLA compile options of the steps: which library runs a CPU step's matmuls (gptlab/perf.py).
+        self.compile_options = perf.matmul_compile_options(parallel_cfg.get("cpu_matmuls", "xla") or "xla")
+        if self.compile_options and self.mode != "jit":
+            raise UserError(f"parallel.cpu_matmuls={parallel_cfg.cpu_matmuls!r} needs parallel.mode='jit' "
+                            "(jax.pmap takes no compile options): use --config.parallel.cpu_matmuls=xla with pmap")
         num_devices = jax.device_count()
         if self.mode == "jit":
             data, fsdp = tuple(parallel_cfg.mesh)
@@ -217,9 +223,10 @@ class Parallel:
             # Fixed in/out shardings: the state keeps its layout from step to step (no recompiles).
             state_sh, batch_sh, replicated = self.state_shardings, self.batch_sharding, self.replicated
             train_step = jax.jit(make_train_step(None), in_shardings=(state_sh, batch_sh),
-                                 out_shardings=(state_sh, replicated), donate_argnums=0)
+                                 out_shardings=(state_sh, replicated), donate_argnums=0,
+                                 compiler_options=self.compile_options)
             eval_step = jax.jit(make_eval_step(None), in_shardings=(state_sh.params, batch_sh),
-                                out_shardings=replicated)
+                                out_shardings=replicated, compiler_options=self.compile_options)
 
             def run_train(state, batch):
                 with jax.set_mesh(self.mesh):

@@ -185,53 +185,50 @@ def reuse_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-# Which library runs the CPU's matmuls (`parallel.cpu_matmuls`): the XLA flags for each. "xla" is
-# XLA's default (YNNPACK); "onednn" hands the dots (with what fuses into them) to oneDNN, which
-# jaxlib has built in, and leaves the other fusions to XLA's default.
-CPU_MATMUL_FLAGS = {
-    "xla": ("--xla_cpu_use_onednn=false", "--xla_cpu_experimental_onednn_fusion_type="),
-    "onednn": ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=individual_dot"),
+# Which library runs the CPU train step's matmuls (`parallel.cpu_matmuls`), as XLA compile options
+# of the train and eval steps (`parallel.Parallel.compile`). "xla": XLA as configured (its own
+# YNNPACK kernels unless XLA_FLAGS says otherwise); "onednn": each dot goes to oneDNN, which jaxlib
+# has built in, and everything else stays as XLA does it. Only the steps: sampling's small
+# matrix-vector products were slower with oneDNN (README "Speed").
+CPU_MATMUL_OPTIONS = {
+    "xla": None,
+    "onednn": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
-# XLA flags that pick a matmul library: where the environment's XLA_FLAGS sets one, it stands.
-_MATMUL_FLAG = re.compile(r"--xla_cpu_(use_onednn|use_xnnpack|experimental_(onednn|ynn|xnn)_fusion_type)=")
 
 
-def matmul_library_in_flags(xla_flags: str) -> bool:
-    """Whether these XLA flags choose the CPU's matmul library themselves."""
-    return bool(_MATMUL_FLAG.search(xla_flags))
+def choose_cpu_matmuls(platform_name: str, mode: str) -> tuple:
+    """(parallel.cpu_matmuls, why): oneDNN's matmuls on Intel CPUs, XLA's own elsewhere.
 
-
-def choose_cpu_matmuls() -> tuple:
-    """(parallel.cpu_matmuls, why): oneDNN's matmuls on Intel CPUs, XLA's default elsewhere.
-
-    On a 2-core Intel Xeon (AVX-512, AMX) the whole float32 train step was 9-18% faster with
-    oneDNN's dots, measured in one process in alternating blocks against XLA's default (README
+    On a 2-core Intel Xeon (AVX-512, AMX) the whole float32 train step was 9-16% faster with
+    oneDNN's dots, compiled both ways in one process and timed in alternating blocks (README
     "Speed"). oneDNN is Intel's library and has not been measured here on other CPUs.
     """
+    if platform_name != "cpu":
+        return "xla", f"{platform_name}: the matmuls run on the device"
+    if mode != "jit":
+        return "xla", f"parallel.mode={mode}: jax.pmap takes no compile options"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "xla", f"{platform.machine()} CPU: XLA's default"
-    if _may_run_on_an_accelerator():
-        return "xla", "an accelerator plugin is installed: the step's matmuls run on the device"
+        return "xla", f"{platform.machine()} CPU: XLA's own"
     vendor = cpu_info()["vendor"]
     if vendor != "GenuineIntel":
-        return "xla", f"{vendor or 'unknown'} CPU: XLA's default (oneDNN's matmuls are measured on Intel only)"
-    return "onednn", "Intel CPU: oneDNN's matmuls (built into jaxlib) are faster than XLA's default"
+        return "xla", f"{vendor or 'unknown'} CPU: XLA's own (oneDNN's matmuls are measured on Intel only)"
+    return "onednn", "Intel CPU: oneDNN's matmuls (built into jaxlib) run the step faster than XLA's own"
 
 
-def _matmuls_in_flags(xla_flags: str) -> str:
-    """The `parallel.cpu_matmuls` value that XLA_FLAGS amount to (the last setting of a flag wins)."""
-    use = re.findall(r"--xla_cpu_use_onednn=(\w*)", xla_flags)
-    types = re.findall(r"--xla_cpu_experimental_onednn_fusion_type=(\S*)", xla_flags)
-    on = bool(use) and use[-1].lower() in ("true", "1") and bool(types) and "dot" in types[-1].lower()
-    return "onednn" if on else "xla"
+def matmul_compile_options(cpu_matmuls) -> "dict | None":
+    """The XLA compile options of a train or eval step for `parallel.cpu_matmuls` (None: XLA's own)."""
+    if cpu_matmuls not in CPU_MATMUL_OPTIONS:
+        from gptlab.errors import UserError
+
+        raise UserError(f"parallel.cpu_matmuls={cpu_matmuls!r} must be one of "
+                        f"{', '.join(map(repr, CPU_MATMUL_OPTIONS))} (None: automatic)")
+    return CPU_MATMUL_OPTIONS[cpu_matmuls]
 
 
 # The device count start_cpu_devices chose, and why; resolve_auto logs it.
 _cpu_devices_choice = (None, "")
 # Whether start_cpu_devices made the allocator reuse freed memory, and why.
 _reuse_memory_choice = (None, "")
-# Which matmul library start_cpu_devices chose, and why.
-_matmuls_choice = (None, "")
 
 
 def start_cpu_devices(config) -> tuple:
@@ -244,20 +241,15 @@ def start_cpu_devices(config) -> tuple:
     is; multi-process runs keep JAX's one device per process.
 
     Before the backend starts it also applies `parallel.cpu_reuse_memory` (None:
-    `choose_reuse_memory`), which must precede the backend's threads, and `parallel.cpu_matmuls`
-    (None: `choose_cpu_matmuls`), XLA flags read when the backend starts; `resolve_auto` logs both.
+    `choose_reuse_memory`), which must precede the backend's threads; `resolve_auto` logs it.
     """
-    global _cpu_devices_choice, _reuse_memory_choice, _matmuls_choice
-    from gptlab.errors import UserError
-
+    global _cpu_devices_choice, _reuse_memory_choice
     par = config.parallel
     requested = par.get("cpu_devices")
     if requested is not None and requested < 1:
+        from gptlab.errors import UserError
+
         raise UserError(f"parallel.cpu_devices={requested} must be >= 1 (None: automatic)")
-    matmuls = par.get("cpu_matmuls")
-    if matmuls is not None and matmuls not in CPU_MATMUL_FLAGS:
-        raise UserError(f"parallel.cpu_matmuls={matmuls!r} must be one of {', '.join(map(repr, CPU_MATMUL_FLAGS))} "
-                        "(None: automatic)")
     flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
     multi_process = (par.get("coordinator_address") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
                      or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
@@ -283,22 +275,7 @@ def start_cpu_devices(config) -> tuple:
         if reuse and not reuse_freed_memory():
             reuse, reuse_why = False, "glibc's mallopt refused the settings"
         _reuse_memory_choice = (reuse, reuse_why)
-        _matmuls_choice = _set_cpu_matmuls(matmuls)
-    elif _matmuls_choice[0] is None:
-        _matmuls_choice = (_matmuls_in_flags(os.environ.get("XLA_FLAGS", "")),
-                           "JAX's backend had already started in this process")
     return count, why
-
-
-def _set_cpu_matmuls(requested) -> tuple:
-    """Puts the matmul library's XLA flags into XLA_FLAGS (read when the backend starts); (value, why)."""
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if requested is None and matmul_library_in_flags(xla_flags):
-        return _matmuls_in_flags(xla_flags), "set in the environment (XLA_FLAGS)"
-    value, why = (requested, "parallel.cpu_matmuls") if requested is not None else choose_cpu_matmuls()
-    if requested is not None or value != "xla":  # XLA's default needs no flags, unless asked for over the environment's
-        os.environ["XLA_FLAGS"] = " ".join([xla_flags, *CPU_MATMUL_FLAGS[value]]).strip()  # later flags win
-    return value, why
 
 
 def resolve_auto(config, log=print) -> dict:
@@ -322,11 +299,11 @@ def resolve_auto(config, log=print) -> dict:
         with config.unlocked():
             config.parallel.cpu_reuse_memory, why = _reuse_memory_choice
         chosen["parallel.cpu_reuse_memory"] = _reuse_memory_choice
-    if config.parallel.get("cpu_matmuls", False) is None and _matmuls_choice[0] is not None:
+    if config.parallel.get("cpu_matmuls", False) is None:
         with config.unlocked():
-            config.parallel.cpu_matmuls = _matmuls_choice[0]
+            config.parallel.cpu_matmuls, why = choose_cpu_matmuls(platform_name, config.parallel.get("mode", "jit"))
         if platform_name == "cpu":
-            chosen["parallel.cpu_matmuls"] = _matmuls_choice
+            chosen["parallel.cpu_matmuls"] = (config.parallel.cpu_matmuls, why)
     if model.get("attention") == AUTO:
         model.attention, why = choose_attention(platform_name, model.dtype or "float32")
         chosen["model.attention"] = (model.attention, why)
@@ -379,12 +356,9 @@ KNOWN_PEAK_TFLOPS = (
 PEAK_MIN_SECONDS = 2.0  # how long each matmul size is sampled for the cached CPU peak
 
 
-# Each matmul library the CPU peak is measured with, as per-compile XLA options (CPU_MATMUL_FLAGS):
-# the peak is the best of them, whichever the process trains with, so MFU has one denominator.
-PEAK_MATMUL_OPTIONS = {
-    "xla": {"xla_cpu_use_onednn": False},
-    "onednn": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-}
+# Each matmul library the CPU peak is measured with, as compile options: the peak is the best of
+# them, whichever the run trains with, so MFU has one denominator on a machine.
+PEAK_MATMUL_OPTIONS = {"xla": {"xla_cpu_use_onednn": False}, "onednn": CPU_MATMUL_OPTIONS["onednn"]}
 
 
 def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds: float = PEAK_MIN_SECONDS) -> float:

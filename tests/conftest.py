@@ -41,11 +41,6 @@ def needs_file(path: pathlib.Path) -> None:
 # so a test's in-process and subprocess runs compute the same numbers. Tests of several devices set their own.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
-# Likewise the matmul library: the one training picks on this machine (oneDNN on Intel), in-process too.
-from gptlab import perf  # noqa: E402
-
-if not perf.matmul_library_in_flags(os.environ["XLA_FLAGS"]):
-    os.environ["XLA_FLAGS"] += " " + " ".join(perf.CPU_MATMUL_FLAGS[perf.choose_cpu_matmuls()[0]])
 
 
 @pytest.fixture(scope="session")

@@ -78,100 +78,60 @@ def test_memory_is_reused_only_where_jax_runs_on_the_cpu(monkeypatch):
     assert perf._may_run_on_an_accelerator() is False
 
 
-@pytest.mark.parametrize("machine,vendor,accelerator,expected", [
-    ("x86_64", "GenuineIntel", False, "onednn"),
-    ("x86_64", "AuthenticAMD", False, "xla"),  # oneDNN's matmuls are measured on Intel only
-    ("aarch64", "", False, "xla"),
-    ("x86_64", "GenuineIntel", True, "xla"),  # the step's matmuls run on the accelerator
+@pytest.mark.parametrize("platform_name,mode,machine,vendor,expected", [
+    ("cpu", "jit", "x86_64", "GenuineIntel", "onednn"),
+    ("cpu", "jit", "x86_64", "AuthenticAMD", "xla"),  # oneDNN's matmuls are measured on Intel only
+    ("cpu", "jit", "aarch64", "", "xla"),
+    ("cpu", "pmap", "x86_64", "GenuineIntel", "xla"),  # jax.pmap takes no compile options
+    ("gpu", "jit", "x86_64", "GenuineIntel", "xla"),  # the matmuls run on the device
 ])
-def test_matmul_library_follows_the_cpu(monkeypatch, machine, vendor, accelerator, expected):
+def test_matmul_library_follows_the_cpu(monkeypatch, platform_name, mode, machine, vendor, expected):
     monkeypatch.setattr(perf.platform, "machine", lambda: machine)
     monkeypatch.setattr(perf, "cpu_info", lambda: {"model": "some CPU", "vendor": vendor, "flags": frozenset()})
-    monkeypatch.setattr(perf, "_may_run_on_an_accelerator", lambda: accelerator)
-    value, why = perf.choose_cpu_matmuls()
+    value, why = perf.choose_cpu_matmuls(platform_name, mode)
     assert value == expected and why
 
 
-def test_matmul_library_before_the_backend_starts(make_config, monkeypatch):
-    """Automatic, parallel.cpu_matmuls, or the environment's XLA_FLAGS: the flags JAX's backend will read."""
-    monkeypatch.setattr(perf, "_cpu_devices_choice", (None, ""))  # restored afterwards
-    monkeypatch.setattr(perf, "_reuse_memory_choice", (None, ""))
-    monkeypatch.setattr(perf, "_matmuls_choice", (None, ""))
-    monkeypatch.setattr(perf, "reuse_freed_memory", lambda: True)
-    monkeypatch.setattr(perf, "_backend_started", lambda: False)
-    monkeypatch.setattr(jax.config, "update", lambda name, value: None)
-    monkeypatch.setattr(perf, "choose_cpu_matmuls", lambda: ("onednn", "an Intel CPU"))
-    device_count = "--xla_force_host_platform_device_count=1"
-
-    monkeypatch.setenv("XLA_FLAGS", device_count)
-    perf.start_cpu_devices(make_config())
-    assert perf._matmuls_choice == ("onednn", "an Intel CPU")
-    assert os.environ["XLA_FLAGS"] == " ".join([device_count, *perf.CPU_MATMUL_FLAGS["onednn"]])
-
-    perf.start_cpu_devices(make_config())  # the environment now says: it stands, nothing is added twice
-    assert perf._matmuls_choice == ("onednn", "set in the environment (XLA_FLAGS)")
-    assert os.environ["XLA_FLAGS"].count("--xla_cpu_use_onednn") == 1
-
-    perf.start_cpu_devices(make_config(parallel__cpu_matmuls="xla"))  # the config wins over the environment
-    assert perf._matmuls_choice == ("xla", "parallel.cpu_matmuls")
-    assert perf._matmuls_in_flags(os.environ["XLA_FLAGS"]) == "xla"
-
-    monkeypatch.setenv("XLA_FLAGS", device_count)
-    monkeypatch.setattr(perf, "choose_cpu_matmuls", lambda: ("xla", "not Intel"))
-    perf.start_cpu_devices(make_config())
-    assert perf._matmuls_choice == ("xla", "not Intel") and os.environ["XLA_FLAGS"] == device_count  # XLA's default
+def test_a_bad_matmul_library_is_a_user_error(make_config):
+    from gptlab import parallel as parallel_lib
 
     with pytest.raises(UserError, match="parallel.cpu_matmuls='mkl' must be one of 'xla', 'onednn'"):
-        perf.start_cpu_devices(make_config(parallel__cpu_matmuls="mkl"))
+        parallel_lib.Parallel(make_config(parallel__cpu_matmuls="mkl").parallel, 8, 1, lambda line: None)
+    with pytest.raises(UserError, match="needs parallel.mode='jit'"):
+        config = make_config(parallel__cpu_matmuls="onednn", parallel__mode="pmap")
+        parallel_lib.Parallel(config.parallel, 8, 1, lambda line: None)
 
 
-_MATMULS_TRAIN = """
-import json, sys
-from gptlab import perf, train, parallel as parallel_lib
-from gptlab.benchmark import SyntheticData
-from configs import pretrain
-config = pretrain.get_config("tiny")
-config.parallel.cpu_matmuls = sys.argv[1]
-config.parallel.cpu_devices = 1
-perf.start_cpu_devices(config)  # before JAX's backend starts, as every entry point that trains
-import jax
-train.check_train_config(config)
-perf.resolve_auto(config, lambda line: None)
-exp = train.pretrain_experiment(config, SyntheticData(config, train.resolve_seq_len(config)), lambda *a: None)
-par = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, lambda *a: None)
-state, step, _ = train.init_and_compile(config, exp, par)
-batches = train.prefetched(config, exp.batches, par)
-losses = []
-for _ in range(3):
-    state, metrics = step(state, next(batches))
-    losses.append(float(metrics["train_loss"]))
-x = jax.numpy.ones((64, 64))
-hlo = jax.jit(jax.numpy.dot).lower(x, x).compile().as_text()
-print(json.dumps({"chosen": perf._matmuls_choice[0], "onednn_in_hlo": "__onednn_fusion" in hlo,
-                  "losses": losses}))
-"""
+def _three_steps(config):
+    from gptlab import parallel as parallel_lib
+    from gptlab.benchmark import SyntheticData
+
+    train.check_train_config(config)
+    perf.resolve_auto(config, lambda line: None)
+    exp = train.pretrain_experiment(config, SyntheticData(config, train.resolve_seq_len(config)), lambda *a: None)
+    par = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps,
+                                lambda line: None)
+    state, step, _ = train.init_and_compile(config, exp, par)
+    batches = train.prefetched(config, exp.batches, par)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, next(batches))
+        losses.append(float(metrics["train_loss"]))
+    return par, losses
 
 
-def test_onednn_matmuls_are_used_and_train_as_xlas_do():
-    # parallel.cpu_matmuls=onednn must reach XLA (its flags are read once, when the backend starts), and
-    # a train step must compute what XLA's own matmuls compute, to float32 rounding.
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's pinned library
-    runs = {}
-    for library in ("onednn", "xla"):
-        out = subprocess.run([sys.executable, "-c", _MATMULS_TRAIN, library], capture_output=True, text=True,
-                             cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        runs[library] = json.loads(out.stdout.splitlines()[-1])
-    assert runs["onednn"]["chosen"] == "onednn" and runs["onednn"]["onednn_in_hlo"]
-    assert runs["xla"]["chosen"] == "xla" and not runs["xla"]["onednn_in_hlo"]
-    assert runs["onednn"]["losses"] == pytest.approx(runs["xla"]["losses"], rel=1e-5)
-    assert runs["onednn"]["losses"][-1] < runs["onednn"]["losses"][0]  # it trains
+def test_onednn_matmuls_are_used_and_train_as_xlas_do(make_config):
+    # The options reach XLA (a dot compiled with them is a oneDNN fusion), and a train step with
+    # oneDNN's matmuls computes what XLA's own compute, to float32 rounding.
+    x = jax.numpy.ones((64, 64))
+    compiled = jax.jit(jax.numpy.dot, compiler_options=perf.CPU_MATMUL_OPTIONS["onednn"]).lower(x, x).compile()
+    assert "__onednn_fusion" in compiled.as_text()
+    assert "__onednn_fusion" not in jax.jit(jax.numpy.dot).lower(x, x).compile().as_text()
+    onednn, onednn_losses = _three_steps(make_config(parallel__cpu_matmuls="onednn"))
+    xla, xla_losses = _three_steps(make_config(parallel__cpu_matmuls="xla"))
+    assert onednn.compile_options == perf.CPU_MATMUL_OPTIONS["onednn"] and xla.compile_options is None
+    assert onednn_losses == pytest.approx(xla_losses, rel=1e-5)
+    assert onednn_losses[-1] < onednn_losses[0]  # it trains
 
 
 _PAGE_FAULTS_PER_CALL = """
