@@ -138,7 +138,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     par.cpu_devices = config_dict.placeholder(int)  # XLA CPU devices the batch is split over; None: auto
     # keep freed memory for the next step instead of unmapping it (glibc); None: auto (on for CPU-only JAX)
     par.cpu_reuse_memory = config_dict.placeholder(bool)
-    # library for the CPU's matmuls: "onednn" (built into jaxlib) or "xla" (XLA's default); None: auto (oneDNN on Intel)
+    # library for the train/eval steps' CPU matmuls: "onednn" (built into jaxlib) or "xla" (XLA's own); None: auto (oneDNN on Intel)
     par.cpu_matmuls = config_dict.placeholder(str)
     par.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port" of process 0
     par.num_processes = config_dict.placeholder(int)  # multi-host: how many processes in all
