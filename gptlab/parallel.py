@@ -236,6 +236,7 @@ class Parallel:
                 with jax.set_mesh(self.mesh):
                     return eval_step(params, self.place_batch(batch))
 
+            run_train.jitted = train_step  # for tools that compile it with other options (tools/compile_options_ab.py)
             return run_train, run_eval
         train_step = jax.pmap(make_train_step(PMAP_AXIS), axis_name=PMAP_AXIS, donate_argnums=0)
         eval_step = jax.pmap(make_eval_step(PMAP_AXIS), axis_name=PMAP_AXIS)

@@ -1,0 +1,74 @@
+"""gptlab's real train step compiled with several sets of XLA compile options, timed in ONE process.
+
+    python tools/compile_options_ab.py baby|small [BLOCKS] [STEPS_PER_BLOCK]
+    VARIANTS='{"xla": {"xla_cpu_use_onednn": false}}' python tools/compile_options_ab.py baby
+
+Separate benchmark processes on a shared VM drift by 20-45% within minutes; here every variant
+runs on the same state and batches, in alternating blocks (the order reversed every other block),
+so a slow moment slows all alike. Prints each variant's median step time and, per block, the
+first variant's step time over its own (above 1: faster than the first). Default variants: the
+defaults, XLA's own matmuls, oneDNN's (`perf.CPU_MATMUL_OPTIONS`). The README's `parallel.cpu_matmuls`
+figures come from this script.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+
+from configs import pretrain  # noqa: E402
+from gptlab import benchmark, perf, train  # noqa: E402
+from gptlab import parallel as parallel_lib  # noqa: E402
+
+
+def main(shape="baby", blocks=6, per_block=3):
+    if shape == "baby":  # nanoGPT's baby GPT, as the README's speed tables
+        config = pretrain.get_config("shakespeare_char")
+        config.model.dtype, config.model.dropout = os.environ.get("DTYPE", "float32"), 0.0
+        config.data.batch_size, config.model.vocab_size = 16, 65
+    else:
+        config = pretrain.get_config(shape)
+    variants = json.loads(os.environ.get("VARIANTS") or json.dumps(
+        {"xla": perf.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
+    perf.start_cpu_devices(config)
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    train.check_train_config(config)
+    perf.resolve_auto(config, lambda line: print(line, file=sys.stderr))
+    exp = train.pretrain_experiment(config, benchmark.SyntheticData(config, train.resolve_seq_len(config)),
+                                    lambda *a: None)
+    par = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps,
+                                lambda *a: None)
+    state, train_step, _ = train.init_and_compile(config, exp, par)
+    batches = train.prefetched(config, exp.batches, par)
+    # The step's jitted function, compiled per variant: the same lowering, other compile options.
+    with jax.set_mesh(par.mesh):
+        lowered = train_step.jitted.lower(state, par.place_batch(next(batches)))
+    compiled = {name: lowered.compile(compiler_options=options) for name, options in variants.items()}
+
+    def step(name):
+        nonlocal state
+        begin = time.perf_counter()
+        state, metrics = compiled[name](state, par.place_batch(next(batches)))
+        jax.block_until_ready((state, metrics))
+        return time.perf_counter() - begin
+
+    for name in compiled:  # warm up
+        step(name)
+    medians = {name: [] for name in compiled}
+    for block in range(blocks):
+        for name in (list(compiled) if block % 2 == 0 else list(compiled)[::-1]):
+            medians[name].append(float(np.median([step(name) for _ in range(per_block)])))
+    first = np.array(medians[next(iter(medians))])
+    for name, times in medians.items():
+        ratio = first / np.array(times)
+        print(f"{name:12s} median step {np.median(times):.3f} s; first variant's step over this one, per block: "
+              f"{np.round(ratio, 3).tolist()}, median {np.median(ratio):.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "baby", *(int(a) for a in sys.argv[2:4]))
