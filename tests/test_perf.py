@@ -103,16 +103,9 @@ def test_a_bad_matmul_library_is_a_user_error(make_config):
 
 
 def _three_steps(config):
-    from gptlab import parallel as parallel_lib
-    from gptlab.benchmark import SyntheticData
+    from gptlab.benchmark import synthetic_train_step
 
-    train.check_train_config(config)
-    perf.resolve_auto(config, lambda line: None)
-    exp = train.pretrain_experiment(config, SyntheticData(config, train.resolve_seq_len(config)), lambda *a: None)
-    par = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps,
-                                lambda line: None)
-    state, step, _ = train.init_and_compile(config, exp, par)
-    batches = train.prefetched(config, exp.batches, par)
+    par, state, step, batches = synthetic_train_step(config, lambda line: None)
     losses = []
     for _ in range(3):
         state, metrics = step(state, next(batches))

@@ -6,9 +6,9 @@
 Separate benchmark processes on a shared VM drift by 20-45% within minutes; here every variant
 runs on the same state and batches, in alternating blocks (the order reversed every other block),
 so a slow moment slows all alike. Prints each variant's median step time and, per block, the
-first variant's step time over its own (above 1: faster than the first). Default variants: the
-defaults, XLA's own matmuls, oneDNN's (`perf.CPU_MATMUL_OPTIONS`). The README's `parallel.cpu_matmuls`
-figures come from this script.
+first variant's step time over its own (above 1: faster than the first). Default variants: XLA's
+own matmuls and oneDNN's (`perf.CPU_MATMUL_OPTIONS`), the comparison behind the README's
+`parallel.cpu_matmuls` figures.
 """
 import json
 import os
@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from gptlab import benchmark, perf, train  # noqa: E402
-from gptlab import parallel as parallel_lib  # noqa: E402
+from gptlab import benchmark, perf  # noqa: E402
 
 
 def main(shape="baby", blocks=6, per_block=3):
@@ -33,18 +32,9 @@ def main(shape="baby", blocks=6, per_block=3):
         config = pretrain.get_config(shape)
     variants = json.loads(os.environ.get("VARIANTS") or json.dumps(
         {"xla": perf.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
-    perf.start_cpu_devices(config)
+    par, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))
     import jax
 
-    jax.config.update("jax_enable_compilation_cache", False)
-    train.check_train_config(config)
-    perf.resolve_auto(config, lambda line: print(line, file=sys.stderr))
-    exp = train.pretrain_experiment(config, benchmark.SyntheticData(config, train.resolve_seq_len(config)),
-                                    lambda *a: None)
-    par = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps,
-                                lambda *a: None)
-    state, train_step, _ = train.init_and_compile(config, exp, par)
-    batches = train.prefetched(config, exp.batches, par)
     # The step's jitted function, compiled per variant: the same lowering, other compile options.
     with jax.set_mesh(par.mesh):
         lowered = train_step.jitted.lower(state, par.place_batch(next(batches)))
