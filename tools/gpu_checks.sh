@@ -21,7 +21,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$GPU_DIR/wheels" array_record==0.8.6 dm-tree==0.1.10
-  "$PY" -m pip wheel -q --no-deps -w "$GPU_DIR/wheels" ml_collections==1.1.0 tensorflow-datasets==4.9.10 \
+  # flax, optax and orbax at the versions the test suite runs (the image's own are of unknown versions).
+  "$PY" -m pip wheel -q --no-deps -w "$GPU_DIR/wheels" flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 ml_collections==1.1.0 tensorflow-datasets==4.9.10 \
     tensorboardX==2.6.5 importlib_resources==7.1.0 immutabledict==4.3.1 promise==2.3 simple_parsing==0.1.9 \
     docstring_parser==0.18.0 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 termcolor==3.3.0 \
     toml==0.10.2
