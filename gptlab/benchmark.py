@@ -387,6 +387,12 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         raise UserError(f"--compare={compare!r} is not one of {COMPARE[1:]} (or empty for none)")
     if blocks < 1:
         raise UserError(f"--blocks={blocks} must be positive")
+    if compare:
+        # The PyTorch peers train on the same GPU in processes of their own, alongside this one: JAX's
+        # default preallocation (75% of the GPU's memory) would leave them too little (seen on an H200).
+        # Set before anything starts JAX's backend; an explicit setting of the user's is kept.
+        if not ({"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(os.environ)):
+            os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.3"
     perf.start_cpu_devices(config)  # before anything starts JAX's backend, as training does
     train.check_train_config(config)
     auto = perf.resolve_auto(config, log)

@@ -10,6 +10,7 @@
 #     [SHAKESPEARE_DIR=DIR_OF_input.txt] bash tools/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/ (git-ignored)
 # Then on the GPU machine (the device tool's `run`, carry [".gpu"], timeout 600):
 #     bash tools/gpu_checks.sh                # prints a compact summary; logs and JSON in ${OUT:-/tmp}/gpu_checks
+#     bash tools/gpu_checks.sh benchmark      # only check 1 (or `shakespeare`: only check 2), for a rerun
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -48,11 +49,15 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt" || true
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
+ONLY=${1:-}
+if [[ "$ONLY" != "shakespeare" ]]; then
 echo "== 1. gpt2_124m train step vs PyTorch (torch.compile)"
 timeout 330 "$PY" -m experiments.benchmark --config=configs/pretrain.py:gpt2_124m --synthetic \
   --steps=20 --warmup=3 --blocks=2 --compare=torch --torch_compile > "$LOGS/gpt2_124m.json" 2> "$LOGS/gpt2_124m.log" \
   || echo "gpt2_124m benchmark failed or timed out (rc $?): see $LOGS/gpt2_124m.log"
+fi
 
+if [[ "$ONLY" != "benchmark" ]]; then
 echo "== 2. shakespeare_char: seconds to validation loss 1.4697"
 WORK=$(mktemp -d)/shakespeare
 START=$SECONDS
@@ -72,6 +77,7 @@ done
 kill $TRAIN_PID 2>/dev/null || true
 wait $TRAIN_PID 2>/dev/null || true
 cp "$WORK/metrics.jsonl" "$LOGS/shakespeare_metrics.jsonl" 2>/dev/null || true
+fi
 
 echo "== summary"
 "$PY" - "$LOGS" "${REACHED:-}" <<'PYEOF'
