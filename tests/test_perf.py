@@ -204,3 +204,20 @@ def test_profile_steps_write_a_trace(make_config, tmp_path):
 def test_bad_profile_steps_are_user_errors(make_config, tmp_path, steps):
     with pytest.raises(UserError, match="train.profile_steps"):
         train.train_and_evaluate(make_config(train__profile_steps=steps), str(tmp_path / "run"))
+
+
+def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, tmp_path):
+    # tools/step_kernels.py reads the kernels back from the trace without TensorBoard (a bare GPU
+    # machine has none): a line per kernel with its time a step, and the trace kept.
+    import glob
+    import re
+    import runpy
+
+    monkeypatch.setenv("TRACE_DIR", str(tmp_path))
+    tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "step_kernels.py"))
+    tool["main"]("tiny", 2, 5)
+    out = capsys.readouterr().out
+    assert re.search(r"^tiny: [\d.]+ ms a step", out, re.M)
+    kernels = re.findall(r"^\s+([\d.]+) ms\s+[\d.]+%  (.+)$", out, re.M)
+    assert 1 <= len(kernels) <= 5 and all(float(ms) >= 0 for ms, _ in kernels)
+    assert glob.glob(str(tmp_path / "**" / "*.xplane.pb"), recursive=True)

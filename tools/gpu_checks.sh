@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 16 in one go (about 8 minutes on one H100/H200), for a short GPU loan:
+# Every GPU check of issue 16 in one go (about 5 minutes on one H200), for a short GPU loan:
 #   1. gpt2_124m (bfloat16, cuDNN attention, synthetic tokens): gptlab's train step tokens/s and MFU,
 #      against both PyTorch peers under torch.compile, timed in alternating blocks (target: MFU >= 45%,
 #      >= 1.2x PyTorch);
 #   2. shakespeare_char (nanoGPT's baby GPT, bfloat16, the preset as it is): wall time from the
-#      command's start until the validation loss reaches nanoGPT's 1.4697 (target: < 90 s).
+#      command's start until the validation loss reaches nanoGPT's 1.4697 (target: < 90 s);
+#   3. where gpt2_124m's step time goes: its kernels by time (tools/step_kernels.py).
 #
 # Two steps. Here, on a machine with PyPI and ../shared/data (the GPU machine reaches neither):
 #     [SHAKESPEARE_DIR=DIR_OF_input.txt] bash tools/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/ (git-ignored)
 # Then on the GPU machine (the device tool's `run`, carry [".gpu"], timeout 600):
 #     bash tools/gpu_checks.sh                # prints a compact summary; logs and JSON in ${OUT:-/tmp}/gpu_checks
-#     bash tools/gpu_checks.sh benchmark      # only check 1 (or `shakespeare`: only check 2), for a rerun
+#     bash tools/gpu_checks.sh benchmark      # only check 1 (`shakespeare`: only 2; `kernels`: only 3), for a rerun
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -50,14 +51,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 ONLY=${1:-}
-if [[ "$ONLY" != "shakespeare" ]]; then
+if [[ -z "$ONLY" || "$ONLY" == "benchmark" ]]; then
 echo "== 1. gpt2_124m train step vs PyTorch (torch.compile)"
 timeout 330 "$PY" -m experiments.benchmark --config=configs/pretrain.py:gpt2_124m --synthetic \
   --steps=20 --warmup=3 --blocks=2 --compare=torch --torch_compile > "$LOGS/gpt2_124m.json" 2> "$LOGS/gpt2_124m.log" \
   || echo "gpt2_124m benchmark failed or timed out (rc $?): see $LOGS/gpt2_124m.log"
 fi
 
-if [[ "$ONLY" != "benchmark" ]]; then
+if [[ -z "$ONLY" || "$ONLY" == "shakespeare" ]]; then
 echo "== 2. shakespeare_char: seconds to validation loss 1.4697"
 WORK=$(mktemp -d)/shakespeare
 START=$SECONDS
@@ -79,27 +80,44 @@ wait $TRAIN_PID 2>/dev/null || true
 cp "$WORK/metrics.jsonl" "$LOGS/shakespeare_metrics.jsonl" 2>/dev/null || true
 fi
 
+if [[ -z "$ONLY" || "$ONLY" == "kernels" ]]; then
+echo "== 3. gpt2_124m: kernels by time"
+timeout 120 "$PY" tools/step_kernels.py gpt2_124m 4 30 > "$LOGS/kernels.txt" 2> "$LOGS/kernels.log" \
+  || echo "kernel summary failed or timed out: see $LOGS/kernels.log"
+head -n 20 "$LOGS/kernels.txt" || true
+fi
+
 echo "== summary"
-"$PY" - "$LOGS" "${REACHED:-}" <<'PYEOF'
+"$PY" - "$LOGS" "${REACHED:-}" "$ONLY" <<'PYEOF'
 import json, os, sys
-logs, reached = sys.argv[1], sys.argv[2]
-try:
-    r = json.loads(open(os.path.join(logs, "gpt2_124m.json")).read().strip().splitlines()[-1])
+logs, reached, only = sys.argv[1:4]
+def benchmark_summary():
+    try:
+        r = json.loads(open(os.path.join(logs, "gpt2_124m.json")).read().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError) as e:
+        return print(f"gpt2_124m: no result ({e!r}); see {logs}/gpt2_124m.log")
     print(f"gpt2_124m: {r['device']}, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.3f} of {r['peak_tflops']:.0f} "
           f"TFLOP/s ({r['peak_tflops_source']}); compile {r['compile_s']:.1f}s; peak GPU memory "
           f"{(r['peak_memory_bytes'] or 0) / 2**30:.1f} GiB")
     for peer in ("torch", "nanogpt"):
         if f"{peer}_tokens_per_s" in r:
             print(f"  vs {r[f'{peer}_peer']}: {r[f'{peer}_tokens_per_s']:,.0f} tokens/s -> ratio {r[f'ratio_vs_{peer}']:.2f}")
-except (OSError, ValueError, KeyError, IndexError) as e:
-    print(f"gpt2_124m: no result ({e!r}); see {logs}/gpt2_124m.log")
-records = []
-try:
-    records = [json.loads(l) for l in open(os.path.join(logs, "shakespeare_metrics.jsonl")) if l.strip()]
-except OSError:
-    pass
-evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-tok = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
-print(f"shakespeare_char: val loss 1.4697 {'reached after ' + reached + ' s (command start, compile included)' if reached else 'NOT reached within 200 s'}; "
-      f"evals (step, loss): {evals}; last tokens/s {tok[-1] if tok else float('nan'):,.0f}")
+
+
+def shakespeare_summary():
+    records = []
+    try:
+        records = [json.loads(l) for l in open(os.path.join(logs, "shakespeare_metrics.jsonl")) if l.strip()]
+    except OSError:
+        pass
+    evals = [(r["step"], round(r["eval_loss"], 4)) for r in records if "eval_loss" in r]
+    tok = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
+    print(f"shakespeare_char: val loss 1.4697 {'reached after ' + reached + ' s (command start, compile included)' if reached else 'NOT reached within 200 s'}; "
+          f"evals (step, loss): {evals}; last tokens/s {tok[-1] if tok else float('nan'):,.0f}")
+
+
+if only in ("", "benchmark"):
+    benchmark_summary()
+if only in ("", "shakespeare"):
+    shakespeare_summary()
 PYEOF
