@@ -86,3 +86,28 @@ def test_bad_arguments_are_user_errors(make_config, kwargs, message):
 def test_synthetic_char_tokenizer_needs_a_vocab_size(make_config):
     with pytest.raises(UserError, match="set --config.model.vocab_size"):
         benchmark.run(make_config(data__tokenizer="char"), steps=1, synthetic=True)
+
+
+def test_comparing_leaves_gpu_memory_for_the_peers_unless_the_user_chose(make_config, monkeypatch):
+    # The PyTorch peers share the GPU with the benchmark's own process: JAX's default preallocation
+    # (75%) left gpt2_124m's peer out of memory on an H200. An explicit setting is the user's.
+    class Started(Exception):
+        pass
+
+    def start(config):
+        raise Started  # stop where JAX's backend would start
+
+    monkeypatch.setattr(perf, "start_cpu_devices", start)
+    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.setenv(name, "x")  # recorded, so that the test's changes are undone
+        monkeypatch.delenv(name)
+    with pytest.raises(Started):
+        benchmark.run(make_config(), steps=1)
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ  # no peers: JAX's default
+    with pytest.raises(Started):
+        benchmark.run(make_config(), steps=1, compare="torch")
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.3"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+    with pytest.raises(Started):
+        benchmark.run(make_config(), steps=1, compare="torch")
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.6"

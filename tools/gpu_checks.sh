@@ -37,6 +37,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 PY=${PYTHON:-python3}
+ONLY=${1:-}
+if [[ ! "$ONLY" =~ ^(|benchmark|shakespeare|kernels)$ ]]; then
+  echo "unknown check '$ONLY': give none (all checks), benchmark, shakespeare or kernels (or --prepare)" >&2; exit 2
+fi
 LOGS=${OUT:-/tmp}/gpu_checks
 mkdir -p "$LOGS"
 if [[ -d "$GPU_DIR/wheels" ]]; then
@@ -50,7 +54,6 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt" || true
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
-ONLY=${1:-}
 if [[ -z "$ONLY" || "$ONLY" == "benchmark" ]]; then
 echo "== 1. gpt2_124m train step vs PyTorch (torch.compile)"
 timeout 330 "$PY" -m experiments.benchmark --config=configs/pretrain.py:gpt2_124m --synthetic \
@@ -94,7 +97,8 @@ logs, reached, only = sys.argv[1:4]
 def benchmark_summary():
     try:
         r = json.loads(open(os.path.join(logs, "gpt2_124m.json")).read().strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError) as e:
+        r["mfu"], r["peak_tflops"]
+    except (OSError, ValueError, IndexError, KeyError) as e:
         return print(f"gpt2_124m: no result ({e!r}); see {logs}/gpt2_124m.log")
     print(f"gpt2_124m: {r['device']}, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.3f} of {r['peak_tflops']:.0f} "
           f"TFLOP/s ({r['peak_tflops_source']}); compile {r['compile_s']:.1f}s; peak GPU memory "
