@@ -221,3 +221,43 @@ def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, t
     kernels = re.findall(r"^\s+([\d.]+) ms\s+[\d.]+%  (.+)$", out, re.M)
     assert 1 <= len(kernels) <= 5 and all(float(ms) >= 0 for ms, _ in kernels)
     assert glob.glob(str(tmp_path / "**" / "*.xplane.pb"), recursive=True)
+
+
+def _loss_ab_tool():
+    import runpy
+
+    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "loss_ab.py"))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_fused_cross_entropy_equals_optax_in_value_and_gradient(dtype, tolerance):
+    # tools/loss_ab.py's fused variant computes the logits' gradient in the forward pass; a GPU
+    # measurement of it means something only if it is the same loss with the same gradient.
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    fused = _loss_ab_tool()["fused_cross_entropy"]
+    logits = (3 * jax.random.normal(jax.random.key(0), (2, 5, 11))).astype(dtype)
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    weights = jax.random.uniform(jax.random.key(2), (2, 5))  # a non-uniform cotangent per token
+    reference = lambda z: jnp.sum(weights * optax.softmax_cross_entropy_with_integer_labels(
+        z.astype(jnp.float32), targets))
+    ours = lambda z: jnp.sum(weights * fused(z, targets))
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+    got, want = jax.grad(ours)(logits), jax.grad(reference)(logits)
+    assert got.dtype == logits.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)
+
+
+def test_loss_ab_tool_times_each_variant_after_checking_they_agree(capsys):
+    import re
+
+    _loss_ab_tool()["main"]("tiny", 2, 1)
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(\w+)\s+first loss ([\d.]+), gradient's largest difference from optax's ([\d.e+-]+); "
+                      r"median step [\d.]+ ms, [\d,]+ tokens/s, MFU [\d.]+; .* per block: \[(.*)\]$", out, re.M)
+    assert [name for name, *_ in rows] == ["optax", "f32_logits", "fused"]
+    assert len({loss for _, loss, _, _ in rows}) == 1  # float32 on the CPU: the same loss
+    assert all(float(difference) < 1e-5 for _, _, difference, _ in rows)
+    assert all(len(blocks.split(",")) == 2 for *_, blocks in rows)
