@@ -211,10 +211,9 @@ def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, t
     # machine has none): a line per kernel with its time a step, and the trace kept.
     import glob
     import re
-    import runpy
 
     monkeypatch.setenv("TRACE_DIR", str(tmp_path))
-    tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "step_kernels.py"))
+    tool = _tool("step_kernels.py")
     tool["main"]("tiny", 2, 5)
     out = capsys.readouterr().out
     assert re.search(r"^tiny: [\d.]+ ms a step", out, re.M)
@@ -223,10 +222,11 @@ def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, t
     assert glob.glob(str(tmp_path / "**" / "*.xplane.pb"), recursive=True)
 
 
-def _loss_ab_tool():
+def _tool(name):
+    """A script of tools/ as a dict of its globals (it is not a package)."""
     import runpy
 
-    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "loss_ab.py"))
+    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", name))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
@@ -237,7 +237,7 @@ def test_fused_cross_entropy_equals_optax_in_value_and_gradient(dtype, tolerance
     import numpy as np
     import optax
 
-    fused = _loss_ab_tool()["fused_cross_entropy"]
+    fused = _tool("loss_ab.py")["fused_cross_entropy"]
     logits = (3 * jax.random.normal(jax.random.key(0), (2, 5, 11))).astype(dtype)
     targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
     weights = jax.random.uniform(jax.random.key(2), (2, 5))  # a non-uniform cotangent per token
@@ -253,7 +253,7 @@ def test_fused_cross_entropy_equals_optax_in_value_and_gradient(dtype, tolerance
 def test_loss_ab_tool_times_each_variant_after_checking_they_agree(capsys):
     import re
 
-    _loss_ab_tool()["main"]("tiny", 2, 1)
+    _tool("loss_ab.py")["main"]("tiny", 2, 1)
     out = capsys.readouterr().out
     rows = re.findall(r"^(\w+)\s+first loss ([\d.]+), gradient's largest difference from optax's ([\d.e+-]+); "
                       r"median step [\d.]+ ms, [\d,]+ tokens/s, MFU [\d.]+; .* per block: \[(.*)\]$", out, re.M)
@@ -261,3 +261,38 @@ def test_loss_ab_tool_times_each_variant_after_checking_they_agree(capsys):
     assert len({loss for _, loss, _, _ in rows}) == 1  # float32 on the CPU: the same loss
     assert all(float(difference) < 1e-5 for _, _, difference, _ in rows)
     assert all(len(blocks.split(",")) == 2 for *_, blocks in rows)
+
+
+def test_step_breakdown_puts_each_xla_op_in_its_component():
+    # tools/step_breakdown.py compares gptlab's step with PyTorch's by component: an op filed under
+    # the wrong one would point the next speed work at the wrong place.
+    component = _tool("step_breakdown.py")["xla_component"]
+    cases = {
+        ("onednn_fusion.3", "jit(train_step)/jvp(GPT)/blocks_0/mlp/fc/dot_general"): "dense matmuls",
+        ("transpose_copy_fusion.2", "jit(train_step)/transpose(jvp(GPT))/blocks_5/attn/qkv/transpose"): "dense matmuls",
+        ("onednn_fusion.9", "jit(train_step)/jvp(GPT)/wte/dot_general"): "dense matmuls",
+        ("ynn_fusion.138", "jit(train_step)/jvp(GPT)/blocks_0/attn/reduce_max"): "attention",
+        ("onednn_fusion.7", "jit(train_step)/transpose(jvp(GPT))/blocks_1/attn/hbts,hbtd->hbsd/dot_general"): "attention",
+        ("multiply_tanh_fusion", "jit(train_step)/jvp(GPT)/blocks_3/mlp/tanh"): "GELU",
+        ("ynn_fusion.25", "jit(train_step)/transpose(jvp(GPT))/blocks_2/ln_2/reduce_sum"): "LayerNorm",
+        ("multiply_add_fusion.82", "jit(train_step)/add"): "optimizer",
+        ("subtract_exponential_fusion", "jit(train_step)/jvp()/exp"): "other ops",
+        ("all-reduce.41", ""): "waiting for devices",
+    }
+    assert {key: component(*key) for key in cases} == cases
+
+
+def test_step_breakdown_tool_prints_both_steps_by_component(capsys):
+    import re
+
+    from conftest import needs
+
+    needs("torch", "bench")
+    tool = _tool("step_breakdown.py")
+    tool["main"]("tiny", 1)
+    out = capsys.readouterr().out
+    rows = dict((name, (float(ours), float(peer))) for name, ours, peer in
+                re.findall(r"^\| \**([^|*]+?)\** \| \**(-?[\d.]+)\** \| \**(-?[\d.]+)\** \|$", out, re.M))
+    assert list(rows) == [*tool["COMPONENTS"], "wall time a step"]
+    assert rows["dense matmuls"][0] > 0 and rows["dense matmuls"][1] > 0
+    assert all(ours >= 0 and peer >= 0 for name, (ours, peer) in rows.items() if name != "rest of the wall time")
