@@ -15,17 +15,17 @@ nanoGPT's baby GPT as in the README's speed tables (synthetic tokens); a preset 
 preset as it is. For a GPU's kernels, `tools/step_kernels.py`.
 """
 import collections
-import glob
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import step_kernels  # noqa: E402
 from configs import pretrain  # noqa: E402
 
 COMPONENTS = ("dense matmuls", "attention", "GELU", "LayerNorm", "optimizer", "other ops", "waiting for devices",
@@ -75,25 +75,14 @@ def gptlab_breakdown(shapes: str, steps: int) -> tuple:
 
     config = get_config(shapes)
     par, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: None)
-    for _ in range(3):  # the first compiles
-        state, metrics = train_step(state, next(batches))
-    jax.block_until_ready((state, metrics))
     # The op names of the program that runs: the same lowering and compile options as the step's.
     with jax.set_mesh(par.mesh):
         hlo = train_step.jitted.lower(state, par.place_batch(next(batches))).compile().as_text()
     op_names = dict(re.findall(r'^\s+%(\S+) = .*?op_name="([^"]*)"', hlo, re.M))
-    trace_dir = tempfile.mkdtemp(prefix="step_breakdown_")
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
-    with jax.profiler.trace(trace_dir, profiler_options=options):
-        begin = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = train_step(state, next(batches))
-        jax.block_until_ready((state, metrics))
-        wall = (time.perf_counter() - begin) / steps
-    xspace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    _, wall, planes = step_kernels.profiled_steps(state, train_step, batches, steps,
+                                                  tempfile.mkdtemp(prefix="step_breakdown_"), python_tracer=False)
     per_thread = []
-    for plane in jax.profiler.ProfileData.from_file(xspace).planes:
+    for plane in planes:
         if not plane.name.startswith("/host:CPU"):
             continue
         for line in plane.lines:
@@ -111,7 +100,6 @@ def gptlab_breakdown(shapes: str, steps: int) -> tuple:
 
 def torch_breakdown(shapes: str, steps: int) -> tuple:
     """(wall seconds a step, {component: seconds a step}) of the nanoGPT-style peer, in this process."""
-    import jax
     import numpy as np
 
     from gptlab import benchmark, perf, train
@@ -121,8 +109,7 @@ def torch_breakdown(shapes: str, steps: int) -> tuple:
     data = benchmark.SyntheticData(config, train.resolve_seq_len(config))
     model_cfg = train.resolve_model_config(config, data.tokenizer)
     batches = [next(data.train) for _ in range(4)]
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    peer = benchmark.TorchSteps("nanogpt", config, model_cfg, batches, threads)
+    peer = benchmark.TorchSteps("nanogpt", config, model_cfg, batches, benchmark.num_threads())
     torch = peer.torch
     optimizer_step = peer.optimizer.step
     peer.optimizer.step = lambda: _scoped(torch, optimizer_step)
@@ -139,7 +126,6 @@ def torch_breakdown(shapes: str, steps: int) -> tuple:
         while parent is not None and not in_optimizer:
             in_optimizer, parent = parent.name == "optimizer", parent.cpu_parent
         times[torch_component(event.name, in_optimizer)] += event.self_cpu_time_total / 1e6 / steps
-    del jax
     result = {c: times[c] for c in COMPONENTS[:-2]}
     result["waiting for devices"] = 0.0
     result["rest of the wall time"] = wall - sum(result.values())
@@ -159,7 +145,7 @@ def main(shapes="baby", steps=4):
     torch_wall, torch_times = json.loads(child.stdout.strip().splitlines()[-1])
     wall, times = gptlab_breakdown(shapes, steps)
     print(f"{shapes}: a step's time by component, ms ({steps} steps under each profiler; gptlab per device thread)")
-    print(f"| component | gptlab | nanoGPT-style peer |\n| --- | --- | --- |")
+    print("| component | gptlab | nanoGPT-style peer |\n| --- | --- | --- |")
     for component in COMPONENTS:
         print(f"| {component} | {times[component] * 1e3:.0f} | {torch_times[component] * 1e3:.0f} |")
     print(f"| **wall time a step** | **{wall * 1e3:.0f}** | **{torch_wall * 1e3:.0f}** |")

@@ -22,25 +22,37 @@ from configs import pretrain  # noqa: E402
 from gptlab import benchmark  # noqa: E402
 
 
-def main(preset="gpt2_124m", steps=4, top=40):
+def profiled_steps(state, train_step, batches, steps: int, trace_dir: str, python_tracer: bool = True) -> tuple:
+    """(state, wall seconds a step, the trace's planes): 3 untimed steps (the first compiles), then `steps`
+    under `jax.profiler`, read back from the XSpace in `trace_dir` (`tools/step_breakdown.py` uses it too)."""
     import jax
 
-    config = pretrain.get_config(preset)
-    _, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))
-    for _ in range(3):  # the first compiles
+    for _ in range(3):
         state, metrics = train_step(state, next(batches))
     jax.block_until_ready((state, metrics))
-    trace_dir = os.environ.get("TRACE_DIR") or tempfile.mkdtemp(prefix="step_kernels_")
-    with jax.profiler.trace(trace_dir):
+    options = jax.profiler.ProfileOptions()
+    if not python_tracer:
+        options.python_tracer_level = 0
+    with jax.profiler.trace(trace_dir, profiler_options=options):
         begin = time.perf_counter()
         for _ in range(steps):
             state, metrics = train_step(state, next(batches))
         jax.block_until_ready((state, metrics))
         wall = (time.perf_counter() - begin) / steps
     xspace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    return state, wall, jax.profiler.ProfileData.from_file(xspace).planes
+
+
+def main(preset="gpt2_124m", steps=4, top=40):
+    import jax
+
+    config = pretrain.get_config(preset)
+    _, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))
+    trace_dir = os.environ.get("TRACE_DIR") or tempfile.mkdtemp(prefix="step_kernels_")
+    _, wall, planes = profiled_steps(state, train_step, batches, steps, trace_dir)
     on_gpu = jax.default_backend() == "gpu"
     print(f"{preset}: {wall * 1e3:.1f} ms a step (wall, {steps} steps under the profiler); trace in {trace_dir}")
-    for plane in jax.profiler.ProfileData.from_file(xspace).planes:
+    for plane in planes:
         if not plane.name.startswith("/device:GPU" if on_gpu else "/host:CPU"):
             continue
         per_kernel = collections.Counter()
