@@ -12,7 +12,7 @@ from gptlab import benchmark, perf
 from gptlab.errors import UserError
 
 # Fields every run reports as positive, finite numbers.
-POSITIVE = ("compile_s", "first_step_s", "step_time_median_s", "tokens_per_s", "model_tflops_per_s", "mfu",
+POSITIVE = ("compile_s", "first_step_s", "step_time_median_s", "step_time_mean_s", "tokens_per_s", "model_tflops_per_s", "mfu",
             "peak_tflops", "pipeline_tokens_per_s", "pipeline_over_training", "flops_per_token")
 
 
@@ -44,7 +44,8 @@ def test_command_with_synthetic_data_torch_peers_and_sampling_prints_one_json_li
     result = json.loads(lines[0])
     check_positive(result, POSITIVE)
     for peer in ("torch", "nanogpt"):
-        check_positive(result, (f"{peer}_step_time_median_s", f"{peer}_tokens_per_s", f"ratio_vs_{peer}"))
+        check_positive(result, (f"{peer}_step_time_median_s", f"{peer}_step_time_mean_s", f"{peer}_tokens_per_s",
+                                f"ratio_vs_{peer}", f"ratio_vs_{peer}_by_mean"))
         check_spread(result[f"{peer}_step_time_spread"])
         assert result[f"{peer}_peak_rss_increase_bytes"] is None or result[f"{peer}_peak_rss_increase_bytes"] >= 0
     assert "nanoGPT" in result["nanogpt_peer"] and "GPT2LMHeadModel" in result["torch_peer"]
@@ -111,3 +112,11 @@ def test_comparing_leaves_gpu_memory_for_the_peers_unless_the_user_chose(make_co
     with pytest.raises(Started):
         benchmark.run(make_config(), steps=1, compare="torch")
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.6"
+
+
+def test_summary_reports_the_mean_that_counts_an_occasional_slow_step():
+    # The median hides a step that stalls now and then (a heap grown by a whole temporary buffer,
+    # measured at the baby GPT's shapes); the mean, what a long run costs, does not.
+    result = benchmark.summary([1.0, 1.0, 1.0, 5.0], tokens_per_step=10)
+    assert result["step_time_median_s"] == 1.0 and result["step_time_mean_s"] == 2.0
+    assert result["tokens_per_s"] == 10.0
