@@ -212,17 +212,26 @@ class TimedSteps:
                 self.times.append(elapsed)
 
 
-def synthetic_train_step(config, log=print) -> tuple:
-    """(parallel, state, train_step, batches): the config's compiled train step on synthetic tokens.
+def synthetic_experiment(config, log=print) -> tuple:
+    """(experiment, parallel): the config resolved and assembled as training does it, on synthetic tokens.
 
-    Resolved and compiled as training does it, for tools and tests that time or compare the step
-    itself (`tools/compile_options_ab.py`); `run` builds the same around its memory measurement.
+    For tools that swap a piece of the experiment before compiling (`tools/loss_ab.py`).
     """
     perf.start_cpu_devices(config)
     train.check_train_config(config)
     perf.resolve_auto(config, log)
     exp = train.pretrain_experiment(config, SyntheticData(config, train.resolve_seq_len(config)), log)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
+    return exp, parallel
+
+
+def synthetic_train_step(config, log=print) -> tuple:
+    """(parallel, state, train_step, batches): the config's compiled train step on synthetic tokens.
+
+    Resolved and compiled as training does it, for tools and tests that time or compare the step
+    itself (`tools/compile_options_ab.py`); `run` builds the same around its memory measurement.
+    """
+    exp, parallel = synthetic_experiment(config, log)
     state, train_step, _ = train.init_and_compile(config, exp, parallel)
     return parallel, state, train_step, train.prefetched(config, exp.batches, parallel)
 

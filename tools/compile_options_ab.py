@@ -16,20 +16,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from configs import pretrain  # noqa: E402
+import step_breakdown  # noqa: E402
 from gptlab import benchmark, perf  # noqa: E402
 
 
 def main(shape="baby", blocks=6, per_block=3):
-    if shape == "baby":  # nanoGPT's baby GPT, as the README's speed tables
-        config = pretrain.get_config("shakespeare_char")
-        config.model.dtype, config.model.dropout = os.environ.get("DTYPE", "float32"), 0.0
-        config.data.batch_size, config.model.vocab_size = 16, 65
-    else:
-        config = pretrain.get_config(shape)
+    config = step_breakdown.get_config(shape)  # baby: nanoGPT's baby GPT, as the README's speed tables
+    if shape == "baby":
+        config.model.dtype = os.environ.get("DTYPE", "float32")
     variants = json.loads(os.environ.get("VARIANTS") or json.dumps(
         {"xla": perf.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
     par, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))

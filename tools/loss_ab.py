@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from gptlab import benchmark, parallel as parallel_lib, perf, train  # noqa: E402
+from gptlab import benchmark, perf, train  # noqa: E402
 
 
 @jax.custom_vjp
@@ -88,14 +88,8 @@ VARIANTS = ("optax", "f32_logits", "fused")
 
 def main(preset="gpt2_124m", blocks=4, per_block=5):
     config = pretrain.get_config(preset)
-    log = lambda line: print(line, file=sys.stderr)
-    perf.start_cpu_devices(config)
-    train.check_train_config(config)
-    perf.resolve_auto(config, log)
-    data = benchmark.SyntheticData(config, train.resolve_seq_len(config))
-    exp = train.pretrain_experiment(config, data, log)
-    model = train.training_model(config, train.resolve_model_config(config, data.tokenizer))
-    parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
+    exp, parallel = benchmark.synthetic_experiment(config, lambda line: print(line, file=sys.stderr))
+    model = train.training_model(config, train.resolve_model_config(config, exp.tokenizer))
     batches = train.prefetched(config, exp.batches, parallel)
     steps, states, losses = {}, {}, {}
     for name in VARIANTS:

@@ -34,6 +34,7 @@ DENSE_LAYERS = re.compile(r"/(attn/qkv|attn/proj|mlp/fc|mlp/proj|mlp/gate|lm_hea
 
 
 def get_config(shapes: str):
+    """A preset's config, or with `baby` nanoGPT's baby GPT as the README's speed tables run it."""
     if shapes != "baby":
         return pretrain.get_config(shapes)
     config = pretrain.get_config("shakespeare_char")  # nanoGPT's baby GPT, as tools/speed_table.sh runs it
