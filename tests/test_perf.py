@@ -296,3 +296,15 @@ def test_step_breakdown_tool_prints_both_steps_by_component(capsys):
     assert list(rows) == [*tool["COMPONENTS"], "wall time a step"]
     assert rows["dense matmuls"][0] > 0 and rows["dense matmuls"][1] > 0
     assert all(ours >= 0 and peer >= 0 for name, (ours, peer) in rows.items() if name != "rest of the wall time")
+
+
+def test_step_memory_tool_prints_each_steps_faults_and_resident_memory(capsys):
+    # tools/step_memory.py is how the README's cpu_reuse_memory figures were measured.
+    import re
+
+    _tool("step_memory.py")["main"]("tiny", 3, "off")
+    out = capsys.readouterr().out
+    steps = re.findall(r"^step +(\d+) +[\d.]+ s  page faults +(\d+)  resident (\d+) MB$", out, re.M)
+    assert [int(step) for step, _, _ in steps] == [0, 1, 2] and all(int(mb) > 0 for *_, mb in steps)
+    assert re.search(r"^tiny, cpu_reuse_memory off: steps 1-2: mean [\d.]+ s, median [\d.]+ s; \d of 2 faulted$",
+                     out, re.M)

@@ -36,7 +36,10 @@ DENSE_LAYERS = re.compile(r"/(attn/qkv|attn/proj|mlp/fc|mlp/proj|mlp/gate|lm_hea
 def get_config(shapes: str):
     """A preset's config, or with `baby` nanoGPT's baby GPT as the README's speed tables run it."""
     if shapes != "baby":
-        return pretrain.get_config(shapes)
+        config = pretrain.get_config(shapes)
+        if config.data.tokenizer == "char" and not config.model.vocab_size:
+            config.model.vocab_size = 65  # synthetic tokens: the vocabulary of nanoGPT's Shakespeare characters
+        return config
     config = pretrain.get_config("shakespeare_char")  # nanoGPT's baby GPT, as tools/speed_table.sh runs it
     config.model.dtype, config.model.dropout = "float32", 0.0
     config.data.batch_size, config.model.vocab_size = 16, 65
