@@ -1,7 +1,8 @@
 """One writer per directory: an exclusive lock file that names its holder (host, pid).
 
-Used for a training workdir (WORKDIR/.writer.lock, taken by `train.run_experiment`)
-and by sweeps (their workdir and each running cell).
+Used for a training workdir (WORKDIR/.writer.lock, taken by `train.run_experiment`),
+by sweeps (their workdir and each running cell), and, waited on, around preparing a
+dataset (parallel sweep cells share one data dir).
 
 How it works, and why it also holds on shared filesystems:
 - The lock is `flock(LOCK_EX | LOCK_NB)` on the file. The kernel drops it when the
@@ -30,6 +31,7 @@ import os
 import pathlib
 import socket
 import sys
+import time
 
 _FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
@@ -188,3 +190,20 @@ def is_locked(path) -> bool:
         return False
     except LockHeld:
         return True
+
+
+def wait_for(path, on_wait=None, poll_s: float = 0.5) -> FileLock:
+    """Takes the lock on `path`, waiting as long as a live process holds it.
+
+    `on_wait(holder_description)` is called once, when the first attempt finds it held. A
+    holder that dies releases the lock (flock), so the wait ends without anyone judging it.
+    """
+    told = False
+    while True:
+        try:
+            return FileLock(path)
+        except LockHeld as held:
+            if not told and on_wait is not None:
+                on_wait(describe(held.holder))
+            told = True
+        time.sleep(poll_s)

@@ -344,6 +344,42 @@ def test_rerunning_a_finished_command_changes_nothing(make_config, tmp_path):
     assert longer["step"] == 4  # a different command (more steps) still resumes and trains on
 
 
+PREPARE_AT_ONCE = """
+import pathlib, sys, time
+from configs import pretrain
+from gptlab.data import pipeline
+data = pretrain.get_config("tiny").data
+data.dataset, data.text_dir, data.data_dir, data.include, data.exclude = "text_folder", sys.argv[1], sys.argv[2], (), ()
+pipeline.make_builder(data)  # everything imported and the config read: what is left is preparing
+pathlib.Path(sys.argv[3]).touch()
+while not pathlib.Path(sys.argv[4]).exists():
+    time.sleep(0.01)
+builder = pipeline.prepare(data)
+print(sum(len(list(pipeline.read_texts(builder, split, "text"))) for split in builder.info.splits))
+"""
+
+
+def test_runs_that_prepare_one_dataset_at_the_same_moment_all_succeed(tmp_path):
+    """Parallel sweep cells share a data dir: the first prepares the dataset, the others wait and read it."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"doc_{i}.txt").write_text(f"document {i}\n" * 200)
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE_AT_ONCE, str(folder), str(tmp_path / "tfds"),
+                               str(tmp_path / f"ready{k}"), str(tmp_path / "go")], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{k}").exists() for k in range(3)):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, procs[0].communicate()[1][-2000:]
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.split()[-1] == "300"  # every document, read from the one prepared copy
+    assert len([p for p in (tmp_path / "tfds").rglob("*") if p.is_dir() and "incomplete" in p.name]) == 0
+
+
 def test_a_damaged_prepared_file_is_refused_in_one_line_naming_the_folder(make_config, tmp_path, latin1_folder):
     from gptlab.data import pipeline
 

@@ -15,7 +15,9 @@ so worker processes would add start-up cost and nothing else; the sampler
 below is the same idea as Grain's index sampler, with its state made explicit.
 """
 import math
+import pathlib
 import queue
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -23,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gptlab import lock as lock_lib
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import catalog, corpora, task_corpora, token_cache
 from gptlab.errors import UserError
@@ -70,11 +73,50 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
 
 
 def prepare(data_cfg) -> tfds.core.DatasetBuilder:
-    """Prepares the dataset once (a no-op when already prepared) and returns its builder."""
+    """Prepares the dataset once (a no-op when already prepared) and returns its builder.
+
+    Processes that share a data dir (parallel sweep cells, several runs started at once)
+    prepare each dataset one at a time: the first writes it under a lock, the others wait
+    and then read what it wrote (TFDS alone would let each write a copy and fail all but
+    the first at the final rename).
+    """
     builder = make_builder(data_cfg)
+    if builder.is_prepared():
+        return builder
+    lock_path = _prepare_lock_path(builder)
+    if lock_path is None:  # a remote data dir (gs://...): no local lock to take
+        _prepare(builder, data_cfg)
+        return builder
+    held = lock_lib.wait_for(lock_path, on_wait=lambda holder: print(
+        f"waiting for {holder}, which is preparing {builder.info.full_name} in {builder.data_dir_root}",
+        file=sys.stderr, flush=True))
+    try:
+        builder = make_builder(data_cfg)  # reads what another process prepared while this one waited
+        if not builder.is_prepared():
+            _prepare(builder, data_cfg)
+    finally:
+        held.release()
+    return builder
+
+
+def _prepare_lock_path(builder):
+    """The file that serialises preparing this dataset version, beside it in the data dir (None if remote)."""
+    root = str(builder.data_dir_root)
+    if "://" in root:
+        return None
+    root = pathlib.Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the data dir {root}: {e.strerror}; set data.data_dir to a writable "
+                        "directory") from None
+    return root / f".{builder.info.full_name.replace('/', '-')}.prepare.lock"
+
+
+def _prepare(builder, data_cfg) -> None:
     if data_cfg.dataset not in OWN_DATASETS:
         catalog.prepare(builder, data_cfg.manual_dir)
-        return builder
+        return
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except UserError:  # e.g. a file that does not decode: the message names it and the fix
@@ -82,7 +124,6 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
     except Exception as e:  # pylint: disable=broad-except
         raise UserError(f"cannot prepare dataset {data_cfg.dataset!r} in {builder.data_dir}: {catalog.first_line(e)}; "
                         "check data.include/data.exclude and that data.data_dir is writable") from None
-    return builder
 
 
 def read_texts(builder, split: str, text_key: str) -> Iterator[str]:
