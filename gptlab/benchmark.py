@@ -232,7 +232,7 @@ def synthetic_train_step(config, log=print) -> tuple:
     itself (`tools/compile_options_ab.py`); `run` builds the same around its memory measurement.
     """
     exp, parallel = synthetic_experiment(config, log)
-    state, train_step, _ = train.init_and_compile(config, exp, parallel)
+    state, train_step, _ = train.init_and_compile(config, exp, parallel, log)
     return parallel, state, train_step, train.prefetched(config, exp.batches, parallel)
 
 
@@ -419,7 +419,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
 
     memory = PeakRSS()
     memory.start()
-    state, train_step, _ = train.init_and_compile(config, exp, parallel)
+    state, train_step, _ = train.init_and_compile(config, exp, parallel, log)
     batches = train.prefetched(config, exp.batches, parallel)
     peers = {"torch": ("transformers", "nanogpt"), "": ()}.get(compare, (compare,))
     peer_steps, peer_memory = {}, {}
@@ -445,6 +445,8 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         if batches is not exp.batches:
             batches.close()
 
+    if "parallel.cpu_reuse_memory" in auto:  # as the first step settled it (perf.limit_reuse_memory)
+        auto["parallel.cpu_reuse_memory"] = perf.reuse_memory_choice()
     tokens_per_step = config.data.batch_size * seq_len
     result = summary(jax_steps.times, tokens_per_step)
     peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
@@ -457,7 +459,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         "num_devices": jax.device_count(),
         "threads": num_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "auto": {field: value for field, (value, _) in auto.items()},  # what perf.resolve_auto chose
+        "auto": {field: value for field, (value, _) in auto.items()},  # what perf.resolve_auto chose, as it ran
         "data": "synthetic" if synthetic else config.data.dataset,
         "model": {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd,
                   "block_size": model_cfg.block_size, "vocab_size": model_cfg.vocab_size, "dtype": model_cfg.dtype,

@@ -217,7 +217,8 @@ class Parallel:
         Call after `init_state`, whose shardings the compiled steps keep.
 
         Returns functions that take host batches (this process's rows) and
-        return metrics that `fetch` brings to the host.
+        return metrics that `fetch` brings to the host. The train step's `compiled(state, batch)`
+        is the XLA executable its calls run (e.g. for its `memory_analysis()`).
         """
         if self.mode == "jit":
             # Fixed in/out shardings: the state keeps its layout from step to step (no recompiles).
@@ -236,7 +237,12 @@ class Parallel:
                 with jax.set_mesh(self.mesh):
                     return eval_step(params, self.place_batch(batch))
 
+            def compile_train(state, batch):
+                with jax.set_mesh(self.mesh):
+                    return train_step.lower(state, self.place_batch(batch)).compile()
+
             run_train.jitted = train_step  # for tools that compile it with other options (tools/compile_options_ab.py)
+            run_train.compiled = compile_train  # the executable a call runs (compiled once: jit's cache is shared)
             return run_train, run_eval
         train_step = jax.pmap(make_train_step(PMAP_AXIS), axis_name=PMAP_AXIS, donate_argnums=0)
         eval_step = jax.pmap(make_eval_step(PMAP_AXIS), axis_name=PMAP_AXIS)
@@ -246,6 +252,7 @@ class Parallel:
             state, metrics = train_step(state, self.place_batch(batch))
             return state, first(metrics)  # psum made every replica's metrics equal
 
+        run_train.compiled = lambda state, batch: train_step.lower(state, self.place_batch(batch)).compile()
         return run_train, lambda params, batch: first(eval_step(params, self.place_batch(batch)))
 
 

@@ -141,7 +141,7 @@ def choose_prefetch(platform_name: str) -> tuple:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 
 
 def _may_run_on_an_accelerator() -> bool:
@@ -156,13 +156,32 @@ def _may_run_on_an_accelerator() -> bool:
         importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
 
 
+# The automatic `parallel.cpu_reuse_memory` keeps freed memory only for a train step whose
+# temporaries (its compiled `memory_analysis().temp_size_in_bytes`, per device) are at most this.
+# Measured on a 2-core Intel Xeon with tools/step_memory.py (README "Speed"): at 69 MB (the `small`
+# preset) the heap settled within 21 steps; at 615 MB (the baby GPT) small allocations kept splitting
+# the freed block, so the heap grew by a whole block every few steps; at 3.5 GB (`shakespeare_char`)
+# by 7 GB a step until the process was killed.
+REUSE_MEMORY_MAX_TEMP_MB = 256
+
+
 def choose_reuse_memory() -> tuple:
     """(parallel.cpu_reuse_memory, why): keep the C allocator's freed memory for the next step."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False, "not Linux with glibc"
     if _may_run_on_an_accelerator():
         return False, "an accelerator plugin is installed: the step's buffers are on the device"
-    return True, "CPU: the step's buffers stay mapped (no munmap and page faults each step)"
+    return True, (f"CPU: the step's buffers stay mapped (no munmap and page faults each step); "
+                  f"off again if its temporaries exceed {REUSE_MEMORY_MAX_TEMP_MB} MB a device")
+
+
+def _mallopt():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
 
 
 def reuse_freed_memory() -> bool:
@@ -175,14 +194,72 @@ def reuse_freed_memory() -> bool:
     no trimming make the freed block reusable by the next step. Only for allocations made
     afterwards: call it before JAX's backend starts its threads.
     """
+    mallopt = _mallopt()
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return mallopt is not None and all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def unmap_freed_memory() -> bool:
+    """Undoes `reuse_freed_memory` for later allocations (any time) and returns the kept memory.
+
+    Blocks above glibc's largest dynamic mmap threshold (32 MB) are mapped and unmapped again,
+    and up to twice that stays untrimmed: where glibc's own adjustment settles. `malloc_trim`
+    gives the kernel back every free page the heap kept meanwhile.
+    """
     import ctypes
 
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    settings = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
+    if mallopt is None or not all(mallopt(param, value) == 1 for param, value in settings):
         return False
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return True
+
+
+def reuse_memory_choice() -> tuple:
+    """(whether freed memory is kept for the next step, why), as it stands now in this process."""
+    return _reuse_memory_choice
+
+
+def limit_reuse_memory(train_step, log=print):
+    """`train_step`, which at its first call keeps an automatic `parallel.cpu_reuse_memory` only
+    while the compiled step's temporaries are at most REUSE_MEMORY_MAX_TEMP_MB a device.
+
+    Larger blocks fragment the kept heap (small allocations split a freed block, so the next
+    step's block no longer fits and the heap grows by a whole block): memory grows without bound.
+    Checked before the first step runs (the compiled executable is jit's own, compiled once), so
+    the heap has not grown yet. An explicit `parallel.cpu_reuse_memory=True` is left as it is.
+    """
+    if not _reuse_memory_choice[0] or _reuse_memory_choice[1] == EXPLICIT_REUSE:
+        return train_step
+    checked = False
+
+    @functools.wraps(train_step)
+    def step(*args):
+        nonlocal checked
+        if not checked:
+            checked = True
+            _check_reuse_memory(train_step.compiled(*args), log)
+        return train_step(*args)
+
+    return step
+
+
+def _check_reuse_memory(compiled, log) -> None:
+    global _reuse_memory_choice
+    analysis = compiled.memory_analysis()
+    temp_mb = getattr(analysis, "temp_size_in_bytes", 0) / 2**20
+    if temp_mb <= REUSE_MEMORY_MAX_TEMP_MB or not _reuse_memory_choice[0]:
+        return
+    why = (f"the compiled train step's temporaries are {temp_mb:,.0f} MB a device, above the "
+           f"{REUSE_MEMORY_MAX_TEMP_MB} MB for which a kept heap stays bounded")
+    if not unmap_freed_memory():
+        log(f"warning: {why}, but glibc's mallopt refused to undo parallel.cpu_reuse_memory: "
+            "rerun with --config.parallel.cpu_reuse_memory=False")
+        return
+    _reuse_memory_choice = (False, why)
+    log(f"auto: parallel.cpu_reuse_memory=False from the first step ({why}; "
+        "--config.parallel.cpu_reuse_memory=True keeps it)")
 
 
 # Which library runs the CPU train step's matmuls (`parallel.cpu_matmuls`), as XLA compile options
@@ -227,8 +304,9 @@ def matmul_compile_options(cpu_matmuls) -> "dict | None":
 
 # The device count start_cpu_devices chose, and why; resolve_auto logs it.
 _cpu_devices_choice = (None, "")
-# Whether start_cpu_devices made the allocator reuse freed memory, and why.
+# Whether start_cpu_devices made the allocator reuse freed memory, and why (limit_reuse_memory may undo it).
 _reuse_memory_choice = (None, "")
+EXPLICIT_REUSE = "parallel.cpu_reuse_memory"  # the why of a choice the config made
 
 
 def start_cpu_devices(config) -> tuple:
@@ -271,7 +349,7 @@ def start_cpu_devices(config) -> tuple:
     _cpu_devices_choice = (count, why)
     if not _backend_started():
         reuse = par.get("cpu_reuse_memory")
-        reuse, reuse_why = (reuse, "parallel.cpu_reuse_memory") if reuse is not None else choose_reuse_memory()
+        reuse, reuse_why = (reuse, EXPLICIT_REUSE) if reuse is not None else choose_reuse_memory()
         if reuse and not reuse_freed_memory():
             reuse, reuse_why = False, "glibc's mallopt refused the settings"
         _reuse_memory_choice = (reuse, reuse_why)

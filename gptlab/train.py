@@ -478,7 +478,7 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     if is_main:
         (workdir / "config.json").write_text(json.dumps(exp.config_json, indent=2) + "\n")
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
-    state, train_step, eval_step = init_and_compile(config, exp, parallel)
+    state, train_step, eval_step = init_and_compile(config, exp, parallel, log)
     latest = checkpoints.latest_step()
     train_cfg = config.train
     stopping = selection_lib.EarlyStopping(train_cfg.get("selection_metric", "eval_loss"),
@@ -550,10 +550,11 @@ def selection_record(config, checkpoints, stopping, final: dict, log, test_of_st
     return record
 
 
-def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel) -> tuple:
+def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel, log=print) -> tuple:
     """(fresh train state in its placement, train_step, eval_step): what the loop and the benchmark run.
 
-    The steps are compiled (lazily, at their first call) by `parallel.compile`.
+    The steps are compiled (lazily, at their first call) by `parallel.compile`; at its first call the
+    train step also settles an automatic `parallel.cpu_reuse_memory` (`perf.limit_reuse_memory`).
     """
     tx = exp.tx
     if config.train.skip_nonfinite_steps:  # the loop counts skipped steps and gives up after a limit
@@ -568,7 +569,7 @@ def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel) -
         lambda axis: make_train_step(exp.loss_fn, tx, exp.schedule, config.train.grad_accum_steps, axis_name=axis,
                                      trainable=exp.trainable),
         lambda axis: make_eval_step(exp.loss_fn, axis_name=axis))
-    return state, train_step, eval_step
+    return state, perf.limit_reuse_memory(train_step, log), eval_step
 
 
 def prefetched(config, batches, parallel: parallel_lib.Parallel):

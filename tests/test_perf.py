@@ -164,6 +164,45 @@ def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
         assert faults > 20_000
 
 
+_LIMITED_REUSE = """
+import resource, sys
+from gptlab import perf
+perf.REUSE_MEMORY_MAX_TEMP_MB = int(sys.argv[1])
+explicit = sys.argv[2] == "explicit"
+perf._reuse_memory_choice = (perf.reuse_freed_memory(), perf.EXPLICIT_REUSE if explicit else "automatic")
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)  # 160 MB of temporaries, as in the test above
+step = lambda *args: f(*args)
+step.compiled = lambda *args: f.lower(*args).compile()
+step = perf.limit_reuse_memory(step, log=lambda line: print(line, file=sys.stderr))
+x, w, v = jnp.ones((20000, 64)), jnp.ones((64, 2000)), jnp.ones((2000, 8))
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(x, w, v).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(perf.reuse_memory_choice()[0], sorted(faults[10:])[5])
+"""
+
+
+@pytest.mark.parametrize("limit_mb, choice, kept", [(256, "automatic", True), (100, "automatic", False),
+                                                    (100, "explicit", True)])
+def test_automatic_reuse_is_undone_for_a_step_whose_temporaries_would_fragment_the_heap(limit_mb, choice, kept):
+    # Above the limit a kept heap grew by a whole block every few steps (README): the automatic choice
+    # is undone before the first step runs, so every call maps its block afresh; an explicit True stays.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LIMITED_REUSE, str(limit_mb), choice], capture_output=True,
+                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    still_on, faults = out.stdout.split()[-2:]
+    assert still_on == str(kept)
+    assert (int(faults) < 2_000) if kept else (int(faults) > 20_000)
+    undone = "parallel.cpu_reuse_memory=False from the first step (the compiled train step's temporaries are 153 MB a device, above the 100 MB"
+    assert (undone in out.stderr) != kept
+
+
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     measured = iter([0.123, 0.456])

@@ -1,9 +1,10 @@
 """Each train step's time, page faults and resident memory, to see how the C heap behaves on a CPU.
 
-    python tools/step_memory.py [baby|PRESET] [STEPS] [on|off]      # default: baby, 40 steps, on
+    python tools/step_memory.py [baby|PRESET] [STEPS] [auto|on|off]      # default: baby, 40 steps, auto
 
 Runs the config's real train step on synthetic tokens (`benchmark.synthetic_train_step`) STEPS
-times with `parallel.cpu_reuse_memory` on (the automatic choice on Linux with glibc) or off,
+times with `parallel.cpu_reuse_memory` automatic (on for a step with small temporaries, see
+`perf.limit_reuse_memory`), on or off,
 and prints one line a step: seconds, minor page faults during it, and the process's VmRSS after
 it; then the mean and median of steps 1.. (step 0 compiles) and how many of them faulted.
 A step that faults while the setting is on is one whose temporaries did not fit a freed block,
@@ -27,13 +28,15 @@ def resident_mb() -> int:
         return int(status.read().split("VmRSS:")[1].split()[0]) // 1024
 
 
-def main(shapes="baby", steps=40, reuse="on"):
+def main(shapes="baby", steps=40, reuse="auto"):
     import jax
 
-    if reuse not in ("on", "off"):
-        sys.exit(f"step_memory.py: the third argument is on or off (parallel.cpu_reuse_memory), not {reuse!r}")
+    from gptlab import perf
+
+    if reuse not in ("auto", "on", "off"):
+        sys.exit(f"step_memory.py: the third argument is auto, on or off (parallel.cpu_reuse_memory), not {reuse!r}")
     config = step_breakdown.get_config(shapes)
-    config.parallel.cpu_reuse_memory = reuse == "on"
+    config.parallel.cpu_reuse_memory = {"auto": None, "on": True, "off": False}[reuse]
     _, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))
     times, faulted = [], 0
     for step in range(steps):
@@ -48,6 +51,7 @@ def main(shapes="baby", steps=40, reuse="on"):
             times.append(seconds)
             faulted += faults > 0
     if times:
+        reuse += f" ({'kept' if perf.reuse_memory_choice()[0] else 'not kept'})" if reuse == "auto" else ""
         print(f"{shapes}, cpu_reuse_memory {reuse}: steps 1-{steps - 1}: mean {statistics.mean(times):.3f} s, "
               f"median {statistics.median(times):.3f} s; {faulted} of {len(times)} faulted")
 
