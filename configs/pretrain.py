@@ -136,7 +136,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     par.mode = "jit"  # jit (device mesh: data parallel + FSDP) or pmap (classic data parallel)
     par.mesh = (-1, 1)  # jit: (data, fsdp) mesh shape; data=-1 takes the devices fsdp leaves
     par.cpu_devices = config_dict.placeholder(int)  # XLA CPU devices the batch is split over; None: auto
-    # keep freed memory for the next step instead of unmapping it (glibc); None: auto (on for CPU-only JAX)
+    # keep freed memory for the next step instead of unmapping it (glibc); None: auto (on for CPU-only JAX
+    # while the compiled train step's temporaries are at most 256 MB a device)
     par.cpu_reuse_memory = config_dict.placeholder(bool)
     # library for the train/eval steps' CPU matmuls: "onednn" (built into jaxlib) or "xla" (XLA's own); None: auto (oneDNN on Intel)
     par.cpu_matmuls = config_dict.placeholder(str)
