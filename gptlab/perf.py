@@ -252,7 +252,7 @@ def _check_reuse_memory(compiled, log) -> None:
     if temp_mb <= REUSE_MEMORY_MAX_TEMP_MB or not _reuse_memory_choice[0]:
         return
     why = (f"the compiled train step's temporaries are {temp_mb:,.0f} MB a device, above the "
-           f"{REUSE_MEMORY_MAX_TEMP_MB} MB for which a kept heap stays bounded")
+           f"{REUSE_MEMORY_MAX_TEMP_MB} MB up to which freed memory is kept: larger blocks fragmented the kept heap")
     if not unmap_freed_memory():
         log(f"warning: {why}, but glibc's mallopt refused to undo parallel.cpu_reuse_memory: "
             "rerun with --config.parallel.cpu_reuse_memory=False")
