@@ -127,24 +127,30 @@ def test_onednn_matmuls_are_used_and_train_as_xlas_do(make_config):
     assert onednn_losses[-1] < onednn_losses[0]  # it trains
 
 
-_PAGE_FAULTS_PER_CALL = """
-import resource, sys
-from gptlab import perf
-if sys.argv[1] == "reuse":
-    assert perf.reuse_freed_memory()
+# Calls `step` (a jitted function with a 160 MB intermediate, the first product, in XLA's temporary
+# buffer, as a train step's activations are) 20 times and prints the page faults of a steady call:
+# the median of the last ten. A call now and then still faults, where small allocations have split
+# the freed block and the heap grows once more; the growth stops.
+_FAULTS_PER_CALL = """
+import resource
 import jax, jax.numpy as jnp
-# A 160 MB intermediate (the first product) in XLA's temporary buffer, as a train step's activations are.
 f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)
+step = wrap(f)
 x, w, v = jnp.ones((20000, 64)), jnp.ones((64, 2000)), jnp.ones((2000, 8))
 faults = []
 for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    f(x, w, v).block_until_ready()
+    step(x, w, v).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-# Steady state: the median of the last ten calls. A call now and then still faults, where small
-# allocations have split the freed block and the heap grows once more; the growth stops.
 print(sorted(faults[10:])[5])
 """
+_PAGE_FAULTS_PER_CALL = """
+import sys
+from gptlab import perf
+if sys.argv[1] == "reuse":
+    assert perf.reuse_freed_memory()
+wrap = lambda f: f
+""" + _FAULTS_PER_CALL
 
 
 @pytest.mark.parametrize("mode", ["reuse", "default"])
@@ -165,23 +171,19 @@ def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
 
 
 _LIMITED_REUSE = """
-import resource, sys
+import sys
 from gptlab import perf
 perf.REUSE_MEMORY_MAX_TEMP_MB = int(sys.argv[1])
 explicit = sys.argv[2] == "explicit"
 perf._reuse_memory_choice = (perf.reuse_freed_memory(), perf.EXPLICIT_REUSE if explicit else "automatic")
-import jax, jax.numpy as jnp
-f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)  # 160 MB of temporaries, as in the test above
-step = lambda *args: f(*args)
-step.compiled = lambda *args: f.lower(*args).compile()
-step = perf.limit_reuse_memory(step, log=lambda line: print(line, file=sys.stderr))
-x, w, v = jnp.ones((20000, 64)), jnp.ones((64, 2000)), jnp.ones((2000, 8))
-faults = []
-for _ in range(20):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step(x, w, v).block_until_ready()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(perf.reuse_memory_choice()[0], sorted(faults[10:])[5])
+
+
+def wrap(f):
+    step = lambda *args: f(*args)
+    step.compiled = lambda *args: f.lower(*args).compile()
+    return perf.limit_reuse_memory(step, log=lambda line: print(line, file=sys.stderr))
+""" + _FAULTS_PER_CALL + """
+print(perf.reuse_memory_choice()[0])
 """
 
 
@@ -196,7 +198,7 @@ def test_automatic_reuse_is_undone_for_a_step_whose_temporaries_would_fragment_t
     out = subprocess.run([sys.executable, "-c", _LIMITED_REUSE, str(limit_mb), choice], capture_output=True,
                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert out.returncode == 0, out.stderr
-    still_on, faults = out.stdout.split()[-2:]
+    faults, still_on = out.stdout.split()[-2:]
     assert still_on == str(kept)
     assert (int(faults) < 2_000) if kept else (int(faults) > 20_000)
     undone = "parallel.cpu_reuse_memory=False from the first step (the compiled train step's temporaries are 153 MB a device, above the 100 MB"
