@@ -175,12 +175,13 @@ def choose_reuse_memory() -> tuple:
                   f"off again if its temporaries exceed {REUSE_MEMORY_MAX_TEMP_MB} MB a device")
 
 
-def _mallopt():
+def _libc():
+    """glibc, for mallopt and malloc_trim (None where it cannot be loaded)."""
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
 
 
@@ -194,9 +195,9 @@ def reuse_freed_memory() -> bool:
     no trimming make the freed block reusable by the next step. Only for allocations made
     afterwards: call it before JAX's backend starts its threads.
     """
-    mallopt = _mallopt()
+    libc = _libc()
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return mallopt is not None and all(mallopt(param, value) == 1 for param, value in settings)
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 def unmap_freed_memory() -> bool:
@@ -206,13 +207,11 @@ def unmap_freed_memory() -> bool:
     and up to twice that stays untrimmed: where glibc's own adjustment settles. `malloc_trim`
     gives the kernel back every free page the heap kept meanwhile.
     """
-    import ctypes
-
-    mallopt = _mallopt()
+    libc = _libc()
     settings = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
-    if mallopt is None or not all(mallopt(param, value) == 1 for param, value in settings):
+    if libc is None or not all(libc.mallopt(param, value) == 1 for param, value in settings):
         return False
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 
