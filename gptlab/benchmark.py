@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from gptlab import heap
 from gptlab import parallel as parallel_lib
 from gptlab import perf
 from gptlab import train
@@ -339,7 +340,8 @@ class PeerProcess(TimedSteps):
     """A PyTorch peer timed in a fresh process of its own (`_serve_peer`), as its users run it.
 
     So nothing gptlab sets for its own process (the C allocator's settings,
-    `parallel.cpu_reuse_memory`) reaches the peer, and the peer's peak memory is its own.
+    `parallel.cpu_reuse_memory`, the glibc tcache setting `python -m experiments.NAME` restarts
+    with) reaches the peer, and the peer's peak memory is its own.
     """
 
     def __init__(self, peer: str, config, model_cfg, host_batches: list, threads: int, compile_model: bool,
@@ -350,7 +352,8 @@ class PeerProcess(TimedSteps):
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve_peer, daemon=True, args=(
             child, peer, config, model_cfg, host_batches, threads, compile_model, warmup))
-        self.process.start()
+        with heap.environment_as_started():
+            self.process.start()
         child.close()
         ready = self._receive()
         self.memory, self.description = ready["memory"], ready["summary"]

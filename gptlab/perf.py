@@ -22,6 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gptlab import heap
+
 AUTO = "auto"
 # More XLA CPU devices than this never pays off: each must keep enough rows of the batch
 # for its matmuls, and the split only parallelises the elementwise fusions, which run on
@@ -140,79 +142,26 @@ def choose_prefetch(platform_name: str) -> tuple:
     return 2, f"{platform_name}: overlap the host-to-device copy with the step"
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
-
-
-def _may_run_on_an_accelerator() -> bool:
-    """Whether JAX could pick a GPU or TPU here: JAX_PLATFORMS allows one and a plugin is installed."""
-    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
-    if platforms and set(platforms.lower().split(",")) <= {"cpu"}:
-        return False
-    import importlib.metadata
-    import importlib.util
-
-    return bool(importlib.metadata.entry_points(group="jax_plugins")) or any(
-        importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
-
-
-# The automatic `parallel.cpu_reuse_memory` keeps freed memory only for a train step whose
-# temporaries (its compiled `memory_analysis().temp_size_in_bytes`, per device) are at most this.
-# Measured on a 2-core Intel Xeon with tools/step_memory.py (README "Speed"): at 69 MB (the `small`
-# preset) the heap settled within 21 steps; at 615 MB (the baby GPT) small allocations kept splitting
-# the freed block, so the heap grew by a whole block every few steps; at 3.5 GB (`shakespeare_char`)
-# by 7 GB a step until the process was killed.
+# Where glibc's tcache is on (`heap.tcache_off()` is False: imported as a library, not restarted by
+# `python -m experiments.NAME`), the automatic `parallel.cpu_reuse_memory` keeps freed memory only for
+# a train step whose temporaries (its compiled `memory_analysis().temp_size_in_bytes`, per device) are
+# at most this. Measured with the tcache on, on a 2-core Intel Xeon with tools/step_memory.py (README
+# "Speed"): at 69 MB (the `small` preset) the heap settled within 21 steps; at 615 MB (the baby GPT)
+# it grew by a whole block every few steps; at 3.5 GB (`shakespeare_char`) by 7 GB a step until the
+# process was killed. With the tcache off all three settle (gptlab/heap.py).
 REUSE_MEMORY_MAX_TEMP_MB = 256
 
 
 def choose_reuse_memory() -> tuple:
     """(parallel.cpu_reuse_memory, why): keep the C allocator's freed memory for the next step."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not heap.is_glibc_linux():
         return False, "not Linux with glibc"
-    if _may_run_on_an_accelerator():
+    if heap.may_run_on_an_accelerator(jax.config.jax_platforms):
         return False, "an accelerator plugin is installed: the step's buffers are on the device"
-    return True, (f"CPU: the step's buffers stay mapped (no munmap and page faults each step); "
-                  f"off again if its temporaries exceed {REUSE_MEMORY_MAX_TEMP_MB} MB a device")
-
-
-def _libc():
-    """glibc, for mallopt and malloc_trim (None where it cannot be loaded)."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def reuse_freed_memory() -> bool:
-    """Makes glibc keep and reuse freed memory instead of unmapping it; True if it took effect.
-
-    XLA's CPU runtime allocates each step's temporaries as one large buffer per device
-    (hundreds of MB) and frees it after the step. glibc serves a block that large with
-    mmap and returns it with munmap, so every step faults all of it in again, page by
-    page, and the kernel zeroes each page: 10-20% of a CPU step. One arena, no mmap and
-    no trimming make the freed block reusable by the next step. Only for allocations made
-    afterwards: call it before JAX's backend starts its threads.
-    """
-    libc = _libc()
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in settings)
-
-
-def unmap_freed_memory() -> bool:
-    """Undoes `reuse_freed_memory` for later allocations (any time) and returns the kept memory.
-
-    Blocks above glibc's largest dynamic mmap threshold (32 MB) are mapped and unmapped again,
-    and up to twice that stays untrimmed: where glibc's own adjustment settles. `malloc_trim`
-    gives the kernel back every free page the heap kept meanwhile.
-    """
-    libc = _libc()
-    settings = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
-    if libc is None or not all(libc.mallopt(param, value) == 1 for param, value in settings):
-        return False
-    libc.malloc_trim(0)
-    return True
+    why = "CPU: the step's buffers stay mapped (no munmap and page faults each step)"
+    if heap.tcache_off():
+        return True, f"{why}; glibc's tcache is off ({heap.TCACHE_OFF}), so freed blocks merge and are reused"
+    return True, f"{why}; off again if its temporaries exceed {REUSE_MEMORY_MAX_TEMP_MB} MB a device (glibc's tcache is on)"
 
 
 def reuse_memory_choice() -> tuple:
@@ -222,14 +171,16 @@ def reuse_memory_choice() -> tuple:
 
 def limit_reuse_memory(train_step, log=print):
     """`train_step`, which at its first call keeps an automatic `parallel.cpu_reuse_memory` only
-    while the compiled step's temporaries are at most REUSE_MEMORY_MAX_TEMP_MB a device.
+    while the compiled step's temporaries are at most REUSE_MEMORY_MAX_TEMP_MB a device, where
+    glibc's tcache is on.
 
-    Larger blocks fragment the kept heap (small allocations split a freed block, so the next
-    step's block no longer fits and the heap grows by a whole block): memory grows without bound.
-    Checked before the first step runs (the compiled executable is jit's own, compiled once), so
-    the heap has not grown yet. An explicit `parallel.cpu_reuse_memory=True` is left as it is.
+    There, larger blocks fragment the kept heap (gptlab/heap.py: the next step's block no longer
+    fits a freed one, so the heap grows by a whole block): memory grows without bound. Checked
+    before the first step runs (the compiled executable is jit's own, compiled once), so the heap
+    has not grown yet. An explicit `parallel.cpu_reuse_memory=True` is left as it is, and so is
+    the choice in a process started with the tcache off.
     """
-    if not _reuse_memory_choice[0] or _reuse_memory_choice[1] == EXPLICIT_REUSE:
+    if not _reuse_memory_choice[0] or _reuse_memory_choice[1] == EXPLICIT_REUSE or heap.tcache_off():
         return train_step
     checked = False
 
@@ -251,14 +202,15 @@ def _check_reuse_memory(compiled, log) -> None:
     if temp_mb <= REUSE_MEMORY_MAX_TEMP_MB or not _reuse_memory_choice[0]:
         return
     why = (f"the compiled train step's temporaries are {temp_mb:,.0f} MB a device, above the "
-           f"{REUSE_MEMORY_MAX_TEMP_MB} MB up to which freed memory is kept: larger blocks fragmented the kept heap")
-    if not unmap_freed_memory():
+           f"{REUSE_MEMORY_MAX_TEMP_MB} MB up to which freed memory is kept with glibc's tcache on: larger "
+           "blocks fragmented the kept heap")
+    if not heap.unmap_freed_memory():
         log(f"warning: {why}, but glibc's mallopt refused to undo parallel.cpu_reuse_memory: "
             "rerun with --config.parallel.cpu_reuse_memory=False")
         return
     _reuse_memory_choice = (False, why)
-    log(f"auto: parallel.cpu_reuse_memory=False from the first step ({why}; "
-        "--config.parallel.cpu_reuse_memory=True keeps it)")
+    log(f"auto: parallel.cpu_reuse_memory=False from the first step ({why}; a process started with "
+        f"{heap.TUNABLES}={heap.TCACHE_OFF}, as `python -m experiments.NAME` restarts itself, keeps it)")
 
 
 # Which library runs the CPU train step's matmuls (`parallel.cpu_matmuls`), as XLA compile options
@@ -349,7 +301,7 @@ def start_cpu_devices(config) -> tuple:
     if not _backend_started():
         reuse = par.get("cpu_reuse_memory")
         reuse, reuse_why = (reuse, EXPLICIT_REUSE) if reuse is not None else choose_reuse_memory()
-        if reuse and not reuse_freed_memory():
+        if reuse and not heap.reuse_freed_memory():
             reuse, reuse_why = False, "glibc's mallopt refused the settings"
         _reuse_memory_choice = (reuse, reuse_why)
     return count, why

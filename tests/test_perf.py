@@ -6,7 +6,7 @@ import time
 import jax
 import pytest
 
-from gptlab import perf, train
+from gptlab import heap, perf, train
 from gptlab.errors import UserError
 
 
@@ -47,7 +47,7 @@ def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
     updates, reuse_calls = [], []
     monkeypatch.setattr(perf, "_cpu_devices_choice", (None, ""))  # restored afterwards
     monkeypatch.setattr(perf, "_reuse_memory_choice", (None, ""))
-    monkeypatch.setattr(perf, "reuse_freed_memory", lambda: reuse_calls.append(1) or True)
+    monkeypatch.setattr(heap, "reuse_freed_memory", lambda: reuse_calls.append(1) or True)
     monkeypatch.setattr(perf, "_backend_started", lambda: False)
     monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
     monkeypatch.setattr(perf, "usable_cores", lambda: 4)
@@ -69,13 +69,13 @@ def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
 
 
 def test_memory_is_reused_only_where_jax_runs_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(perf, "_may_run_on_an_accelerator", lambda: True)
+    monkeypatch.setattr(heap, "may_run_on_an_accelerator", lambda platforms: True)
     assert perf.choose_reuse_memory()[0] is False
-    monkeypatch.setattr(perf, "_may_run_on_an_accelerator", lambda: False)
+    monkeypatch.setattr(heap, "may_run_on_an_accelerator", lambda platforms: False)
     assert perf.choose_reuse_memory()[0] is True  # Linux with glibc, as the test machines are
     monkeypatch.undo()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert perf._may_run_on_an_accelerator() is False
+    assert heap.may_run_on_an_accelerator() is False
 
 
 @pytest.mark.parametrize("platform_name,mode,machine,vendor,expected", [
@@ -127,6 +127,8 @@ def test_onednn_matmuls_are_used_and_train_as_xlas_do(make_config):
     assert onednn_losses[-1] < onednn_losses[0]  # it trains
 
 
+TCACHE_ON = "glibc.malloc.tcache_count=7"  # glibc's default, set so that the shell's GLIBC_TUNABLES cannot change it
+
 # Calls `step` (a jitted function with a 160 MB intermediate, the first product, in XLA's temporary
 # buffer, as a train step's activations are) 20 times and prints the page faults of a steady call:
 # the median of the last ten. A call now and then still faults, where small allocations have split
@@ -146,9 +148,9 @@ print(sorted(faults[10:])[5])
 """
 _PAGE_FAULTS_PER_CALL = """
 import sys
-from gptlab import perf
+from gptlab import heap
 if sys.argv[1] == "reuse":
-    assert perf.reuse_freed_memory()
+    assert heap.reuse_freed_memory()
 wrap = lambda f: f
 """ + _FAULTS_PER_CALL
 
@@ -161,7 +163,7 @@ def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
     import sys
 
     out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_PER_CALL, mode], capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": TCACHE_ON}, timeout=300)
     assert out.returncode == 0, out.stderr
     faults = int(out.stdout.split()[-1])
     if mode == "reuse":
@@ -172,10 +174,10 @@ def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
 
 _LIMITED_REUSE = """
 import sys
-from gptlab import perf
+from gptlab import heap, perf
 perf.REUSE_MEMORY_MAX_TEMP_MB = int(sys.argv[1])
 explicit = sys.argv[2] == "explicit"
-perf._reuse_memory_choice = (perf.reuse_freed_memory(), perf.EXPLICIT_REUSE if explicit else "automatic")
+perf._reuse_memory_choice = (heap.reuse_freed_memory(), perf.EXPLICIT_REUSE if explicit else "automatic")
 
 
 def wrap(f):
@@ -187,24 +189,80 @@ print(perf.reuse_memory_choice()[0])
 """
 
 
-@pytest.mark.parametrize("limit_mb, choice, kept", [(256, "automatic", True), (100, "automatic", False),
-                                                    (100, "explicit", True)])
-def test_automatic_reuse_is_undone_for_a_step_whose_temporaries_would_fragment_the_heap(limit_mb, choice, kept):
-    # Above the limit a kept heap grew by a whole block every few steps (README): the automatic choice
-    # is undone before the first step runs, so every call maps its block afresh; an explicit True stays.
+@pytest.mark.parametrize("limit_mb, choice, tcache, kept", [
+    (256, "automatic", TCACHE_ON, True), (100, "automatic", TCACHE_ON, False), (100, "explicit", TCACHE_ON, True),
+    (100, "automatic", heap.TCACHE_OFF, True)])
+def test_automatic_reuse_is_undone_for_a_step_whose_temporaries_would_fragment_the_heap(limit_mb, choice, tcache,
+                                                                                         kept):
+    # With glibc's tcache on, a kept heap grew by a whole block every few steps above the limit (README): the
+    # automatic choice is undone before the first step runs, so every call maps its block afresh; an explicit
+    # True stays. A process started with the tcache off (as `python -m experiments.NAME` restarts) keeps it.
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", _LIMITED_REUSE, str(limit_mb), choice], capture_output=True,
-                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": tcache}, timeout=300)
     assert out.returncode == 0, out.stderr
     faults, still_on = out.stdout.split()[-2:]
     assert still_on == str(kept)
-    # Undone: every call faults its 40,000 pages in again. Kept: most calls fault none (now and then a small
-    # allocation splits the freed block and a call grows the heap, so the bound is on the median call).
+    # Undone: every call faults its 40,000 pages in again. Kept: most calls fault none (with the tcache on,
+    # now and then a call grows the heap by a block, so the bound is on the median call).
     assert (int(faults) < 20_000) if kept else (int(faults) > 20_000), faults
     undone = "parallel.cpu_reuse_memory=False from the first step (the compiled train step's temporaries are 153 MB a device, above the 100 MB"
     assert (undone in out.stderr) != kept
+
+
+def test_with_glibcs_tcache_off_the_freed_block_is_reused_from_the_second_call():
+    # The tcache kept the slivers posix_memalign splits off beside each block, so freed blocks did not merge
+    # and the heap grew by a block on several of the first calls (gptlab/heap.py). With it off, only the first
+    # call maps its 40,000 pages: the 19 after it fault fewer than one block's pages in all.
+    import subprocess
+    import sys
+
+    script = _PAGE_FAULTS_PER_CALL.replace("print(sorted(faults[10:])[5])", "print(*faults)")
+    out = subprocess.run([sys.executable, "-c", script, "reuse"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": heap.TCACHE_OFF})
+    assert out.returncode == 0, out.stderr
+    faults = [int(f) for f in out.stdout.split()[-20:]]
+    assert faults[0] > 20_000 and sum(faults[1:]) < 20_000, faults
+
+
+_RESTART = """
+import os, sys
+from gptlab import heap
+print(repr(os.environ.get("GLIBC_TUNABLES")), sys.argv[1:], flush=True)
+heap.restart_with_tcache_off()
+"""
+
+
+@pytest.mark.parametrize("tunables, runs", [
+    (None, [None, heap.TCACHE_OFF]),
+    ("glibc.malloc.arena_max=4", ["glibc.malloc.arena_max=4", "glibc.malloc.arena_max=4:" + heap.TCACHE_OFF]),
+    (TCACHE_ON, [TCACHE_ON])])  # the user's own choice of the tcache stands
+def test_an_entry_point_restarts_once_with_glibcs_tcache_off(tunables, runs):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", heap.BEFORE_RESTART)}
+    env = {**env, "JAX_PLATFORMS": "cpu", **({"GLIBC_TUNABLES": tunables} if tunables else {})}
+    out = subprocess.run([sys.executable, "-c", _RESTART, "--flag=1"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    # Each line is one run of the same command: same arguments, the variable added once, no second restart.
+    assert out.stdout.splitlines() == [f"{value!r} ['--flag=1']" for value in runs]
+
+
+def test_the_benchmarks_peers_start_without_the_restarts_setting(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", heap.TCACHE_OFF)
+    monkeypatch.setenv(heap.BEFORE_RESTART, "")  # unset before the restart
+    with heap.environment_as_started():
+        assert "GLIBC_TUNABLES" not in os.environ and heap.BEFORE_RESTART not in os.environ
+    assert os.environ["GLIBC_TUNABLES"] == heap.TCACHE_OFF
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4:" + heap.TCACHE_OFF)
+    monkeypatch.setenv(heap.BEFORE_RESTART, "glibc.malloc.arena_max=4")
+    with heap.environment_as_started():
+        assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4:" + heap.TCACHE_OFF
 
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):

@@ -37,11 +37,11 @@ if [[ "${SPEED_TABLE_SMOKE:-0}" == 1 ]]; then
   SMALL_SAMPLE=(--sample_new_tokens=32)
 fi
 
-bench() {  # bench SHAPES ROW [flags...]: one benchmark run, its JSON line tagged with the shapes and row
+bench() {  # [BENCH_ENV=NAME=VALUE] bench SHAPES ROW [flags...]: one benchmark run, its JSON line tagged with the shapes and row
   local shapes=$1 row=$2; shift 2
   echo "[$(( $(date +%s) - START ))s] $shapes: $row" >&2
   local line
-  if ! line=$("$PY" -m experiments.benchmark "$@" 2>>"$OUT/log.txt"); then
+  if ! line=$(env ${BENCH_ENV:-} "$PY" -m experiments.benchmark "$@" 2>>"$OUT/log.txt"); then
     echo "speed_table.sh: the benchmark failed ($shapes: $row); the end of $OUT/log.txt says why" >&2
     exit 1
   fi
@@ -59,10 +59,11 @@ for run in 1 2; do
   bench baby "model.dense_backward=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
     --config.model.dense_backward=xla
   bench baby "parallel.cpu_devices=1" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt --config.parallel.cpu_devices=1
-  # At these shapes the automatic choice is off (the step's temporaries are too large to keep, perf.py):
-  # the row switches it on instead.
-  bench baby "parallel.cpu_reuse_memory=True" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
-    --config.parallel.cpu_reuse_memory=True
+  bench baby "parallel.cpu_reuse_memory=False" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_reuse_memory=False
+  # glibc's default tcache (no restart, gptlab/heap.py): the automatic reuse is then undone at these shapes.
+  BENCH_ENV=GLIBC_TUNABLES=glibc.malloc.tcache_count=7 bench baby "GLIBC_TUNABLES=glibc.malloc.tcache_count=7" \
+    "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt
   bench baby "parallel.cpu_matmuls=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
     --config.parallel.cpu_matmuls=xla
   bench small "defaults" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=torch

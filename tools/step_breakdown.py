@@ -159,4 +159,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--torch"]:
         print(json.dumps(torch_breakdown(sys.argv[2], int(sys.argv[3]))))
     else:
+        from gptlab import heap
+
+        heap.restart_with_tcache_off()  # as `python -m experiments.NAME` does (the peer's process inherits it)
         main(*(sys.argv[1:2] or ["baby"]), *map(int, sys.argv[2:3]))

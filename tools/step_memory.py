@@ -3,12 +3,13 @@
     python tools/step_memory.py [baby|PRESET] [STEPS] [auto|on|off]      # default: baby, 40 steps, auto
 
 Runs the config's real train step on synthetic tokens (`benchmark.synthetic_train_step`) STEPS
-times with `parallel.cpu_reuse_memory` automatic (on for a step with small temporaries, see
-`perf.limit_reuse_memory`), on or off,
-and prints one line a step: seconds, minor page faults during it, and the process's VmRSS after
+times with `parallel.cpu_reuse_memory` automatic, on or off, and prints one line a step: seconds, minor page faults during it, and the process's VmRSS after
 it; then the mean and median of steps 1.. (step 0 compiles) and how many of them faulted.
 A step that faults while the setting is on is one whose temporaries did not fit a freed block,
 so the heap grew (README, `parallel.cpu_reuse_memory`). `baby` is as in `tools/step_breakdown.py`.
+Like `python -m experiments.NAME` it restarts itself with glibc's tcache off (gptlab/heap.py);
+`GLIBC_TUNABLES=glibc.malloc.tcache_count=7` (glibc's default) keeps the tcache, and with it the
+automatic choice's limit on the step's temporaries (`perf.limit_reuse_memory`).
 """
 import os
 import resource
@@ -57,4 +58,7 @@ def main(shapes="baby", steps=40, reuse="auto"):
 
 
 if __name__ == "__main__":
+    from gptlab import heap
+
+    heap.restart_with_tcache_off()  # as `python -m experiments.NAME` does
     main(*(sys.argv[1:2] or ["baby"]), *map(int, sys.argv[2:3]), *sys.argv[3:4])
