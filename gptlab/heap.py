@@ -31,6 +31,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 TUNABLES = "GLIBC_TUNABLES"
 TCACHE = "glibc.malloc.tcache_count"
 TCACHE_OFF = f"{TCACHE}=0"
+# What `reuse_freed_memory` lets the heap keep: freed memory beyond this at the heap's top goes back
+# to the kernel (the largest trim threshold `mallopt`, which takes an int, accepts: 2 GiB - 1).
+KEPT_BYTES_MAX = 2**31 - 1
 # Set by the restart: GLIBC_TUNABLES as the process had it before ("" for unset), for `environment_as_started`.
 BEFORE_RESTART = "GPTLAB_GLIBC_TUNABLES_BEFORE_RESTART"
 
@@ -124,13 +127,12 @@ def _libc():
 def reuse_freed_memory() -> bool:
     """Makes glibc keep and reuse freed memory instead of unmapping it; True if it took effect.
 
-    One arena (XLA's device threads would otherwise each take their own), no mmap, and the
-    largest trim threshold `mallopt` takes (2 GiB: freed memory beyond that at the heap's top is
-    still returned). Only for allocations made afterwards: call it before JAX's backend starts
-    its threads.
+    One arena (XLA's device threads would otherwise each take their own), no mmap, and a trim
+    threshold of KEPT_BYTES_MAX. Only for allocations made afterwards: call it before JAX's
+    backend starts its threads.
     """
     libc = _libc()
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, KEPT_BYTES_MAX))
     return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 

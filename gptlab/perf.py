@@ -142,14 +142,28 @@ def choose_prefetch(platform_name: str) -> tuple:
     return 2, f"{platform_name}: overlap the host-to-device copy with the step"
 
 
-# Where glibc's tcache is on (`heap.tcache_off()` is False: imported as a library, not restarted by
-# `python -m experiments.NAME`), the automatic `parallel.cpu_reuse_memory` keeps freed memory only for
-# a train step whose temporaries (its compiled `memory_analysis().temp_size_in_bytes`, per device) are
-# at most this. Measured with the tcache on, on a 2-core Intel Xeon with tools/step_memory.py (README
-# "Speed"): at 69 MB (the `small` preset) the heap settled within 21 steps; at 615 MB (the baby GPT)
-# it grew by a whole block every few steps; at 3.5 GB (`shakespeare_char`) by 7 GB a step until the
-# process was killed. With the tcache off all three settle (gptlab/heap.py).
+# The automatic `parallel.cpu_reuse_memory` keeps freed memory only for a train step whose temporaries
+# (its compiled `memory_analysis().temp_size_in_bytes`, per device) are at most this, where glibc's
+# tcache is on (`heap.tcache_off()` is False: imported as a library, not restarted by `python -m
+# experiments.NAME`). Measured with the tcache on, on a 2-core Intel Xeon with tools/step_memory.py
+# (README "Speed"): at 69 MB (the `small` preset) the heap settled within 21 steps; at 615 MB (the baby
+# GPT) it grew by a whole block every few steps; at 3.5 GB (`shakespeare_char`) by 7 GB a step until
+# the process was killed. With the tcache off freed blocks merge and the heap settles; the limit is
+# then what the heap keeps at all (`heap.KEPT_BYTES_MAX`, over all devices): beyond it, glibc gives
+# the freed blocks back after every step anyway.
 REUSE_MEMORY_MAX_TEMP_MB = 256
+
+
+def reuse_memory_limit_mb(devices: int) -> tuple:
+    """(the most temporaries a device, in MB, for which the automatic choice keeps freed memory, why)."""
+    if heap.tcache_off():
+        return heap.KEPT_BYTES_MAX / 2**20 / devices, (
+            f"a device can keep ({heap.KEPT_BYTES_MAX / 2**30:.1f} GiB the heap keeps, over {devices} device(s)): "
+            "larger freed blocks go back to the kernel after every step anyway")
+    return REUSE_MEMORY_MAX_TEMP_MB, (
+        f"up to which freed memory is kept with glibc's tcache on: larger blocks fragmented the kept heap; "
+        f"a process started with {heap.TUNABLES}={heap.TCACHE_OFF}, as `python -m experiments.NAME` "
+        "restarts itself, keeps more")
 
 
 def choose_reuse_memory() -> tuple:
@@ -160,8 +174,8 @@ def choose_reuse_memory() -> tuple:
         return False, "an accelerator plugin is installed: the step's buffers are on the device"
     why = "CPU: the step's buffers stay mapped (no munmap and page faults each step)"
     if heap.tcache_off():
-        return True, f"{why}; glibc's tcache is off ({heap.TCACHE_OFF}), so freed blocks merge and are reused"
-    return True, f"{why}; off again if its temporaries exceed {REUSE_MEMORY_MAX_TEMP_MB} MB a device (glibc's tcache is on)"
+        why += f"; glibc's tcache is off ({heap.TCACHE_OFF}), so freed blocks merge and are reused"
+    return True, f"{why}; off again if the step's temporaries are too large to keep"
 
 
 def reuse_memory_choice() -> tuple:
@@ -171,16 +185,15 @@ def reuse_memory_choice() -> tuple:
 
 def limit_reuse_memory(train_step, log=print):
     """`train_step`, which at its first call keeps an automatic `parallel.cpu_reuse_memory` only
-    while the compiled step's temporaries are at most REUSE_MEMORY_MAX_TEMP_MB a device, where
-    glibc's tcache is on.
+    while the compiled step's temporaries are at most `reuse_memory_limit_mb` a device.
 
-    There, larger blocks fragment the kept heap (gptlab/heap.py: the next step's block no longer
-    fits a freed one, so the heap grows by a whole block): memory grows without bound. Checked
-    before the first step runs (the compiled executable is jit's own, compiled once), so the heap
-    has not grown yet. An explicit `parallel.cpu_reuse_memory=True` is left as it is, and so is
-    the choice in a process started with the tcache off.
+    With glibc's tcache on, larger blocks fragment the kept heap (gptlab/heap.py: the next step's
+    block no longer fits a freed one, so the heap grows by a whole block): memory grows without
+    bound. With it off, blocks beyond what the heap keeps are given back after each step anyway.
+    Checked before the first step runs (the compiled executable is jit's own, compiled once), so
+    the heap has not grown yet. An explicit `parallel.cpu_reuse_memory=True` is left as it is.
     """
-    if not _reuse_memory_choice[0] or _reuse_memory_choice[1] == EXPLICIT_REUSE or heap.tcache_off():
+    if not _reuse_memory_choice[0] or _reuse_memory_choice[1] == EXPLICIT_REUSE:
         return train_step
     checked = False
 
@@ -199,18 +212,17 @@ def _check_reuse_memory(compiled, log) -> None:
     global _reuse_memory_choice
     analysis = compiled.memory_analysis()
     temp_mb = getattr(analysis, "temp_size_in_bytes", 0) / 2**20
-    if temp_mb <= REUSE_MEMORY_MAX_TEMP_MB or not _reuse_memory_choice[0]:
+    limit_mb, limit_why = reuse_memory_limit_mb(jax.local_device_count())
+    if temp_mb <= limit_mb or not _reuse_memory_choice[0]:
         return
-    why = (f"the compiled train step's temporaries are {temp_mb:,.0f} MB a device, above the "
-           f"{REUSE_MEMORY_MAX_TEMP_MB} MB up to which freed memory is kept with glibc's tcache on: larger "
-           "blocks fragmented the kept heap")
+    why = f"the compiled train step's temporaries are {temp_mb:,.0f} MB a device, above the {limit_mb:,.0f} MB {limit_why}"
     if not heap.unmap_freed_memory():
         log(f"warning: {why}, but glibc's mallopt refused to undo parallel.cpu_reuse_memory: "
             "rerun with --config.parallel.cpu_reuse_memory=False")
         return
     _reuse_memory_choice = (False, why)
-    log(f"auto: parallel.cpu_reuse_memory=False from the first step ({why}; a process started with "
-        f"{heap.TUNABLES}={heap.TCACHE_OFF}, as `python -m experiments.NAME` restarts itself, keeps it)")
+    log(f"auto: parallel.cpu_reuse_memory=False from the first step ({why}; "
+        "--config.parallel.cpu_reuse_memory=True keeps it)")
 
 
 # Which library runs the CPU train step's matmuls (`parallel.cpu_matmuls`), as XLA compile options
