@@ -240,8 +240,8 @@ def choose_cpu_matmuls(platform_name: str, mode: str) -> tuple:
     """(parallel.cpu_matmuls, why): oneDNN's matmuls on Intel CPUs, XLA's own elsewhere.
 
     On a 2-core Intel Xeon (AVX-512, AMX) the whole float32 train step was 9-16% faster with
-    oneDNN's dots, compiled both ways in one process and timed in alternating blocks (README
-    "Speed"). oneDNN is Intel's library and has not been measured here on other CPUs.
+    oneDNN's dots, compiled both ways in one process and timed in alternating blocks. On a 2-core
+    AMD EPYC (Zen 3, AVX2) it tied on the baby GPT and was slower on `small` (README "Speed").
     """
     if platform_name != "cpu":
         return "xla", f"{platform_name}: the matmuls run on the device"
@@ -251,7 +251,7 @@ def choose_cpu_matmuls(platform_name: str, mode: str) -> tuple:
         return "xla", f"{platform.machine()} CPU: XLA's own"
     vendor = cpu_info()["vendor"]
     if vendor != "GenuineIntel":
-        return "xla", f"{vendor or 'unknown'} CPU: XLA's own (oneDNN's matmuls are measured on Intel only)"
+        return "xla", f"{vendor or 'unknown'} CPU: XLA's own (oneDNN's matmuls were no faster on an AMD EPYC)"
     return "onednn", "Intel CPU: oneDNN's matmuls (built into jaxlib) run the step faster than XLA's own"
 
 
@@ -442,12 +442,46 @@ def _machine_key() -> str:
             f" | best of {PEAK_MIN_SECONDS:g} s | of {' and '.join(PEAK_MATMUL_OPTIONS)} matmuls")
 
 
+# A peak measured while other processes used more than this share of the machine's CPU time is used
+# for the run but not cached: a busy machine under-measures it (0.132 against 0.187 TFLOP/s idle, on a
+# 2-core AMD EPYC whose first run measured it during the test suite, 2026-12-01), and a cached low peak
+# would overstate MFU in every later run (MFU 1.15 there).
+PEAK_BUSY_SHARE_MAX = 0.1
+
+
+def _machine_cpu_seconds():
+    """CPU seconds all processes have run or were kept from running by the hypervisor (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(t) for t in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share_of_others(measure) -> tuple:
+    """(measure()'s result, the share (0..1) of the machine's CPU time other processes took meanwhile).
+
+    The share is 0 where /proc/stat cannot be read or the measurement took under a second
+    (too short for the kernel's 10 ms ticks to tell).
+    """
+    machine, own, began = _machine_cpu_seconds(), time.process_time(), time.perf_counter()
+    result = measure()
+    wall, after = time.perf_counter() - began, _machine_cpu_seconds()
+    if machine is None or after is None or wall < 1.0:
+        return result, 0.0
+    others = (after - machine) - (time.process_time() - own)
+    return result, min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_peak_tflops() -> tuple:
     """(float32 matmul peak of this CPU, its source): measured once per machine and cached on disk.
 
     So MFU has the same denominator in every run on a machine. The key is the CPU
     model, its usable cores, its flags and the JAX version; a change measures again.
+    A peak measured while other processes were busy is not cached (`PEAK_BUSY_SHARE_MAX`).
     """
     path, key = peak_cache_path(), _machine_key()
     try:
@@ -456,8 +490,11 @@ def cpu_peak_tflops() -> tuple:
         entry = None
     if entry:
         return float(entry["tflops"]), f"float32 matmul measured on {entry['measured']} ({cpu_info()['model']}), cached in {path}"
-    tflops = measured_matmul_tflops()
+    tflops, busy = cpu_share_of_others(measured_matmul_tflops)
     measured = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if busy > PEAK_BUSY_SHARE_MAX:
+        return tflops, (f"float32 matmul measured on {measured} ({cpu_info()['model']}), not cached: other processes "
+                        f"took {busy:.0%} of the CPU meanwhile, so it may be low (MFU high); measured again next run")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

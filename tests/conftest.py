@@ -4,11 +4,15 @@ Optional packages and offline data: the quick run (README) skips a test that nee
 missing, saying what to install or where to put the data; with GPTLAB_TEST_FULL=1 (.ci/run) such
 a test fails instead, so CI runs everything.
 """
+import atexit
 import importlib
+import json
 import os
 import pathlib
+import shutil
 import socket
 import sys
+import tempfile
 
 import pytest
 
@@ -41,6 +45,18 @@ def needs_file(path: pathlib.Path) -> None:
 # so a test's in-process and subprocess runs compute the same numbers. Tests of several devices set their own.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
+
+# MFU's CPU peak: tests neither measure it (seconds a process, under the suite's own load) nor write the
+# user's cache (a peak measured under that load would overstate MFU in their later runs). Every process
+# of the run (the xdist workers and the subprocesses they start inherit the environment) reads one
+# stand-in from a temporary cache; tests of the cache itself point XDG_CACHE_HOME elsewhere.
+if "GPTLAB_TEST_CACHE" not in os.environ:
+    from gptlab import perf  # noqa: E402  (after XLA_FLAGS; importing JAX does not start its backend)
+
+    os.environ["GPTLAB_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GPTLAB_TEST_CACHE"], ignore_errors=True)
+    perf.peak_cache_path().parent.mkdir(parents=True)
+    perf.peak_cache_path().write_text(json.dumps({perf._machine_key(): {"tflops": 1.0, "measured": "tests/conftest.py"}}))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Automatic speed settings (gptlab/perf.py): resolved from the machine, logged, overridable; the
 cached CPU peak; the profiler flag. No timing is asserted."""
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -80,7 +82,7 @@ def test_memory_is_reused_only_where_jax_runs_on_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("platform_name,mode,machine,vendor,expected", [
     ("cpu", "jit", "x86_64", "GenuineIntel", "onednn"),
-    ("cpu", "jit", "x86_64", "AuthenticAMD", "xla"),  # oneDNN's matmuls are measured on Intel only
+    ("cpu", "jit", "x86_64", "AuthenticAMD", "xla"),  # oneDNN's matmuls were no faster on an AMD EPYC
     ("cpu", "jit", "aarch64", "", "xla"),
     ("cpu", "pmap", "x86_64", "GenuineIntel", "xla"),  # jax.pmap takes no compile options
     ("gpu", "jit", "x86_64", "GenuineIntel", "xla"),  # the matmuls run on the device
@@ -159,8 +161,6 @@ wrap = lambda f: f
 def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
     # What parallel.cpu_reuse_memory is for: without it, glibc unmaps XLA's large per-call buffer
     # and every call faults its 40,000 pages in again; with it, most calls reuse a freed buffer.
-    import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_PER_CALL, mode], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": TCACHE_ON}, timeout=300)
@@ -200,8 +200,6 @@ def test_automatic_reuse_is_undone_for_a_step_whose_temporaries_would_fragment_t
     # automatic choice is undone before the first step runs, so every call maps its block afresh; an explicit
     # True stays. A process started with the tcache off (as `python -m experiments.NAME` restarts) keeps it up
     # to what the heap keeps at all (heap.KEPT_BYTES_MAX; one device here).
-    import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", GLIBC_TUNABLES=tcache)
@@ -222,8 +220,6 @@ def test_with_glibcs_tcache_off_the_freed_block_is_reused_from_the_second_call()
     # and the heap grew by a block on several of the first calls (4 and 5 more blocks in two runs; gptlab/heap.py).
     # With it off, the first call maps its 40,000 pages and the heap settles: the 19 calls after it faulted no more
     # block in most runs, at most two (in 1 of 14 runs), so the bound is fewer than 2.5 blocks' pages in all.
-    import subprocess
-    import sys
 
     script = _PAGE_FAULTS_PER_CALL.replace("print(sorted(faults[10:])[5])", "print(*faults)")
     out = subprocess.run([sys.executable, "-c", script, "reuse"], capture_output=True, text=True, timeout=300,
@@ -246,8 +242,6 @@ heap.restart_with_tcache_off()
     ("glibc.malloc.arena_max=4", ["glibc.malloc.arena_max=4", "glibc.malloc.arena_max=4:" + heap.TCACHE_OFF]),
     (TCACHE_ON, [TCACHE_ON])])  # the user's own choice of the tcache stands
 def test_an_entry_point_restarts_once_with_glibcs_tcache_off(tunables, runs):
-    import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", heap.BEFORE_RESTART)}
     env = {**env, "JAX_PLATFORMS": "cpu", **({"GLIBC_TUNABLES": tunables} if tunables else {})}
@@ -285,6 +279,37 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert first == again == 0.123
     assert "measured" in source and str(tmp_path) in cached_source
     assert (tmp_path / "gptlab" / "cpu_peak_tflops.json").is_file()
+
+
+def test_a_peak_measured_while_other_processes_were_busy_is_used_but_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measurements = iter([(0.132, 0.45), (0.187, 0.02)])  # (TFLOP/s, others' share of the CPU meanwhile)
+    monkeypatch.setattr(perf, "cpu_share_of_others", lambda measure: next(measurements))
+    perf.cpu_peak_tflops.cache_clear()
+    try:
+        busy, busy_source = perf.cpu_peak_tflops()
+        perf.cpu_peak_tflops.cache_clear()  # the next run measures again
+        idle, idle_source = perf.cpu_peak_tflops()
+        perf.cpu_peak_tflops.cache_clear()
+        cached, _ = perf.cpu_peak_tflops()
+    finally:
+        perf.cpu_peak_tflops.cache_clear()
+    assert busy == 0.132 and "not cached: other processes took 45% of the CPU" in busy_source
+    assert idle == cached == 0.187 and str(tmp_path) in idle_source
+
+
+def test_the_cpu_time_other_processes_take_during_a_measurement_is_counted():
+    cpus = os.cpu_count()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(cpus, 4))]
+    try:
+        time.sleep(0.3)  # started
+        result, share = perf.cpu_share_of_others(lambda: time.sleep(1.5) or "done")
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert result == "done"
+    assert share >= 0.6 * len(hogs) / cpus  # their share of the machine, less start-up and scheduling
 
 
 def test_measured_peak_keeps_sampling_for_the_time_asked():

@@ -49,6 +49,9 @@ bench() {  # [BENCH_ENV=NAME=VALUE] bench SHAPES ROW [flags...]: one benchmark r
     <<< "$line" >> "$RESULTS"
 }
 
+# The matmul library the defaults do not pick (gptlab/perf.py: oneDNN on Intel, XLA's own elsewhere).
+if grep -q GenuineIntel /proc/cpuinfo 2>/dev/null; then OTHER_MATMULS=xla; else OTHER_MATMULS=onednn; fi
+
 # The CPU peak behind MFU is measured once per machine and cached: measure it now, on the idle machine.
 rm -f "${XDG_CACHE_HOME:-$HOME/.cache}/gptlab/cpu_peak_tflops.json"
 
@@ -64,8 +67,8 @@ for run in 1 2; do
   # glibc's default tcache (no restart, gptlab/heap.py): the automatic reuse is then undone at these shapes.
   BENCH_ENV=GLIBC_TUNABLES=glibc.malloc.tcache_count=7 bench baby "GLIBC_TUNABLES=glibc.malloc.tcache_count=7" \
     "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt
-  bench baby "parallel.cpu_matmuls=xla" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
-    --config.parallel.cpu_matmuls=xla
+  bench baby "parallel.cpu_matmuls=$OTHER_MATMULS" "${BABY[@]}" "${BABY_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_matmuls=$OTHER_MATMULS
   bench small "defaults" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=torch
   bench small "model.attention=explicit" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
     --config.model.attention=explicit
@@ -75,8 +78,8 @@ for run in 1 2; do
     --config.parallel.cpu_devices=1
   bench small "parallel.cpu_reuse_memory=False" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
     --config.parallel.cpu_reuse_memory=False
-  bench small "parallel.cpu_matmuls=xla" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
-    --config.parallel.cpu_matmuls=xla
+  bench small "parallel.cpu_matmuls=$OTHER_MATMULS" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt \
+    --config.parallel.cpu_matmuls=$OTHER_MATMULS
   bench small "data.prefetch=2" "${SMALL[@]}" "${SMALL_STEPS[@]}" --compare=nanogpt --config.data.prefetch=2
 done
 if grep -qE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then  # PyTorch peers in bfloat16 autocast
