@@ -495,20 +495,29 @@ def cpu_peak_tflops() -> tuple:
     if busy > PEAK_BUSY_SHARE_MAX:
         return tflops, (f"float32 matmul measured on {measured} ({cpu_info()['model']}), not cached: other processes "
                         f"took {busy:.0%} of the CPU meanwhile, so it may be low (MFU high); measured again next run")
+    where = cache_cpu_peak(tflops, measured)
+    return tflops, f"float32 matmul measured on {measured} ({cpu_info()['model']}), {where}"
+
+
+def cache_cpu_peak(tflops: float, measured: str) -> str:
+    """Writes this machine's CPU peak into the cache (`peak_cache_path`, keyed as `cpu_peak_tflops` reads it).
+
+    Returns where it went ("cached in PATH", or why not) for the peak's source line.
+    """
+    path = peak_cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             table = json.loads(path.read_text())
         except (OSError, ValueError):
             table = {}
-        table[key] = {"tflops": tflops, "measured": measured}
+        table[_machine_key()] = {"tflops": tflops, "measured": measured}
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=1) + "\n")
         os.replace(tmp, path)
-        where = f"cached in {path}"
+        return f"cached in {path}"
     except OSError as e:
-        where = f"not cached ({e.strerror})"
-    return tflops, f"float32 matmul measured on {measured} ({cpu_info()['model']}), {where}"
+        return f"not cached ({e.strerror})"
 
 
 def peak_tflops(override=None) -> tuple:

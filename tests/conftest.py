@@ -6,7 +6,6 @@ a test fails instead, so CI runs everything.
 """
 import atexit
 import importlib
-import json
 import os
 import pathlib
 import shutil
@@ -55,8 +54,7 @@ if "GPTLAB_TEST_CACHE" not in os.environ:
 
     os.environ["GPTLAB_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
     atexit.register(shutil.rmtree, os.environ["GPTLAB_TEST_CACHE"], ignore_errors=True)
-    perf.peak_cache_path().parent.mkdir(parents=True)
-    perf.peak_cache_path().write_text(json.dumps({perf._machine_key(): {"tflops": 1.0, "measured": "tests/conftest.py"}}))
+    perf.cache_cpu_peak(1.0, "tests/conftest.py")
 
 
 @pytest.fixture(scope="session")

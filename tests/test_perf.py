@@ -161,7 +161,6 @@ wrap = lambda f: f
 def test_reused_memory_stops_each_step_from_faulting_its_buffers_in_again(mode):
     # What parallel.cpu_reuse_memory is for: without it, glibc unmaps XLA's large per-call buffer
     # and every call faults its 40,000 pages in again; with it, most calls reuse a freed buffer.
-
     out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_PER_CALL, mode], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": TCACHE_ON}, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -200,7 +199,6 @@ def test_automatic_reuse_is_undone_for_a_step_whose_temporaries_would_fragment_t
     # automatic choice is undone before the first step runs, so every call maps its block afresh; an explicit
     # True stays. A process started with the tcache off (as `python -m experiments.NAME` restarts) keeps it up
     # to what the heap keeps at all (heap.KEPT_BYTES_MAX; one device here).
-
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", GLIBC_TUNABLES=tcache)
     out = subprocess.run([sys.executable, "-c", _LIMITED_REUSE, str(limit_mb), choice, str(kept_max_mb)],
@@ -220,7 +218,6 @@ def test_with_glibcs_tcache_off_the_freed_block_is_reused_from_the_second_call()
     # and the heap grew by a block on several of the first calls (4 and 5 more blocks in two runs; gptlab/heap.py).
     # With it off, the first call maps its 40,000 pages and the heap settles: the 19 calls after it faulted no more
     # block in most runs, at most two (in 1 of 14 runs), so the bound is fewer than 2.5 blocks' pages in all.
-
     script = _PAGE_FAULTS_PER_CALL.replace("print(sorted(faults[10:])[5])", "print(*faults)")
     out = subprocess.run([sys.executable, "-c", script, "reuse"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": heap.TCACHE_OFF})
@@ -242,7 +239,6 @@ heap.restart_with_tcache_off()
     ("glibc.malloc.arena_max=4", ["glibc.malloc.arena_max=4", "glibc.malloc.arena_max=4:" + heap.TCACHE_OFF]),
     (TCACHE_ON, [TCACHE_ON])])  # the user's own choice of the tcache stands
 def test_an_entry_point_restarts_once_with_glibcs_tcache_off(tunables, runs):
-
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", heap.BEFORE_RESTART)}
     env = {**env, "JAX_PLATFORMS": "cpu", **({"GLIBC_TUNABLES": tunables} if tunables else {})}
     out = subprocess.run([sys.executable, "-c", _RESTART, "--flag=1"], capture_output=True, text=True, env=env,

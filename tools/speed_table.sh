@@ -49,8 +49,8 @@ bench() {  # [BENCH_ENV=NAME=VALUE] bench SHAPES ROW [flags...]: one benchmark r
     <<< "$line" >> "$RESULTS"
 }
 
-# The matmul library the defaults do not pick (gptlab/perf.py: oneDNN on Intel, XLA's own elsewhere).
-if grep -q GenuineIntel /proc/cpuinfo 2>/dev/null; then OTHER_MATMULS=xla; else OTHER_MATMULS=onednn; fi
+# The matmul library the defaults do not pick on this CPU (perf.choose_cpu_matmuls: oneDNN on Intel, XLA's own elsewhere).
+OTHER_MATMULS=$("$PY" -c "from gptlab import perf; print({'xla': 'onednn', 'onednn': 'xla'}[perf.choose_cpu_matmuls('cpu', 'jit')[0]])")
 
 # The CPU peak behind MFU is measured once per machine and cached: measure it now, on the idle machine.
 rm -f "${XDG_CACHE_HOME:-$HOME/.cache}/gptlab/cpu_peak_tflops.json"
