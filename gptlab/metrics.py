@@ -10,10 +10,10 @@ into WORKDIR/wandb/, to upload later with `wandb sync`.
 """
 import json
 import math
-import os
 import pathlib
 import uuid
 
+from gptlab import files
 from gptlab.errors import UserError
 
 _wandb_run = None  # the open W&B run of this process, finished by finish_wandb()
@@ -55,9 +55,7 @@ class MetricsWriter:
         path = pathlib.Path(workdir) / "metrics.jsonl"
         if path.exists():
             kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file, never half
+            files.write_jsonl_atomic(path, kept)  # a kill here leaves the old or the new file, never half
         self._jsonl = open(path, "a", encoding="utf-8")
         self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
         self._wandb = start_wandb(workdir, wandb_config) if wandb_config and wandb_config.get("project") else None

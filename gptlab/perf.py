@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gptlab import files
 from gptlab import heap
 
 AUTO = "auto"
@@ -512,9 +513,7 @@ def cache_cpu_peak(tflops: float, measured: str) -> str:
         except (OSError, ValueError):
             table = {}
         table[_machine_key()] = {"tflops": tflops, "measured": measured}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1) + "\n")
-        os.replace(tmp, path)
+        files.write_json_atomic(path, table, indent=1)
         return f"cached in {path}"
     except OSError as e:
         return f"not cached ({e.strerror})"

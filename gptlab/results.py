@@ -45,6 +45,7 @@ import sys
 import jax
 import numpy as np
 
+from gptlab import files
 from gptlab import model as model_lib
 from gptlab import perf
 from gptlab.metrics import read_metrics
@@ -89,9 +90,7 @@ def write_result(workdir, final: dict, config_json: dict, params, trainable, wal
                    "host_cpu": perf.cpu_description()},
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = workdir / (FILENAME + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_plain) + "\n")
-    os.replace(tmp, workdir / FILENAME)  # atomic: a result.json is always whole
+    files.write_json_atomic(workdir / FILENAME, result, default=_plain)  # a result.json is always whole
     return result
 
 

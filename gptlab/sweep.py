@@ -71,6 +71,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
+from gptlab import files
 from gptlab import lock as lock_lib
 from gptlab import results
 from gptlab.errors import Preempted, UserError
@@ -429,9 +430,7 @@ def run_dir(workdir, name: str) -> pathlib.Path:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=repr) + "\n")
-    os.replace(tmp, path)
+    files.write_json_atomic(path, obj, default=repr)
 
 
 def _read_json(path: pathlib.Path):
@@ -529,9 +528,7 @@ def collect(workdir, sweep: Sweep) -> dict:
                                      "variant": cell.variant, "factors": cell.factors, "seed": cell.seed,
                                      "workdir": f"runs/{cell.name}", "cell_seconds": state.get("seconds"),
                                      "result": result}, default=repr))
-    tmp = workdir / "results.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, workdir / "results.jsonl")
+    files.write_atomic(workdir / "results.jsonl", "".join(line + "\n" for line in lines))
     _write_json(workdir / "status.json", {"sweep": sweep.name, "counts": _count(states), "cells": states})
     return states
 

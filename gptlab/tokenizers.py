@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Optional, Protocol
 
 import numpy as np
 
+from gptlab import files
 from gptlab.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -394,14 +395,8 @@ def save(tokenizer: Tokenizer, workdir) -> None:
     """Writes WORKDIR/tokenizer.json (and a SentencePiece model as WORKDIR/tokenizer.model), atomically."""
     workdir = pathlib.Path(workdir)
     if tokenizer.kind == "sentencepiece":
-        _write_atomic(workdir / SENTENCEPIECE_MODEL, tokenizer.model_proto)
-    _write_atomic(workdir / TOKENIZER_JSON, (json.dumps(tokenizer.to_json()) + "\n").encode())
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        files.write_atomic(workdir / SENTENCEPIECE_MODEL, tokenizer.model_proto)
+    files.write_json_atomic(workdir / TOKENIZER_JSON, tokenizer.to_json(), indent=None)
 
 
 def load_or_build(data_cfg, train_texts: Callable[[], Iterable[str]], workdir=None, log: Callable = print,

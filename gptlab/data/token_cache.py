@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from gptlab import files
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.errors import UserError
 
@@ -176,7 +177,5 @@ def _build(bin_path, meta_path, source, texts, tokenizer, start) -> dict:
     meta = {"source": source, "num_tokens": num_tokens, "dtype": source["dtype"],
             "bytes": num_tokens * np.dtype(source["dtype"]).itemsize, "sha256": digest.hexdigest(),
             "seconds": round(seconds, 3), "tokens_per_sec": round(num_tokens / max(seconds, 1e-9))}
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, meta_path)
+    files.write_json_atomic(meta_path, meta)
     return meta

@@ -1,0 +1,43 @@
+"""Writing files so that a reader never sees half of one.
+
+Every results and state file gptlab writes (result.json, metrics.jsonl after a resume,
+results.jsonl, sweep state, tokenizer files, caches) goes through `write_atomic`: the
+bytes go to a temporary file in the same folder, which is renamed over the target
+only once complete. A kill or a full disk at any point leaves the old file or the new
+one, never a cut one, and no temporary file behind (it is removed when the write fails).
+"""
+import json
+import os
+import pathlib
+import uuid
+
+
+def write_atomic(path, data, fsync: bool = False) -> None:
+    """Replaces `path` with `data` (str: UTF-8 text; bytes as they are) in one rename.
+
+    Raises OSError (e.g. ENOSPC) with the target untouched and no temporary file left.
+    `fsync`: flush to the disk before the rename (for files that must survive a power cut,
+    not only a killed process).
+    """
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path, obj, indent=2, default=None) -> None:
+    """`write_atomic` of `obj` as JSON with a final newline."""
+    write_atomic(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+def write_jsonl_atomic(path, records, default=None) -> None:
+    """`write_atomic` of one JSON line per record."""
+    write_atomic(path, "".join(json.dumps(r, default=default) + "\n" for r in records))
