@@ -1,7 +1,14 @@
-"""Entry points: `python -m experiments.NAME`, thin scripts over the `gptlab` library."""
+"""Entry points: `python -m experiments.NAME`, thin scripts over the `gptlab` library.
+
+Run that way (not imported), an entry point first restarts itself once with glibc's tcache off on
+Linux CPU machines, so that the train step's freed buffers merge and are reused (gptlab/heap.py,
+docs/speed.md); the restarted process says so in one line on stderr. GPTLAB_ALLOCATOR_RESTART=0 in
+the environment turns it off.
+"""
 import sys
 
-if sys.argv[:1] == ["-m"]:  # run as `python -m experiments.NAME` (not imported), before its module and JAX load
+if sys.argv[:1] == ["-m"]:  # run as `python -m experiments.NAME`, before its module and JAX load
     from gptlab import heap
 
-    heap.restart_with_tcache_off()  # once: freed step buffers merge and are reused (gptlab/heap.py)
+    heap.restart_with_tcache_off()
+    heap.announce_restart()

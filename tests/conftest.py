@@ -36,7 +36,7 @@ def needs_file(path: pathlib.Path) -> None:
     """Skips a test whose offline data file is missing (fails under GPTLAB_TEST_FULL)."""
     if not path.is_file():
         message = (f"needs the offline data file {path}: put ../shared/data next to the repository or set "
-                   "GPTLAB_TEST_DATA=/path/to/data (see the README's Tests section)")
+                   "GPTLAB_TEST_DATA=/path/to/data (see docs/development.md, Tests)")
         pytest.fail(message) if FULL else pytest.skip(message)
 
 

@@ -7,7 +7,7 @@ Separate benchmark processes on a shared VM drift by 20-45% within minutes; here
 runs on the same state and batches, in alternating blocks (the order reversed every other block),
 so a slow moment slows all alike. Prints each variant's median step time and, per block, the
 first variant's step time over its own (above 1: faster than the first). Default variants: XLA's
-own matmuls and oneDNN's (`perf.CPU_MATMUL_OPTIONS`), the comparison behind the README's
+own matmuls and oneDNN's (`perf.CPU_MATMUL_OPTIONS`), the comparison behind docs/speed.md's
 `parallel.cpu_matmuls` figures.
 """
 import json
@@ -25,7 +25,7 @@ from gptlab import benchmark, perf  # noqa: E402
 
 
 def main(shape="baby", blocks=6, per_block=3):
-    config = step_breakdown.get_config(shape)  # baby: nanoGPT's baby GPT, as the README's speed tables
+    config = step_breakdown.get_config(shape)  # baby: nanoGPT's baby GPT, as docs/speed.md's tables
     if shape == "baby":
         config.model.dtype = os.environ.get("DTYPE", "float32")
     variants = json.loads(os.environ.get("VARIANTS") or json.dumps(

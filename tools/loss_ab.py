@@ -3,7 +3,7 @@
     python tools/loss_ab.py PRESET [BLOCKS] [STEPS_PER_BLOCK]      # e.g. gpt2_124m on a GPU (check 4 of gpu_checks.sh)
 
 For a GPU loan: on an H200 about a fifth of gpt2_124m's step is passes over the 32x1024x50304
-logits (README, "GPU"). Each variant below is a loss function in place of `train.lm_loss_fn`,
+logits (docs/speed.md, "GPU"). Each variant below is a loss function in place of `train.lm_loss_fn`,
 with the same model, optimizer, parameters and batches:
 - `optax`: what training runs: logits in the compute dtype, converted to float32, optax's cross-entropy;
 - `f32_logits`: the tied head's matmul writes float32 logits itself (`preferred_element_type`), so

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README "Speed" tables, measured in one go on an idle CPU machine (about 20 minutes on 2 cores):
+# The speed tables of docs/speed.md, measured in one go on an idle CPU machine (about 20 minutes on 2 cores):
 #
 #     bash tools/speed_table.sh [OUT_DIR]        # default /tmp/gptlab_speed; prints Markdown tables
 #

@@ -34,7 +34,7 @@ DENSE_LAYERS = re.compile(r"/(attn/qkv|attn/proj|mlp/fc|mlp/proj|mlp/gate|lm_hea
 
 
 def get_config(shapes: str):
-    """A preset's config, or with `baby` nanoGPT's baby GPT as the README's speed tables run it."""
+    """A preset's config, or with `baby` nanoGPT's baby GPT as docs/speed.md's tables run it."""
     if shapes != "baby":
         config = pretrain.get_config(shapes)
         if config.data.tokenizer == "char" and not config.model.vocab_size:

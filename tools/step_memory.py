@@ -6,7 +6,7 @@ Runs the config's real train step on synthetic tokens (`benchmark.synthetic_trai
 times with `parallel.cpu_reuse_memory` automatic, on or off, and prints one line a step: seconds, minor page faults during it, and the process's VmRSS after
 it; then the mean and median of steps 1.. (step 0 compiles) and how many of them faulted.
 A step that faults while the setting is on is one whose temporaries did not fit a freed block,
-so the heap grew (README, `parallel.cpu_reuse_memory`). `baby` is as in `tools/step_breakdown.py`.
+so the heap grew (docs/speed.md, `parallel.cpu_reuse_memory`). `baby` is as in `tools/step_breakdown.py`.
 Like `python -m experiments.NAME` it restarts itself with glibc's tcache off (gptlab/heap.py);
 `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` (glibc's default) keeps the tcache, and with it the
 automatic choice's limit on the step's temporaries (`perf.limit_reuse_memory`).

@@ -32,6 +32,8 @@ Presets:
   small  a 2-core CPU, in under 90 minutes (85 on an idle 2-core Intel Xeon): three sizes of 2 layers
          and 2 heads, 12, 24 and 48 wide, context 128 (3.8K-57K non-embedding parameters, 15x),
          344 cells, three at a time.
+  tiny   the whole pipeline at test size (1-layer models, 39 cells): about 10 minutes on 2 cores;
+         its numbers mean nothing, it checks that everything runs.
   gpu    one GPU: 6-12 layers, 384-768 wide, context 256 (10.6M-85M non-embedding
          parameters), the same study at GPU scale.
 """
@@ -90,7 +92,7 @@ PRESETS = {
         pretrain_steps=10000, pretrain_learning_rate=6e-4, pretrain_min_learning_rate=6e-5,
         finetune_steps=3000, scratch_steps=6000, scratch_eval_every=200,
         eval_every=100, eval_batches=20, test_batches=64),
-    # Test-sized (tests/test_study.py runs it end to end): 39 cells of 1-layer models, about 2 minutes.
+    # Test-sized (tests/test_study.py runs it end to end): 39 cells of 1-layer models, about 10 minutes on 2 cores.
     "tiny": dict(
         sizes={"1x8": dict(n_layer=1, n_head=1, n_embd=8), "1x16": dict(n_layer=1, n_head=2, n_embd=16)},
         task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
