@@ -1,6 +1,8 @@
 """Evaluating a trained model: loss, perplexity and bits per byte on a split.
 
-    python -m experiments.evaluate --workdir=/tmp/run [--config.data.eval_split=test]
+    python -m experiments.evaluate --workdir=/tmp/run [--step=best] [--config.data.eval_split=test]
+
+The checkpoint is the entry point's `--step` flag (as for sample, compare, convert and chat).
 
 Every `data` field left unset (None) is the run's own, read from its checkpoint, so
 the default evaluates the run's validation split with its tokenizer and window
@@ -13,7 +15,6 @@ from ml_collections import config_dict
 def get_config(preset: str = "") -> config_dict.ConfigDict:
     del preset  # one configuration; kept for the `file.py:preset` syntax
     config = config_dict.ConfigDict()
-    config.step = config_dict.placeholder(str)  # checkpoint step to evaluate: a number or "best"; None: the latest
     config.num_batches = config_dict.placeholder(int)  # evaluate this many batches; None: the whole split
 
     config.data = data = config_dict.ConfigDict()

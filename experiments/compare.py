@@ -1,7 +1,7 @@
 """Evaluates several workdirs on the same text and prints and writes one table.
 
     python -m experiments.compare --workdirs=/tmp/gptlab/pretrain,/tmp/gptlab/ft_lora \
-        --config.data.include="('email/*',)" --config.data.exclude="()" [--output=compare.md]
+        [--step=best] [--output=compare.md]
 
 The text (dataset, split, include/exclude, ...) is the same for every run: the
 `--config.data.*` fields given, else the first workdir's. See gptlab/compare.py.
@@ -16,14 +16,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/evaluate.py", "Evaluation config file; data fields left unset are the first run's.",
     lock_config=True)
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, separated by commas.", required=True)
-_OUTPUT = flags.DEFINE_string("output", "compare.md", "Where to write the Markdown table (and .json beside it).")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the Markdown table here (and its rows as .json beside it).")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step of every workdir, or 'best' (by validation); default the latest.")
 
 
 def main() -> None:
-    table = compare.compare(_WORKDIRS.value, _CONFIG.value)
+    table = compare.compare(_WORKDIRS.value, _CONFIG.value, _STEP.value)
     print(compare.markdown(table), end="")
-    markdown_path, json_path = compare.write(table, _OUTPUT.value)
-    print(f"wrote {markdown_path} and {json_path}")
+    if _OUTPUT.value:
+        markdown_path, json_path = compare.write(table, _OUTPUT.value)
+        print(f"wrote {markdown_path} and {json_path}")
 
 
 if __name__ == "__main__":

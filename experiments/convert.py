@@ -16,7 +16,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "gptlab workdir: written by --fr
                                required=True)
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face GPT-2 folder (or hub id) to import into --workdir.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Folder to export --workdir's model to, as a HF GPT-2.")
-_STEP = flags.DEFINE_integer("step", None, "With --to_hf: the checkpoint step to export; default the latest.")
+_STEP = flags.DEFINE_string("step", None, "With --to_hf: the checkpoint step to export, or 'best' (by validation); default the latest.")
 
 
 def main():

@@ -33,11 +33,11 @@ def shared_text(reference: dict, overrides) -> dict:
     return {**text, "include": tuple(text.get("include") or ()), "exclude": tuple(text.get("exclude") or ())}
 
 
-def compare(workdirs, config, log=print) -> dict:
-    """Evaluates every workdir (latest checkpoint, or `config.step`) on the same text; returns the table."""
+def compare(workdirs, config, step=None, log=print) -> dict:
+    """Evaluates every workdir (latest checkpoint, or `step`: a number or "best") on the same text; returns the table."""
     if len(workdirs) < 1:
         raise UserError("--workdirs is empty: give one or more workdirs separated by commas")
-    loaded = [convert.load_workdir(w, config.step, strict=False) for w in workdirs]
+    loaded = [convert.load_workdir(w, step, strict=False) for w in workdirs]
     text = shared_text(loaded[0].config, config.data)
     rows = []
     for workdir, run in zip(workdirs, loaded):

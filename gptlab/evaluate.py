@@ -215,10 +215,10 @@ def data_config(run_config: dict, overrides) -> config_dict.ConfigDict:
     return data
 
 
-def evaluate(workdir, config, log=print) -> dict:
+def evaluate(workdir, config, step=None, log=print) -> dict:
     """Evaluates the model of `workdir` as `config` (configs/evaluate.py) says; writes WORKDIR/eval.json."""
     start = time.perf_counter()
-    loaded = convert.load_workdir(workdir, config.step, strict=False)
+    loaded = convert.load_workdir(workdir, step, strict=False)
     task = task_of(loaded.config)
     if task not in TASKS:
         raise UserError(f"{workdir} is a {task!r} run and this gptlab has no evaluator for that task: "

@@ -186,8 +186,8 @@ def test_evaluate_reports_accuracy_f1_and_confusion_for_classify(pretrained, dat
     assert {"eval_accuracy", "eval_macro_f1"} <= set(final["selection"]["validation"])
     assert {"test_accuracy", "test_macro_f1"} <= set(final["selection"]["test"])
     config = evaluate_config.get_config()
-    config.step, config.num_batches = "best", 2
-    result = evaluate.evaluate(tmp_path, config)
+    config.num_batches = 2
+    result = evaluate.evaluate(tmp_path, config, step="best")
     matrix = np.array(result["confusion_matrix"])
     assert matrix.shape == (8, 8) and matrix.sum() == result["examples"] == 16
     assert result["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
