@@ -3,6 +3,8 @@
     python -m experiments.compare --workdirs=/tmp/gptlab/pretrain,/tmp/gptlab/ft_lora \
         --config.data.include="('email/*',)" --config.data.exclude="()" [--output=compare.md]
 
+--workdirs may be repeated; a path that holds a comma is given as a --workdirs of its own.
+
 The text (dataset, split, include/exclude, ...) is the same for every run: the
 `--config.data.*` fields given, else the first workdir's. See gptlab/compare.py.
 """
@@ -15,12 +17,14 @@ from gptlab import compare
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/evaluate.py", "Evaluation config file; data fields left unset are the first run's.",
     lock_config=True)
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, separated by commas.", required=True)
+_WORKDIRS = flags.DEFINE_multi_string("workdirs", None, "Workdirs to compare, separated by commas; repeat the flag "
+                                      "to give a path holding a comma on its own (an existing path is never split).",
+                                      required=True)
 _OUTPUT = flags.DEFINE_string("output", "compare.md", "Where to write the Markdown table (and .json beside it).")
 
 
 def main() -> None:
-    table = compare.compare(_WORKDIRS.value, _CONFIG.value)
+    table = compare.compare(compare.split_workdirs(_WORKDIRS.value), _CONFIG.value)
     print(compare.markdown(table), end="")
     markdown_path, json_path = compare.write(table, _OUTPUT.value)
     print(f"wrote {markdown_path} and {json_path}")

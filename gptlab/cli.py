@@ -6,6 +6,7 @@ one line, exit 75, and nothing lost, since before the loop nothing has been trai
 after it the last step is already being checkpointed (cleanup still runs on the way out).
 """
 import difflib
+import errno
 import os
 import pathlib
 import re
@@ -153,5 +154,10 @@ def run(main) -> None:
         except Preempted as e:
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(Preempted.EXIT_CODE)
+        except OSError as e:  # a full disk or quota: a resource the user can free, not a bug
+            if _VERBOSE.value or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            fail(f"could not write {e.filename or 'a file'} ({e.strerror}): every file is written whole or not at "
+                 "all; free disk space and rerun the same command")
 
     app.run(absl_main, flags_parser=_parse_flags)

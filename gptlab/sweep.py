@@ -471,7 +471,7 @@ def _cell_state(workdir, cell: Cell) -> tuple:
         pass  # a sweep (or a child of a killed one) is running it now
     elif state["status"] in ("running", "finished") or (state["status"] == "pending" and has_checkpoint(directory)):
         state["status"] = "interrupted" if has_checkpoint(directory) else "pending"  # a killed sweep's leftovers
-    return state
+    return state, result
 
 
 FOREIGN = "its result.json is of another configuration"
@@ -620,10 +620,10 @@ def collect(workdir, sweep: Sweep) -> dict:
 
 
 def read_results(workdir) -> list:
-    path = pathlib.Path(workdir) / "results.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """DIR/results.jsonl's records (a damaged line is refused: `collect` rebuilds the file from the cells)."""
+    return files.read_jsonl(pathlib.Path(workdir) / "results.jsonl",
+                            fix=f"rebuild it from the cells' result.json files with python -m experiments.report "
+                                f"--workdir={pathlib.Path(workdir).absolute()}")
 
 
 @contextlib.contextmanager
