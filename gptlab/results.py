@@ -1,8 +1,8 @@
 """WORKDIR/result.json: what a finished run leaves for tables, sweeps and reproduction.
 
 Written once, atomically, by the start-up and loop every experiment shares
-(`train.start_and_run`), after the last step; its presence means "this run
-finished". It holds:
+(`train.start_and_run`), after the last step and after the artefacts it lists;
+its presence means "this run finished". It holds:
 
 - the final metrics at the top level, as `train_and_evaluate` returns them
   (`step`, `train_loss`, `eval_loss`, `grad_norm`, `learning_rate`, and e.g.

@@ -29,15 +29,20 @@ returning a plain dict:
 Cells are variants x grid x seeds; each runs in DIR/runs/CELL/ as the real entry
 point would (`python -m experiments.pretrain|finetune --config=... --config.FIELD=...`,
 one process per cell; the exact command is in DIR/sweep.json and
-DIR/runs/CELL/sweep_cell.json). A cell whose workdir holds result.json has
-finished and is skipped; one with checkpoints but no result.json was
-interrupted and resumes (training resumes automatically); a failed cell is
+DIR/runs/CELL/sweep_cell.json). A cell has finished, and is skipped, when its
+workdir holds a result.json of the cell's own configuration (every field the cell's
+config sets, `results.config_fingerprint` intact) and every artefact that result.json
+lists (e.g. a LoRA run's merged/); a result.json of another configuration (copied
+in, left by another sweep) is never counted nor overwritten: the sweep refuses in one
+line until the cell's folder is moved away. A cell with checkpoints but no such
+result.json was interrupted and resumes (training resumes automatically); a failed cell is
 recorded with its error (DIR/runs/CELL/sweep_status.json, DIR/status.json) and
 the sweep goes on; its dependents are marked blocked. Rerunning the same
 command retries failed cells and runs whatever is left. Every cell event
 rewrites DIR/results.jsonl (one line per finished cell, with its result.json)
 and DIR/status.json from the per-cell files, atomically, so a finished result
-is never lost and both files can always be rebuilt.
+is never lost and both files can always be rebuilt. A write the disk refuses ends
+the sweep in one line (exit status 2); running cells checkpoint and stop.
 
 Where cells run: as processes on this machine (the default), or as jobs of a
 cluster scheduler through `submitit` (`pip install -e ".[cluster]"`): SLURM
