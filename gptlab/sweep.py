@@ -505,7 +505,7 @@ def finished_result(workdir, cell: Cell) -> tuple:
         return None, f"{FOREIGN} ({shown}{more})"
     missing = [name for name in results.promised_artefacts(result) if not (directory / name).exists()]
     if missing:
-        return None, f"result.json lists {', '.join(missing)} but the run's workdir lacks it"
+        return None, f"its result.json promises {', '.join(missing)}, which {directory} lacks"
     return result, None
 
 
@@ -519,12 +519,12 @@ def _config_differences(cell: Cell, stored: dict) -> list:
             expected = json.loads(build_config(cell, init_from="<checked>").to_json_best_effort())
         except UserError:  # the experiment config changed or went since: check what the cell itself sets
             expected = {}
-        for dotted, value in {**cell.overrides, "seed": cell.seed}.items():
-            node = expected
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = json.loads(json.dumps(value, default=repr))
+            for dotted, value in {**cell.overrides, "seed": cell.seed}.items():
+                node = expected
+                *parents, leaf = dotted.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = json.loads(json.dumps(value, default=repr))
         _EXPECTED[cell.fingerprint] = expected
     found = []
     _compare(_EXPECTED[cell.fingerprint], stored, "", found)
