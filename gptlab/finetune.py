@@ -392,8 +392,8 @@ def export_merged(workdir, log=print):
     except (OSError, UserError) as e:
         shutil.rmtree(fresh, ignore_errors=True)
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-        raise UserError(f"could not write the merged export {out} ({reason}); the run's checkpoints are intact and "
-                        "it is not marked finished (no result.json): free disk space or fix the directory's "
+        raise UserError(f"could not write the merged export {out} ({reason}); the run's own checkpoints are intact "
+                        "and the run does not count as finished without it: free disk space or fix the directory's "
                         "permissions, then rerun the same command, which exports it again") from None
     log(f"merged export: LoRA adapters folded into their kernels, plain-model checkpoint at "
         f"{out / directory.relative_to(fresh)}")
