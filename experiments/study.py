@@ -38,9 +38,9 @@ def main() -> None:
             import pathlib
 
             if (pathlib.Path(workdir) / "sweep.json").exists():
-                study.collect(workdir)
+                # The invocation first: counted even when collecting or writing the report fails after it.
                 study.record_run(workdir, time.perf_counter() - started, finished)
-                written = study.write_study(workdir)
+                written = study.write_study(workdir)  # collects DIR/study/ first
                 print(f"study report: {written['markdown']}" + (f", {written['pdf']}" if written["pdf"] else ""))
 
 

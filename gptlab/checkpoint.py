@@ -356,9 +356,11 @@ class Checkpoints:
         code = re.search(r"os_error_code='(\d+)'", str(error))  # TensorStore reports the OS error inside its text
         reason = (getattr(error, "strerror", None) or (os.strerror(int(code.group(1))) if code else None)
                   or _first_line(error))
-        raise UserError(f"could not write checkpoint step {step} to {self.directory} ({reason}); {kept}. "
-                        "Free disk space or fix the directory's permissions, then rerun the same command "
-                        "to resume") from None
+        failure = UserError(f"could not write checkpoint step {step} to {self.directory} ({reason}); {kept}. "
+                            "Free disk space or fix the directory's permissions, then rerun the same command "
+                            "to resume")
+        failure.reason = reason  # for callers that say in their own words what failed (the merged export)
+        raise failure from None
 
     def read_json(self, step: int, item: str) -> dict:
         with Reader(self.directory, step, pin=False) as reader:  # the writer's own steps: nothing rotates them now

@@ -6,6 +6,7 @@ one line, exit 75, and nothing lost, since before the loop nothing has been trai
 after it the last step is already being checkpointed (cleanup still runs on the way out).
 """
 import difflib
+import errno
 import os
 import pathlib
 import re
@@ -81,8 +82,10 @@ sys.argv[1:] = [_repository_config(arg) for arg in sys.argv[1:]]
 def _config_files(argv):
     """--config=PATH[:preset] arguments: a relative PATH not found here is looked up in the repository
     (so commands work from any directory); one found nowhere is refused in one line with a suggestion."""
-    if "config" in flags.FLAGS and not any(a.startswith("--config=") for a in argv):
-        default = flags.FLAGS["config"].default_as_str.strip("'\"")  # the entry point's default config file
+    asks_help = any(a in HELP_FLAGS for a in argv[1:])
+    if "config" in flags.FLAGS and not asks_help and not any(a.startswith("--config=") for a in argv):
+        # The entry point's default config file (None where --config is required: absl says it is missing).
+        default = (flags.FLAGS["config"].default_as_str or "").strip("'\"")
         if default and not os.path.exists(default.split(":")[0]):  # loaded when defined: too late to redirect
             fail(f"the default --config file {default.split(':')[0]} is not in {os.getcwd()}: run from the "
                  f"repository root {REPO}, or pass --config={REPO / default}")
@@ -98,12 +101,19 @@ def _config_files(argv):
     return argv
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv):
     """absl's parser, with config-override mistakes reported in one line instead of a traceback."""
     verbose = "--verbose" in argv
     argv = _config_files(argv)
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl exits with 1 after printing the help that was asked for: that is success
+        if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
     except Exception as e:  # pylint: disable=broad-except
         if verbose:
             raise
@@ -144,5 +154,10 @@ def run(main) -> None:
         except Preempted as e:
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(Preempted.EXIT_CODE)
+        except OSError as e:  # a full disk or quota: a resource the user can free, not a bug
+            if _VERBOSE.value or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            fail(f"could not write {e.filename or 'a file'} ({e.strerror}): every file is written whole or not at "
+                 "all; free disk space and rerun the same command")
 
     app.run(absl_main, flags_parser=_parse_flags)

@@ -1,6 +1,7 @@
 """Comparing runs: several workdirs evaluated on the same text, one table.
 
     python -m experiments.compare --workdirs=A,B,C [--config.data.include="('email/*',)"] [--output=compare.md]
+    python -m experiments.compare --workdirs=A --workdirs="runs/lr=1e-3,bs=8"  # a path with a comma: its own flag
 
 The numbers of two `experiments.evaluate` calls are only comparable when both
 read the same text. Here the text is fixed once for all runs: the fields that
@@ -9,7 +10,8 @@ choose it (`TEXT_FIELDS`: dataset, split, include/exclude, ...) come from
 its own tokenizer, window length and batch size (bits per byte compares across
 tokenizers). Each run is scored by its task's evaluator (gptlab.evaluate.TASKS).
 Every row reports the bytes it read: they agree when the text is the same, and
-a run that read different text is an error.
+a run that read different text is an error. Runs of different tasks get a table each:
+a classifier's loss and a language model's are different quantities.
 """
 import json
 import pathlib
@@ -17,6 +19,7 @@ import time
 
 from gptlab import convert
 from gptlab import evaluate as evaluate_lib
+from gptlab import files
 from gptlab.errors import UserError
 
 # The data fields that choose which text is evaluated: shared by every compared run.
@@ -67,15 +70,40 @@ def _describe(text: dict) -> str:
 
 
 def markdown(table: dict) -> str:
-    """The table in Markdown, headed by the text every run was evaluated on."""
-    rows = table["rows"]
+    """The table in Markdown, headed by the text every run was evaluated on: one table per task, since
+    the tasks' losses measure different things (next-token against class cross-entropy)."""
+    lines = [f"Evaluated on {_describe(table['text'])} (the same text for every run)."]
+    tasks = list(dict.fromkeys(row["task"] for row in table["rows"]))
+    for task in tasks:
+        rows = [row for row in table["rows"] if row["task"] == task]
+        if len(tasks) > 1:
+            lines += ["", f"Task {task} ({TASK_LOSS.get(task, 'its own loss')}; not comparable with the other tasks'):"]
+        lines += [""] + _markdown_rows(rows)
+    return "\n".join(lines) + "\n"
+
+
+TASK_LOSS = {"lm": "loss: next-token cross-entropy", "sft": "loss: next-token cross-entropy on responses",
+             "classify": "loss: class cross-entropy"}
+
+
+def _markdown_rows(rows) -> list:
     extra = [k for row in rows for k in row if k not in COLUMNS and k != "seconds"]
     columns = [c for c in COLUMNS if any(c in row for row in rows)] + list(dict.fromkeys(extra))
     cell = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = [f"Evaluated on {_describe(table['text'])} (the same text for every run).", "",
-             "| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+
+
+def split_workdirs(values) -> list:
+    """--workdirs values (the flag may be repeated) as workdirs: each value is split at commas, except a value
+    naming an existing path as a whole (a path with a comma in it: give it as its own --workdirs)."""
+    workdirs = []
+    for value in values:
+        if "," in value and pathlib.Path(value).expanduser().exists():
+            workdirs.append(value)
+        else:
+            workdirs += [part for part in value.split(",") if part]
+    return workdirs
 
 
 def write(table: dict, output) -> tuple:
@@ -83,9 +111,9 @@ def write(table: dict, output) -> tuple:
     path = pathlib.Path(output).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown(table))
+        files.write_atomic(path, markdown(table))
         json_path = path.with_suffix(".json")
-        json_path.write_text(json.dumps(table, indent=2, default=list) + "\n")
+        files.write_json_atomic(json_path, table, default=list)
     except OSError as e:
         raise UserError(f"cannot write --output={output} ({e.strerror or e}): choose a writable path") from None
     return path, json_path

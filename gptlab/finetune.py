@@ -22,8 +22,8 @@
   (`train.start_and_run`): a workdir with its own checkpoints resumes its full
   state instead of loading `init_from`.
 - Masks and the optimizer live in `gptlab.adapt`, LoRA in `gptlab.lora`. A LoRA run ends by
-  writing WORKDIR/merged/: the adapters folded into plain kernels, a checkpoint
-  that the plain model (and `init_from`) loads.
+  writing WORKDIR/merged/ (before result.json, which lists it among its `artefacts`): the
+  adapters folded into plain kernels, a checkpoint that the plain model (and `init_from`) loads.
 
 Tasks: `lm` (next-token loss on a narrow corpus), `sft` (loss on response tokens
 only), `classify` (cross-entropy of `cls_head` on the last real token's final
@@ -267,10 +267,16 @@ def finetune_and_evaluate(config, workdir) -> dict:
         final = train.run_experiment(config, workdir, lambda *args: _finetune(*args, source=source))
     finally:
         source.close()
-    if (config.finetune.strategy == "lora" and config.finetune.export_merged and final["step"] > 0
-            and jax.process_index() == 0):  # one writer
+    # The run exports before its result.json (`_finetune`); this covers a run finished before it did, whose
+    # merged/ is missing (the sweep counts such a cell unfinished and reruns it).
+    if (_exports_merged(config) and final["step"] > 0 and jax.process_index() == 0
+            and not (pathlib.Path(workdir).expanduser() / "merged").exists()):  # one writer
         export_merged(workdir)
     return final
+
+
+def _exports_merged(config) -> bool:
+    return config.finetune.strategy == "lora" and config.finetune.export_merged
 
 
 def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) -> dict:
@@ -287,8 +293,11 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
     finetuning = Finetuning(config, source, workdir, log, is_main, num_classes)
     if is_main:
         tokenizers_lib.save(tokenizer, workdir)  # like every run's workdir: the tokenizer beside the config
-    return train.start_and_run(config, workdir, checkpoints, log, is_main,
-                               train.pretrain_experiment(config, data, log, finetuning))
+    exp = train.pretrain_experiment(config, data, log, finetuning)
+    if _exports_merged(config):  # before result.json: a failed export leaves the run unfinished, resumable
+        exp = dataclasses.replace(exp, write_artefacts=lambda final: [export_merged(workdir, log).name]
+                                  if final["step"] > 0 else [])
+    return train.start_and_run(config, workdir, checkpoints, log, is_main, exp)
 
 
 class Finetuning:
@@ -374,11 +383,18 @@ def export_merged(workdir, log=print):
     merged = run.params  # load_workdir merges a LoRA run's adapters into their kernels
     config = {**run.config, "merged_lora_from": str(workdir)}
     fresh = workdir / "merged.tmp"  # written apart, then swapped in: a crash never leaves a half export
-    shutil.rmtree(fresh, ignore_errors=True)
-    directory = convert.save_workdir(fresh, jax.tree.map(np.asarray, merged), config, run.tokenizer_spec,
-                                     source=f"lora-merge:{workdir}", step=run.step)
-    shutil.rmtree(out, ignore_errors=True)
-    fresh.rename(out)
+    shutil.rmtree(fresh, ignore_errors=True)  # an earlier attempt's leftover
+    try:
+        directory = convert.save_workdir(fresh, jax.tree.map(np.asarray, merged), config, run.tokenizer_spec,
+                                         source=f"lora-merge:{workdir}", step=run.step)
+        shutil.rmtree(out, ignore_errors=True)
+        fresh.rename(out)
+    except (OSError, UserError) as e:
+        shutil.rmtree(fresh, ignore_errors=True)
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        raise UserError(f"could not write the merged export {out} ({reason}); the run's own checkpoints are intact "
+                        "and the run does not count as finished without it: free disk space or fix the directory's "
+                        "permissions, then rerun the same command, which exports it again") from None
     log(f"merged export: LoRA adapters folded into their kernels, plain-model checkpoint at "
         f"{out / directory.relative_to(fresh)}")
     return out

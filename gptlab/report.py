@@ -30,12 +30,14 @@ DIR/results.jsonl first) or their metrics.jsonl; nothing is typed in.
 """
 import csv
 import datetime
+import io
 import math
 import pathlib
 import re
 
 import numpy as np
 
+from gptlab import files
 from gptlab import selection
 from gptlab import sweep as sweep_lib
 from gptlab.errors import UserError
@@ -508,11 +510,12 @@ class Report:
             return None
         factor = _short(self.column_key) if self.column_key else None
         stem = f"{self.metric}_vs_{factor}" if factor else self.metric
-        with open(out / f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["row", self.column_key or "", f"{self.metric}_mean", f"{self.metric}_std", "seeds"])
-            for row, x, mean, std, n in data:
-                writer.writerow([row, "" if x is None else x, repr(mean), "" if std is None else repr(std), n])
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["row", self.column_key or "", f"{self.metric}_mean", f"{self.metric}_std", "seeds"])
+        for row, x, mean, std, n in data:
+            writer.writerow([row, "" if x is None else x, repr(mean), "" if std is None else repr(std), n])
+        files.write_atomic(out / f"{stem}.csv", text.getvalue())
         fig, ax = plt.subplots(figsize=(7, 4.5))
         numeric = bool(self.columns) and all(_num(c) is not None for c in self.columns)
         rows = list(dict.fromkeys(d[0] for d in data))
@@ -632,6 +635,6 @@ def write_report(workdir) -> dict:
     report = Report(workdir)
     figures = report.figures()
     md, tex = report.workdir / "report.md", report.workdir / "report.tex"
-    md.write_text(report.markdown(figures), encoding="utf-8")
-    tex.write_text(report.latex(), encoding="utf-8")
+    files.write_atomic(md, report.markdown(figures))
+    files.write_atomic(tex, report.latex())
     return {"markdown": md, "latex": tex, "figures": [p for p, _ in figures], "states": report.states}

@@ -1,8 +1,8 @@
 """WORKDIR/result.json: what a finished run leaves for tables, sweeps and reproduction.
 
 Written once, atomically, by the start-up and loop every experiment shares
-(`train.start_and_run`), after the last step; its presence means "this run
-finished". It holds:
+(`train.start_and_run`), after the last step and after the artefacts it lists;
+its presence means "this run finished". It holds:
 
 - the final metrics at the top level, as `train_and_evaluate` returns them
   (`step`, `train_loss`, `eval_loss`, `grad_norm`, `learning_rate`, and e.g.
@@ -23,6 +23,11 @@ finished". It holds:
   the process's peak resident memory, and the step it resumed from (0:
   uninterrupted) - the only part that varies
   between two runs of the same config and seed on one machine;
+- `config_fingerprint`: a hash of `config` (`config_fingerprint()`), so that a sweep can tell
+  a result.json of this configuration from one copied or edited in;
+- `artefacts`: what the run wrote beside its checkpoints and promises to keep (paths relative
+  to the workdir, e.g. `merged` for a LoRA run's merged export); written before result.json,
+  so result.json's presence means everything listed exists;
 - `seed`, `config` (the resolved config), `versions` (Python, jax, jaxlib, flax,
   optax, orbax-checkpoint, ...), `git` (commit, and whether the tree had
   uncommitted changes), `device`, `finished_at`.
@@ -32,6 +37,7 @@ same machine must reproduce exactly (tests/test_sweep.py checks it).
 """
 import datetime
 import functools
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -59,7 +65,7 @@ CIRCUMSTANCES = ("timing", "finished_at", "versions", "git", "device")
 
 def write_result(workdir, final: dict, config_json: dict, params, trainable, wall_time_s: float,
                  resumed_from_step=None, train_data_tokens=None, optimizer_state_bytes=None,
-                 data_examples=None) -> dict:
+                 data_examples=None, artefacts=()) -> dict:
     """Writes WORKDIR/result.json for a finished run and returns it.
 
     `params` is the parameter tree (arrays or ShapeDtypeStructs) and `trainable`
@@ -83,6 +89,8 @@ def write_result(workdir, final: dict, config_json: dict, params, trainable, wal
                    **{k: final[k] for k in THROUGHPUT_KEYS if k in final}},
         "seed": config_json.get("seed"),
         "config": config_json,
+        "config_fingerprint": config_fingerprint(config_json),
+        "artefacts": sorted(str(a) for a in artefacts),
         "versions": versions(),
         "git": git_state(),
         "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
@@ -92,6 +100,22 @@ def write_result(workdir, final: dict, config_json: dict, params, trainable, wal
     }
     files.write_json_atomic(workdir / FILENAME, result, default=_plain)  # a result.json is always whole
     return result
+
+
+def config_fingerprint(config_json: dict) -> str:
+    """A short hash of a resolved config (as JSON): equal for equal configs, whatever the key order."""
+    text = json.dumps(config_json, sort_keys=True, default=_plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def promised_artefacts(result: dict) -> list:
+    """What a finished run's workdir must hold besides result.json: the artefacts it lists, and for a
+    LoRA run with `finetune.export_merged` (also one written before result.json listed them) `merged`."""
+    promised = set(result.get("artefacts") or ())
+    finetune = (result.get("config") or {}).get("finetune") or {}
+    if finetune.get("strategy") == "lora" and finetune.get("export_merged") and (result.get("steps") or 0) > 0:
+        promised.add("merged")
+    return sorted(promised)
 
 
 def peak_rss_mb() -> float:

@@ -27,6 +27,7 @@ chosen cells' best checkpoint (also chosen on validation) scored on the test spl
 """
 import csv
 import dataclasses
+import io
 import json
 import math
 import pathlib
@@ -36,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from gptlab import files
 from gptlab import selection
 from gptlab import sweep as sweep_lib
 from gptlab import transfer
@@ -761,11 +763,12 @@ def md_table(header, rows) -> list:
 
 
 def write_csv(path, header, rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow([repr(x) if isinstance(x, float) else x for x in row])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([repr(x) if isinstance(x, float) else x for x in row])
+    files.write_atomic(path, text.getvalue())
 
 
 def _thousands():
@@ -831,30 +834,38 @@ SPEC = "study.json"
 
 
 def collect(workdir) -> pathlib.Path:
-    """DIR/study/results.jsonl and study.json from a sweep workdir; returns DIR/study."""
+    """DIR/study/results.jsonl and study.json from a sweep workdir (each written atomically); returns DIR/study."""
     workdir = pathlib.Path(workdir)
     sweep = sweep_lib.load_stored(workdir)
     out = workdir / STUDY_DIR
     out.mkdir(exist_ok=True)
+    sweep_lib.collect(workdir, sweep)  # DIR/results.jsonl rebuilt from the cells that really finished
     lines = sweep_lib.read_results(workdir)
-    (out / RECORDS).write_text("".join(json.dumps(compact(line), sort_keys=True) + "\n" for line in lines))
+    files.write_atomic(out / RECORDS, "".join(json.dumps(compact(line), sort_keys=True) + "\n" for line in lines))
     previous = _read(out / SPEC) or {}
     meta = {"name": sweep.name, "description": sweep.description, "source": sweep.source, "study": sweep.study,
             "cells_in_sweep": len(sweep.cells), "runs": previous.get("runs", [])}
-    (out / SPEC).write_text(json.dumps(meta, indent=2) + "\n")  # in the config's order: rows and columns follow it
+    files.write_json_atomic(out / SPEC, meta)  # in the config's order: rows and columns follow it
     return out
 
 
 def record_run(workdir, wall_time_s: float, finished: bool) -> None:
     """Appends one invocation of experiments.study (its wall time) to DIR/study/study.json."""
     path = pathlib.Path(workdir) / STUDY_DIR / SPEC
+    path.parent.mkdir(exist_ok=True)
     meta = _read(path) or {}
     meta.setdefault("runs", []).append({"wall_time_s": round(wall_time_s, 1), "finished": finished})
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+    files.write_json_atomic(path, meta)
 
 
 def _read(path: pathlib.Path):
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is damaged (not JSON: {e}): restore it, or delete it and rerun "
+                        "python -m experiments.study on the sweep's workdir to rebuild it") from None
 
 
 def load(study_dir) -> Study:
@@ -862,7 +873,8 @@ def load(study_dir) -> Study:
     meta = _read(study_dir / SPEC)
     if meta is None or not (study_dir / RECORDS).exists():
         raise UserError(f"{study_dir} holds no {SPEC} and {RECORDS}: run python -m experiments.study first")
-    records = [json.loads(line) for line in (study_dir / RECORDS).read_text().splitlines() if line.strip()]
+    records = files.read_jsonl(study_dir / RECORDS, fix="restore it, or rebuild it from the sweep with python -m "
+                               "experiments.study --report_only --workdir=SWEEP_DIR (the directory above study/)")
     versions = {}  # what each cell ran: its commit, and whether tracked files had changed since
     for r in records:
         key = (r["commit"] or "unknown")[:7] + (" plus uncommitted changes" if r.get("dirty") else "")
@@ -907,8 +919,8 @@ def write_study(directory) -> dict:
     for key, (header, rows) in tables.items():
         write_csv(study_dir / f"table_{key}.csv", header, rows)
     md, tex = study_dir / "report.md", study_dir / "report.tex"
-    md.write_text(study.markdown(figures), encoding="utf-8")
-    tex.write_text(study.latex(figures), encoding="utf-8")
+    files.write_atomic(md, study.markdown(figures))
+    files.write_atomic(tex, study.latex(figures))
     return {"markdown": md, "latex": tex, "pdf": compile_latex(tex), "figures": [f for f, _ in figures]}
 
 

@@ -29,15 +29,20 @@ returning a plain dict:
 Cells are variants x grid x seeds; each runs in DIR/runs/CELL/ as the real entry
 point would (`python -m experiments.pretrain|finetune --config=... --config.FIELD=...`,
 one process per cell; the exact command is in DIR/sweep.json and
-DIR/runs/CELL/sweep_cell.json). A cell whose workdir holds result.json has
-finished and is skipped; one with checkpoints but no result.json was
-interrupted and resumes (training resumes automatically); a failed cell is
+DIR/runs/CELL/sweep_cell.json). A cell has finished, and is skipped, when its
+workdir holds a result.json of the cell's own configuration (every field the cell's
+config sets, `results.config_fingerprint` intact) and every artefact that result.json
+lists (e.g. a LoRA run's merged/); a result.json of another configuration (copied
+in, left by another sweep) is never counted nor overwritten: the sweep refuses in one
+line until the cell's folder is moved away. A cell with checkpoints but no such
+result.json was interrupted and resumes (training resumes automatically); a failed cell is
 recorded with its error (DIR/runs/CELL/sweep_status.json, DIR/status.json) and
 the sweep goes on; its dependents are marked blocked. Rerunning the same
 command retries failed cells and runs whatever is left. Every cell event
 rewrites DIR/results.jsonl (one line per finished cell, with its result.json)
 and DIR/status.json from the per-cell files, atomically, so a finished result
-is never lost and both files can always be rebuilt.
+is never lost and both files can always be rebuilt. A write the disk refuses ends
+the sweep in one line (exit status 2); running cells checkpoint and stop.
 
 Where cells run: as processes on this machine (the default), or as jobs of a
 cluster scheduler through `submitit` (`pip install -e ".[cluster]"`): SLURM
@@ -82,7 +87,7 @@ SPEC_KEYS = {"name", "description", "metric", "stages", "report", "study"}
 STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label"}
 VARIANT_RESERVED = ("label", "config")
 REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
-STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending")
+STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending", "foreign")
 FRESH = "choose a new --workdir to start fresh, or delete {dir} to discard what it holds"
 
 
@@ -446,17 +451,98 @@ def has_checkpoint(directory: pathlib.Path) -> bool:
 
 
 def cell_state(workdir, cell: Cell) -> dict:
-    """{"status", "error", "attempts", "seconds", ...}: what the files of the cell's run say."""
+    """{"status", "error", "attempts", "seconds", ...}: what the files of the cell's run say.
+
+    "finished" needs a result.json of this cell's configuration and every artefact it lists
+    (`finished_result`); a result.json of another configuration makes the cell "foreign".
+    """
+    return _cell_state(workdir, cell)[0]
+
+
+def _cell_state(workdir, cell: Cell) -> tuple:
+    """(state, the cell's result.json when it finished, else None)."""
     directory = run_dir(workdir, cell.name)
     recorded = _read_json(directory / "sweep_status.json") or {}
     state = {"status": "pending", "error": None, "attempts": 0, "seconds": 0.0, **recorded}
-    if (directory / results.FILENAME).exists():
+    result, why = finished_result(workdir, cell)
+    if result is not None:
         state.update(status="finished", error=None)
+    elif why is not None and why.startswith(FOREIGN):
+        state.update(status="foreign", error=why)
+    elif why is not None and not (state["status"] == "running" and _is_locked(directory / ".lock")):
+        # Its result.json is there but an artefact it promises is not: rerunning completes it.
+        state.update(status="interrupted" if has_checkpoint(directory) else "pending", error=why)
     elif state["status"] == "running" and _is_locked(directory / ".lock"):
         pass  # a sweep (or a child of a killed one) is running it now
     elif state["status"] in ("running", "finished") or (state["status"] == "pending" and has_checkpoint(directory)):
         state["status"] = "interrupted" if has_checkpoint(directory) else "pending"  # a killed sweep's leftovers
-    return state
+    return state, result
+
+
+FOREIGN = "its result.json is of another configuration"
+
+
+def finished_result(workdir, cell: Cell) -> tuple:
+    """(result.json, None) when the cell's run finished; else (None, why not), why being None without a result.json.
+
+    A result.json counts only when it records this cell's configuration (every field the cell's
+    config sets, its fingerprint intact) and every artefact the run promises exists beside it.
+    """
+    directory = run_dir(workdir, cell.name)
+    path = directory / results.FILENAME
+    if not path.exists():
+        return None, None
+    result = _read_json(path)
+    if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+        return None, f"{FOREIGN} or damaged ({path} is not a run's result)"
+    stored = result["config"]
+    if "config_fingerprint" in result and result["config_fingerprint"] != results.config_fingerprint(stored):
+        return None, f"{FOREIGN} or edited (its config does not match its config_fingerprint)"
+    differences = _config_differences(cell, stored)
+    if differences:
+        shown = "; ".join(f"{key} {theirs!r}, not {ours!r}" for key, ours, theirs in differences[:3])
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        return None, f"{FOREIGN} ({shown}{more})"
+    missing = [name for name in results.promised_artefacts(result) if not (directory / name).exists()]
+    if missing:
+        return None, f"its result.json promises {', '.join(missing)}, which {directory} lacks"
+    return result, None
+
+
+_EXPECTED = {}  # cell fingerprint -> the cell's config as JSON (built once per process)
+
+
+def _config_differences(cell: Cell, stored: dict) -> list:
+    """[(dotted field, the cell's value, the stored value)] where a run's stored config contradicts the cell."""
+    if cell.fingerprint not in _EXPECTED:
+        try:
+            expected = json.loads(build_config(cell, init_from="<checked>").to_json_best_effort())
+        except UserError:  # the experiment config changed or went since: check what the cell itself sets
+            expected = {}
+            for dotted, value in {**cell.overrides, "seed": cell.seed}.items():
+                node = expected
+                *parents, leaf = dotted.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = json.loads(json.dumps(value, default=repr))
+        _EXPECTED[cell.fingerprint] = expected
+    found = []
+    _compare(_EXPECTED[cell.fingerprint], stored, "", found)
+    init_from = ((stored.get("finetune") or {}).get("init_from") or "") if cell.depends_on else None
+    if cell.depends_on and pathlib.Path(init_from).name != cell.depends_on:  # compared by name: a sweep may move
+        found.append(("finetune.init_from", f".../runs/{cell.depends_on}", init_from))
+    return found
+
+
+def _compare(expected: dict, stored: dict, prefix: str, found: list) -> None:
+    for key, value in expected.items():
+        dotted = prefix + key
+        if dotted == "finetune.init_from" or key not in stored:  # init_from: above; absent: a field newer than the run
+            continue
+        if isinstance(value, dict) and isinstance(stored[key], dict):
+            _compare(value, stored[key], dotted + ".", found)
+        elif value is not None and value != "auto" and value != stored[key]:  # None and auto: resolved by the run
+            found.append((dotted, value, stored[key]))
 
 
 def check_workdir(workdir, sweep: Sweep) -> None:
@@ -486,16 +572,22 @@ def check_workdir(workdir, sweep: Sweep) -> None:
                             f"changed in the ablation config or --set since): restore them to resume, or {fresh}")
 
 
-def write_sweep_json(workdir, sweep: Sweep) -> None:
+def write_sweep_json(workdir, sweep: Sweep, ran: bool = False) -> None:
+    """DIR/sweep.json: the sweep's cells and commands. `updated_at` and `git` change only when cells
+    ran (`ran`) or the sweep's description changed, so a rerun that runs nothing leaves the file as it was."""
     workdir = pathlib.Path(workdir)
     old = _read_json(workdir / "sweep.json") or {}
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    _write_json(workdir / "sweep.json", {
-        "name": sweep.name, "description": sweep.description, "source": sweep.source, "metric": sweep.metric,
-        "report": sweep.report, "study": sweep.study, "created_at": old.get("created_at", now), "updated_at": now,
-        "git": results.git_state(),
-        "cells": [{**c.to_json(), "command": " ".join(_quote(a) for a in ["python", *c.command(workdir)])}
-                  for c in sweep.cells]})
+    new = {"name": sweep.name, "description": sweep.description, "source": sweep.source, "metric": sweep.metric,
+           "report": sweep.report, "study": sweep.study, "created_at": old.get("created_at", now), "updated_at": now,
+           "git": results.git_state(),
+           "cells": [{**c.to_json(), "command": " ".join(_quote(a) for a in ["python", *c.command(workdir)])}
+                     for c in sweep.cells]}
+    moment = ("updated_at", "git")
+    if not ran and old and json.loads(json.dumps({k: v for k, v in new.items() if k not in moment}, default=repr)) \
+            == {k: v for k, v in old.items() if k not in moment}:
+        return
+    _write_json(workdir / "sweep.json", new)
 
 
 def _quote(arg: str) -> str:
@@ -510,8 +602,7 @@ def load_stored(workdir) -> Sweep:
     if stored is None:
         raise UserError(f"--workdir={workdir} holds no sweep.json: point it at a directory written by "
                         "python -m experiments.sweep")
-    keys = {f.name for f in dataclasses.fields(Cell)}
-    cells = [Cell(**{k: v for k, v in c.items() if k in keys}) for c in stored["cells"]]
+    cells = [_cell_from_json(c) for c in stored["cells"]]
     return Sweep(stored["name"], stored.get("description", ""), stored.get("metric", "eval_loss"),
                  stored.get("report") or {}, cells, stored.get("source", ""), stored.get("study"))
 
@@ -521,8 +612,8 @@ def collect(workdir, sweep: Sweep) -> dict:
     workdir = pathlib.Path(workdir)
     states, lines = {}, []
     for cell in sweep.cells:
-        states[cell.name] = state = cell_state(workdir, cell)
-        result = results.read_result(run_dir(workdir, cell.name)) if state["status"] == "finished" else None
+        states[cell.name], result = _cell_state(workdir, cell)
+        state = states[cell.name]
         if result is not None:
             lines.append(json.dumps({"cell": cell.name, "stage": cell.stage, "label": cell.label,
                                      "variant": cell.variant, "factors": cell.factors, "seed": cell.seed,
@@ -534,10 +625,22 @@ def collect(workdir, sweep: Sweep) -> dict:
 
 
 def read_results(workdir) -> list:
-    path = pathlib.Path(workdir) / "results.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """DIR/results.jsonl's records (a damaged line is refused: `collect` rebuilds the file from the cells)."""
+    return files.read_jsonl(pathlib.Path(workdir) / "results.jsonl",
+                            fix=f"rebuild it from the cells' result.json files with python -m experiments.report "
+                                f"--workdir={pathlib.Path(workdir).absolute()}")
+
+
+@contextlib.contextmanager
+def _first_error_only():
+    """Cleanup after a failure: an OSError inside (the same full disk again) is dropped when another
+    exception is already on its way out, so the user sees the first failure, in one line."""
+    failing = sys.exc_info()[1] is not None
+    try:
+        yield
+    except OSError:
+        if not failing:
+            raise
 
 
 def _count(states: dict) -> dict:
@@ -615,7 +718,9 @@ def run_cell(command: list, log_path: str, lock_path: str, env: dict) -> int:
             out.write(f"error: another process is running this cell (pid in {lock_path})\n")
         return 1
     try:
-        if (pathlib.Path(lock_path).parent / results.FILENAME).exists():
+        cell_json = _read_json(pathlib.Path(lock_path).parent / "sweep_cell.json") or {}
+        if (pathlib.Path(lock_path).parent / results.FILENAME).exists() and cell_json.get("name") and \
+                finished_result(pathlib.Path(lock_path).parents[2], _cell_from_json(cell_json))[0] is not None:
             return 0  # a job that was queued twice (a sweep restarted meanwhile): the cell already finished
         with open(log_path, "ab") as out:
             process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
@@ -671,6 +776,18 @@ class _Job:
         self.job.cancel(check=False)
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _cell_from_json(stored: dict) -> Cell:
+    keys = {f.name for f in dataclasses.fields(Cell)}
+    return Cell(**{k: v for k, v in stored.items() if k in keys})
+
+
 def _read_pid(path: pathlib.Path):
     return lock_lib.read_holder(path).get("pid")
 
@@ -702,8 +819,11 @@ class Runner:
 
     def log(self, message: str) -> None:
         self._print(message)
-        with open(self.workdir / "sweep.log", "a", encoding="utf-8") as f:
-            f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {message}\n")
+        try:
+            with open(self.workdir / "sweep.log", "a", encoding="utf-8") as f:
+                f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {message}\n")
+        except OSError:
+            pass  # a copy of what was printed: a full disk is reported by the writes of the sweep's state
 
     # -- the whole sweep --
 
@@ -724,6 +844,10 @@ class Runner:
             write_sweep_json(self.workdir, self.sweep)
             self.executor = make_executor(self.executor_kind, self.workdir / "submitit", self.submitit)
             return self._run_locked(only)
+        except OSError as e:  # a full disk or lost permissions in the sweep's own files (every write is atomic)
+            raise UserError(f"could not write {e.filename or self.workdir} ({e.strerror or e}): finished cells and "
+                            "their results are kept; free disk space (or fix the permissions) and rerun the same "
+                            "command to go on") from None
         finally:
             lock.release()
 
@@ -757,6 +881,11 @@ class Runner:
                 except OSError:
                     raise UserError(f"cell {cell.name} is still being run by a process of an earlier sweep (pid in "
                                     f"{path}): wait for it to finish or stop it, then rerun") from None
+        foreign = [c.name for c in cells if states[c.name]["status"] == "foreign"]
+        if foreign:  # never resumed or overwritten: whose files they are is not known, so the user decides
+            raise UserError(f"{len(foreign)} cell(s) hold files of another run: {foreign[0]}: "
+                            f"{states[foreign[0]]['error']}; move or delete {run_dir(self.workdir, foreign[0])} "
+                            "(and any other such cell) to run it here")
         todo = [c for c in cells if states[c.name]["status"] != "finished"]
         kinds = _count({c.name: states[c.name] for c in cells})
         self.log(f"sweep {self.sweep.name}: {len(cells)} cells in {self.workdir} "
@@ -773,12 +902,23 @@ class Runner:
             signal.signal(sig, self._on_signal)
         try:
             self._schedule(todo, states)
+        except OSError:  # the sweep cannot record outcomes (a full disk): running cells checkpoint and stop
+            self.stopping = True
+            for process, *_ in self.running.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for name in list(self.running):  # only after a second signal: they were killed
-                self._finish(name, interrupted=True)
-            states = collect(self.workdir, self.sweep)
+            for name in list(self.running):  # after a second signal (they were killed) or a write error
+                with _first_error_only():
+                    self._finish(name, interrupted=True)
+            if self.outcomes:  # something ran: the sweep's record says when (a rerun that ran nothing leaves it)
+                with _first_error_only():
+                    write_sweep_json(self.workdir, self.sweep, ran=True)
+            with _first_error_only():
+                states = collect(self.workdir, self.sweep)
         counts = _count({c.name: states[c.name] for c in cells})
         if self.stopping:
             raise SweepInterrupted(self.workdir, counts)
@@ -903,15 +1043,16 @@ class Runner:
         cell = self.sweep.cell(name)
         directory = run_dir(self.workdir, name)
         seconds = time.perf_counter() - started
-        finished = (directory / results.FILENAME).exists()
-        if code == 0 and finished:
+        finished, why = finished_result(self.workdir, cell)
+        if code == 0 and finished is not None:
             outcome = {"status": "finished", "error": None}
         elif code == Preempted.EXIT_CODE or (code < 0 and (self.stopping or interrupted)):
             outcome = {"status": "interrupted", "error": "stopped by a signal; rerun the sweep to resume"}
         elif code == 0:
-            outcome = {"status": "failed", "error": "exited without writing result.json"}
-        elif code < 0:
-            outcome = {"status": "failed", "error": f"killed by {signal.Signals(-code).name} (out of memory?)"}
+            outcome = {"status": "failed", "error": f"exited with 0 but {why}" if why else
+                       "exited without writing result.json"}
+        elif code < 0:  # the signal alone: its cause (memory, a crash in a library, a user) is not known here
+            outcome = {"status": "failed", "error": f"killed by signal {_signal_name(-code)}"}
         else:
             outcome = {"status": "failed", "error": _error_line(directory / "log.txt", offset)}
         return self._done(cell, outcome, seconds, code)
@@ -942,8 +1083,10 @@ class Runner:
                 outcome = {"status": "failed", "error": f"{type(e).__name__}: {first}"}
             finally:
                 lock.release()
-        if outcome["status"] == "finished" and not (directory / results.FILENAME).exists():
-            outcome = {"status": "failed", "error": "finished without writing result.json"}
+        why = finished_result(self.workdir, cell)[1] if outcome["status"] == "finished" else None
+        if outcome["status"] == "finished" and (why or not (directory / results.FILENAME).exists()):
+            outcome = {"status": "failed", "error": f"finished but {why}" if why else
+                       "finished without writing result.json"}
         return self._done(cell, outcome, time.perf_counter() - started, 0)
 
     def _done(self, cell: Cell, outcome: dict, seconds: float, code: int) -> dict:

@@ -464,6 +464,9 @@ class Experiment:
     test_batches: Optional[list] = None  # the test split's batches: the best checkpoint is scored there, at the end
     train_data_tokens: Optional[int] = None  # tokens the training split holds (after data.train_fraction)
     data_examples: Optional[dict] = None  # sft/classify: usable examples per split (after filtering to the window)
+    # (final metrics) -> paths (relative to the workdir) of what the run writes beside its checkpoints, e.g. a LoRA
+    # run's merged export: called on process 0 before result.json, so result.json's presence means they exist.
+    write_artefacts: Optional[Callable] = None
 
 
 def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
@@ -513,11 +516,13 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
         eval_step, parallel.place_restored(checkpoints.restore(step, abstract)[0]).params, exp.test_batches,
         prefix="test") if exp.test_batches else None)
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
+        artefacts = exp.write_artefacts(final) if exp.write_artefacts else ()
         result = results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params),
                                       exp.trainable, wall_time_s=time.perf_counter() - started,
                                       resumed_from_step=latest, train_data_tokens=exp.train_data_tokens,
                                       data_examples=exp.data_examples,
-                                      optimizer_state_bytes=optim.state_bytes(abstract.opt_state))
+                                      optimizer_state_bytes=optim.state_bytes(abstract.opt_state),
+                                      artefacts=artefacts)
         metrics_lib.finish_wandb(workdir, result)
         for line in progress_lib.summary_lines(workdir, result, "finetune" if "finetune" in exp.config_json
                                                else "pretrain"):

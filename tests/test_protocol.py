@@ -248,7 +248,9 @@ def test_report_table_shows_the_validation_choice_and_its_test_metric(tmp_path):
         run.mkdir(parents=True)
         chosen = {"best_step": 40, "budget_steps": 100, "stopped_early": True, "hit_budget_while_improving": False,
                   "validation": {"eval_loss": val}, "test": {"test_loss": test}}
-        (run / "result.json").write_text(json.dumps({"eval_loss": val + 0.5, "selection": chosen, "step": 70}))
+        config = json.loads(sweep_lib.build_config(cell).to_json_best_effort())  # the cell's own run
+        (run / "result.json").write_text(json.dumps({"eval_loss": val + 0.5, "selection": chosen, "step": 70,
+                                                     "config": config}))
     markdown = (tmp_path / "report.md")
     report.write_report(tmp_path)
     text = markdown.read_text()
