@@ -13,7 +13,6 @@ Every row reports the bytes it read: they agree when the text is the same, and
 a run that read different text is an error. Runs of different tasks get a table each:
 a classifier's loss and a language model's are different quantities.
 """
-import json
 import pathlib
 import time
 
