@@ -152,7 +152,7 @@ def _short(key: str) -> str:
 
 
 def _value_text(value) -> str:
-    return sweep_lib._value_text(value)  # pylint: disable=protected-access
+    return sweep_lib.value_text(value)
 
 
 class Report:
@@ -283,14 +283,14 @@ class Report:
 
     def markdown(self, figures: list) -> str:
         sweep = self.sweep
-        counts = sweep_lib._count(self.states)  # pylint: disable=protected-access
+        counts = sweep_lib.count_statuses(self.states)
         lines = [f"# Sweep `{sweep.name}`", ""]
         if sweep.description:
             lines += [sweep.description, ""]
         lines += [f"Produced by `python -m experiments.sweep --config={sweep.source} --workdir=DIR` and "
                   "`python -m experiments.report --workdir=DIR`; every number below is read from the cells' "
                   f"`result.json` (collected in `DIR/results.jsonl`). Cells: {len(sweep.cells)} "
-                  f"({sweep_lib._counts_text(counts)}).", ""]  # pylint: disable=protected-access
+                  f"({sweep_lib.counts_text(counts)}).", ""]
         lines += self._provenance() + [""]
         better = "lower" if self.lower_is_better else "higher"
         source = ("of the best checkpoint (chosen on the validation split), scored on the test split"
