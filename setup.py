@@ -11,7 +11,10 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["gptlab", "gptlab.*", "configs", "configs.*", "experiments"]),
+    # Only the library is installed: configs/, experiments/ and projects/ are run from the repository
+    # (gptlab.cli puts the repository on the path when an entry point runs from elsewhere).
+    packages=setuptools.find_packages(include=["gptlab", "gptlab.*"]),
+    package_data={"gptlab": ["eval_tasks/*"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -1,6 +1,6 @@
 """Runs an ablation sweep: every cell in its own sub-workdir; rerunning resumes.
 
-    python -m experiments.sweep --config=configs/ablations/pretrain_vs_finetune.py:small --workdir=DIR \
+    python -m experiments.sweep --config=projects/pretrain_vs_finetune/config.py:small --workdir=DIR \
         [--parallel=2] [--only=REGEX] [--set=data.data_dir=/data/tfds] [--dry_run]
         [--executor=slurm --submitit=slurm_partition=gpu --submitit=gpus_per_node=1 --submitit=timeout_min=240]
 
@@ -17,7 +17,7 @@ from gptlab import sweep as sweep_lib
 from gptlab.errors import UserError
 
 _CONFIG = flags.DEFINE_string("config", None, "Ablation config file and preset, e.g. "
-                              "configs/ablations/pretrain_vs_finetune.py:small.", required=True)
+                              "projects/pretrain_vs_finetune/config.py:small.", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep: runs/CELL/ per cell, results.jsonl, "
                                "status.json, sweep.json.", required=True)
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "How many cells run at once, each its own process.")

@@ -19,6 +19,10 @@ from absl import app, flags, logging
 from gptlab.errors import Preempted, UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The entry points, configs and projects are run from the repository, not installed; an entry point started
+# from another directory (`python -m` finds experiments/ through the editable install's path) still imports them.
+if (REPO / "configs").is_dir() and str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 
 _running = False  # set once the command's main function runs (before: still importing)

@@ -22,7 +22,7 @@ from conftest import REPO
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import compare
 from gptlab import results
-from gptlab import study as study_lib
+from projects.pretrain_vs_finetune import report as study_lib
 from gptlab import sweep as sweep_lib
 from gptlab.errors import UserError
 
@@ -31,7 +31,8 @@ SWEEP = """
 def get_config(arg=""):
     return dict(name="books", metric="eval_loss", stages=[
         dict(name="pre", experiment="pretrain", config="configs/pretrain.py:tiny",
-             overrides={"train.num_steps": 40}, grid={"data.train_fraction": [0.1, 1.0]})])
+             overrides={"train.num_steps": 40}, grid={"data.train_fraction": [0.1, 1.0]})],
+        study=dict(report="projects.pretrain_vs_finetune.report"))  # experiments.study's writer (collect is tested)
 """
 
 

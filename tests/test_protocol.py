@@ -50,7 +50,7 @@ def test_pretraining_never_reads_a_file_any_task_draws_from(preset, task):
 @pytest.mark.parametrize("preset", ["small", "gpu", "tiny"])
 def test_the_studys_pretraining_never_reads_a_file_its_narrow_cells_draw_from(preset):
     files = stdlib_files()
-    study = sweep.load_sweep(f"configs/ablations/pretrain_vs_finetune.py:{preset}")
+    study = sweep.load_sweep(f"projects/pretrain_vs_finetune/config.py:{preset}")
     read = {"pretrain": set(), "narrow": set()}
     for cell in {c.stage: c for c in study.cells}.values():  # one cell per stage: a stage's cells share their data
         data = sweep.build_config(cell, init_from="<checked>" if cell.depends_on else None).data

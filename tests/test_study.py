@@ -1,12 +1,12 @@
-"""The study report (gptlab/study.py): choices on validation, the six parts, and the committed report."""
+"""The study report (projects/pretrain_vs_finetune/): choices on validation, the six parts, and the committed report."""
 import json
 import pathlib
 import shutil
 
 import pytest
 
-from gptlab import study as study_lib
-from gptlab import transfer
+from gptlab import stats
+from projects.pretrain_vs_finetune import report as study_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "docs" / "results" / "pretrain_vs_finetune"
@@ -80,7 +80,7 @@ def _write(directory: pathlib.Path, records) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / study_lib.RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
     (directory / study_lib.SPEC).write_text(json.dumps({
-        "name": "test_study", "description": "synthetic", "source": "configs/ablations/pretrain_vs_finetune.py:small",
+        "name": "test_study", "description": "synthetic", "source": "projects/pretrain_vs_finetune/config.py:small",
         "study": _spec(), "cells_in_sweep": len(records), "runs": [{"wall_time_s": 60.0, "finished": True}]}))
     return directory
 
@@ -137,7 +137,7 @@ def test_paired_comparisons_and_conclusions_say_what_held(tmp_path):
     study = _study(tmp_path)
     comparisons = {(family, what): d for family, what, d, _ in study.comparisons()}
     d = comparisons[("fine-tuned vs scratch", "a, fraction 1/4")]
-    expected = transfer.paired_difference(
+    expected = stats.paired_difference(
         {s: _scratch_loss(2 * 25_000, 1e4) + j for s, j in zip(SEEDS, (-0.01, 0.0, 0.01))},
         {s: _scratch_loss(25_000, 1e4) + j for s, j in zip(SEEDS, (-0.01, 0.0, 0.01))})
     assert d.mean == pytest.approx(expected.mean) and d.high < 0
@@ -192,7 +192,7 @@ def test_one_command_runs_the_study_and_writes_the_report(tmp_path):
     import sys
 
     workdir = tmp_path / "study"
-    base = [sys.executable, "-m", "experiments.study", "--config=configs/ablations/pretrain_vs_finetune.py:tiny",
+    base = [sys.executable, "-m", "experiments.study", "--config=projects/pretrain_vs_finetune/config.py:tiny",
             f"--workdir={workdir}"]
     partial = subprocess.run(base + ["--only=^scratch_1x8-train_fraction=1.0"], cwd=REPO, capture_output=True,
                              text=True, timeout=600)

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gptlab import transfer
+from gptlab import stats as intervals
+from projects.pretrain_vs_finetune import transfer
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
 
 
 def test_t_interval_matches_hand_computation():
-    interval = transfer.t_interval([1.0, 2.0, 3.0])
+    interval = intervals.t_interval([1.0, 2.0, 3.0])
     half = T_975_DF2 * 1.0 / math.sqrt(3)  # sample std of 1, 2, 3 is 1
     assert interval.mean == pytest.approx(2.0)
     assert (interval.low, interval.high) == pytest.approx((2.0 - half, 2.0 + half))
@@ -19,7 +20,7 @@ def test_t_interval_matches_hand_computation():
 
 
 def test_t_interval_of_one_value_is_unbounded():
-    interval = transfer.t_interval([0.5])
+    interval = intervals.t_interval([0.5])
     assert interval.mean == 0.5 and math.isinf(interval.low) and math.isinf(interval.high)
     assert not interval.excludes(0.0)
 
@@ -27,13 +28,13 @@ def test_t_interval_of_one_value_is_unbounded():
 @pytest.mark.parametrize("bad", [[], [1.0, float("nan")]])
 def test_t_interval_refuses_empty_or_nonfinite(bad):
     with pytest.raises(ValueError):
-        transfer.t_interval(bad)
+        intervals.t_interval(bad)
 
 
 def test_paired_difference_matches_scipy_paired_t_test():
     a = {0: 2.31, 1: 2.35, 2: 2.29, 3: 2.40}
     b = {0: 2.20, 1: 2.27, 2: 2.25, 3: 2.21, 9: 5.0}  # seed 9 has no partner and is ignored
-    interval = transfer.paired_difference(a, b)
+    interval = intervals.paired_difference(a, b)
     seeds = [0, 1, 2, 3]
     expected = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).confidence_interval(0.95)
     assert interval.n == 4
@@ -42,7 +43,7 @@ def test_paired_difference_matches_scipy_paired_t_test():
 
 def test_paired_difference_needs_common_seeds():
     with pytest.raises(ValueError, match="no common seeds"):
-        transfer.paired_difference({0: 1.0}, {1: 1.0})
+        intervals.paired_difference({0: 1.0}, {1: 1.0})
 
 
 def _power_law(tokens, scale=12.0, exponent=0.12):

@@ -4,7 +4,7 @@
 example per file (`path`, `text`). `python_stdlib_docstrings`: English prose from
 the same files, their docstrings only (module, class, function), one example per
 file: a pretraining corpus of text, not code, for studies of transfer from text
-to code (configs/ablations/pretrain_vs_finetune.py). `text_folder`: a user's own folder of text
+to code (projects/pretrain_vs_finetune/config.py). `text_folder`: a user's own folder of text
 files. Both split deterministically by a hash of each file's relative path
 (90/5/5 train/validation/test), so a file lands in the same split whatever the
 include/exclude patterns; the patterns (fnmatch globs on `/`-joined relative

@@ -1,6 +1,6 @@
 """Sweeps: a grid of runs from one ablation config, each in its own sub-workdir.
 
-    python -m experiments.sweep --config=configs/ablations/pretrain_vs_finetune.py:small --workdir=DIR
+    python -m experiments.sweep --config=projects/pretrain_vs_finetune/config.py:small --workdir=DIR
 
 An ablation config (`configs/ablations/NAME.py`) has `get_config(preset)`
 returning a plain dict:
@@ -21,7 +21,7 @@ returning a plain dict:
                      that stage (same values of that stage's varied fields, and seed if it
                      varies seeds) through `finetune.init_from`
         label        the stage's name in reports (default: the stage name)
-    study        what gptlab/study.py needs to read the cells as a study (optional)
+    study        what projects/pretrain_vs_finetune/ (its report writer) needs to read the cells as a study (optional)
     report       {"rows": "label" or a field, "columns": a grid field, "stages": [...],
                   "select": [grid fields chosen on validation, e.g. the learning rate],
                   "selection_metric": the validation metric that chooses} (optional; gptlab/report.py)

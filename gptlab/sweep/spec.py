@@ -80,7 +80,7 @@ class Sweep:
     report: dict
     cells: list  # of Cell, in run order
     source: str  # the ablation config as given on the command line
-    study: Optional[dict] = None  # the spec's `study`: how gptlab/study.py reads the cells
+    study: Optional[dict] = None  # the spec's `study`: how projects/pretrain_vs_finetune/ (its report writer) reads the cells
 
     def cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
@@ -174,7 +174,7 @@ def expand(spec: dict, source: str, cli_overrides: dict) -> Sweep:
     _check_keys(spec, SPEC_KEYS, where)
     for key in ("name", "stages"):
         if not spec.get(key):
-            raise UserError(f"{where} sets no {key!r}: see configs/ablations/pretrain_vs_finetune.py")
+            raise UserError(f"{where} sets no {key!r}: see projects/pretrain_vs_finetune/config.py")
     cells, by_stage = [], {}
     used_cli = set()
     for index, stage in enumerate(spec["stages"]):

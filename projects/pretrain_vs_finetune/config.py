@@ -1,9 +1,9 @@
 """The study: how much is pretraining worth, across narrow data, model size and tasks?
 
-    python -m experiments.study --config=configs/ablations/pretrain_vs_finetune.py:small --workdir=DIR
+    python -m experiments.study --config=projects/pretrain_vs_finetune/config.py:small --workdir=DIR
 
 runs the whole sweep (resuming it when rerun) and writes DIR/study/ (report.md, report.tex,
-figures and their CSVs; gptlab/study.py). `python -m experiments.sweep` runs the same cells.
+figures and their CSVs; report.py beside this file). `python -m experiments.sweep` runs the same cells.
 
 Protocol (gptlab/selection.py, gptlab/data/held_out.py): pretraining never reads the
 held-out packages; every narrow task draws only from them, split 80/10/10 by top-level
@@ -201,7 +201,8 @@ def get_config(preset: str = "small") -> dict:
         stages=stages,
         report=dict(rows="label", columns="data.train_fraction", select=["optimizer.learning_rate"],
                     selection_metric="eval_loss"),
-        study=dict(preset=preset, fractions=fractions, seeds=seeds, select="optimizer.learning_rate",
+        study=dict(report="projects.pretrain_vs_finetune.report",  # the module whose write_study(DIR) writes it
+                   preset=preset, fractions=fractions, seeds=seeds, select="optimizer.learning_rate",
                    budgets=dict(finetune=steps, scratch=scratch_steps, eval_every=p["eval_every"],
                                 scratch_eval_every=p["scratch_eval_every"]),
                    task_size=p["task_size"], corpora=CORPORA, **roles),
