@@ -197,7 +197,7 @@ class GptlabLM(TemplateLM):
             max_gen_toks = kwargs.pop("max_gen_toks")
             if max_gen_toks >= self.max_length:
                 raise UserError(f"max_gen_toks={max_gen_toks} must be less than the model's context "
-                                f"{self.max_length}: the prompt needs room")
+                                f"{self.max_length}, which must hold the prompt too: lower it (--gen_kwargs max_gen_toks=N)")
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             prompts = [self.tok_encode(c) or [self.prefix_token_id] for c in contexts]
             texts = generation.generate_until(
