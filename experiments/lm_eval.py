@@ -4,7 +4,8 @@
         --tasks gptlab_next_line_mc,gptlab_next_line --output_path /tmp/run/lm_eval
 
 Every lm-eval flag works as documented by lm-eval (`--limit`, `--num_fewshot`,
-`--log_samples`, `--batch_size`, ...). Without `--include_path`, gptlab's offline tasks
+`--log_samples`, `--batch_size`, ...). With `--model gptlab` and no `--output_path`, results
+go to WORKDIR/lm_eval/ (gptlab.eval_harness.read_scores reads the latest of each task). Without `--include_path`, gptlab's offline tasks
 (gptlab/eval_tasks/: YAML over JSONL files in the repository) are included; with network,
 every harness task works the same way (`--tasks hellaswag`). lm-eval 0.4 finds models by
 registration only, hence this wrapper: it imports gptlab.eval_harness, then runs lm-eval's main.
@@ -14,6 +15,30 @@ import pathlib
 import sys
 
 TASKS = pathlib.Path(__file__).resolve().parents[1] / "gptlab" / "eval_tasks"
+
+
+def _given(argv, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _value(argv, flag: str):
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
+
+
+def _gptlab_workdir(argv):
+    """The workdir of `--model gptlab --model_args workdir=DIR,...`, else None."""
+    if _value(argv, "--model") != "gptlab":
+        return None
+    for part in (_value(argv, "--model_args") or "").split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "workdir" and value:
+            return value.strip()
+    return None
 
 
 def main(argv=None) -> None:
@@ -27,8 +52,11 @@ def main(argv=None) -> None:
         sys.exit(2)
     from gptlab.errors import UserError
 
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+    if not _given(argv, "--include_path"):
         argv += ["--include_path", str(TASKS)]
+    workdir = _gptlab_workdir(argv)
+    if workdir and not _given(argv, "--output_path"):  # where gptlab.eval_harness.read_scores finds them
+        argv += ["--output_path", str(pathlib.Path(workdir).expanduser() / "lm_eval")]
     sys.argv = [sys.argv[0]] + argv
     try:
         cli_evaluate()

@@ -25,6 +25,8 @@ Batches are sorted by length and padded to fixed shapes (`batch_size` rows, leng
 buckets of 32 tokens), so an evaluation compiles a few programs and reuses them.
 """
 import functools
+import json
+import pathlib
 from typing import Optional
 
 import jax
@@ -253,3 +255,16 @@ def hf_byte_tokenizer():
             return ()
 
     return ByteTokenizer()
+
+
+def read_scores(workdir) -> dict:
+    """{task: {metric: value}} from the lm-eval results files under WORKDIR/lm_eval (named by time: the newest wins).
+
+    experiments.lm_eval writes there by default; a report reads the harness's numbers from here.
+    """
+    scores = {}
+    for path in sorted(pathlib.Path(workdir).expanduser().glob("lm_eval/**/results_*.json"), key=lambda p: p.name):
+        for task, metrics in json.loads(path.read_text()).get("results", {}).items():
+            scores[task] = {k.split(",")[0]: v for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len"}
+    return scores

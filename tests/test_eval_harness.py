@@ -194,9 +194,24 @@ def test_hf_byte_tokenizer_is_gptlabs_byte_tokenizer():
 def test_lm_eval_command_line_runs_the_gptlab_model(run_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.lm_eval", "--model", "gptlab", "--model_args", f"workdir={run_dir}",
-         "--tasks", "gptlab_next_line_mc", "--limit", "2", "--output_path", str(tmp_path / "out")],
+         "--tasks", "gptlab_next_line_mc", "--limit", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                     "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gptlab_next_line_mc" in result.stdout
-    assert list((tmp_path / "out").rglob("results_*.json"))
+    assert set(eval_harness.read_scores(run_dir)["gptlab_next_line_mc"]) == {"acc", "acc_norm"}
+
+
+def test_wrapper_sends_gptlab_results_to_the_workdir_and_read_scores_finds_them(tmp_path):
+    from experiments import lm_eval as wrapper
+
+    argv = ["--model", "gptlab", "--model_args", f"step=best,workdir={tmp_path}", "--tasks", "x"]
+    assert wrapper._gptlab_workdir(argv) == str(tmp_path)
+    assert wrapper._gptlab_workdir(["--model=hf", "--model_args=pretrained=gpt2"]) is None
+    results = tmp_path / "lm_eval" / "model" / "results_2026-01-01T00-00-00.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"results": {"t_mc": {"alias": "t_mc", "acc,none": 0.5, "acc_stderr,none": 0.1,
+                                                        "sample_len": 6}}}))
+    newer = results.with_name("results_2026-02-01T00-00-00.json")
+    newer.write_text(json.dumps({"results": {"t_mc": {"acc,none": 0.75}}}))
+    assert eval_harness.read_scores(tmp_path) == {"t_mc": {"acc": 0.75}}

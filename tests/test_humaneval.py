@@ -124,3 +124,9 @@ def test_the_child_environment_has_no_proxies(monkeypatch):
     source = "import os\nassert not any('proxy' in k.lower() for k in os.environ), dict(os.environ)\n"
     assert humaneval.run_sandboxed(source, timeout=10)["passed"]
     assert os.environ["HTTPS_PROXY"]  # the parent's environment is untouched
+
+
+def test_read_scores_leaves_out_the_per_problem_detail(tmp_path):
+    assert humaneval.read_scores(tmp_path) is None
+    (tmp_path / "humaneval.json").write_text(json.dumps({"pass@1": 0.25, "problems": 4, "per_problem": [{}]}))
+    assert humaneval.read_scores(tmp_path) == {"pass@1": 0.25, "problems": 4}
