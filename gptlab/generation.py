@@ -48,17 +48,19 @@ def generate_until(params, cfg, tokenizer, prompts: Sequence[Sequence[int]], sto
         new = {i: [] for i in rows}
         active, round_index = list(rows), 0
         while active:
-            budget = min(round_tokens, max_new_tokens - len(new[active[0]]))
+            # Always a full round (the tokens past max_new_tokens are dropped): one compiled program per
+            # prompt bucket. Within the budget every token still has its whole context (prompt + new <= block_size).
             batch = [contexts[i] + new[i] for i in active]
             batch += [batch[0]] * (batch_size - len(batch))  # fixed batch shape: one compilation
-            outputs = sampling.generate(params, cfg, batch, budget, temperature=temperature, top_k=top_k,
+            outputs = sampling.generate(params, cfg, batch, round_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, end_token=end, seed=seed * 1_000_003 + first + round_index,
                                         pad_multiple=round_tokens)
             still = []
             for i, tokens in zip(active, outputs):
-                new[i] += [int(t) for t in tokens]
+                budget = max_new_tokens - len(new[i])
+                new[i] += [int(t) for t in tokens[:budget]]
                 texts[i], stopped = cut_at_stop(tokenizer.decode(new[i]), stop)
-                ended = len(tokens) < budget  # sampling stops a row before its end-of-text token
+                ended = len(tokens) < min(round_tokens, budget)  # sampling stops a row before end-of-text
                 if not (stopped or ended or len(new[i]) >= max_new_tokens):
                     still.append(i)
             active, round_index = still, round_index + 1

@@ -141,6 +141,7 @@ def test_model_args_are_checked(run_dir):
         eval_harness.GptlabLM(workdir=str(run_dir), max_length=500)
 
 
+@pytest.mark.slow  # minutes on a shared 2-core CPU: CI's full suite runs it
 def test_shipped_tasks_load_offline_and_run(lm, no_network):
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
     loaded = manager.load(["gptlab_next_line_mc", "gptlab_next_line"])["tasks"]
@@ -152,6 +153,7 @@ def test_shipped_tasks_load_offline_and_run(lm, no_network):
     assert 0 <= results["gptlab_next_line"]["exact_match,none"] <= 1
 
 
+@pytest.mark.slow  # minutes on a shared 2-core CPU: CI's full suite runs it
 def test_gptlab_gives_the_numbers_of_the_hf_reference_path(run_dir, tmp_path, no_network):
     """The same model through --model gptlab and, exported with experiments.convert --to_hf, through --model hf."""
     needs("torch", "bench")
@@ -215,3 +217,15 @@ def test_wrapper_sends_gptlab_results_to_the_workdir_and_read_scores_finds_them(
     newer = results.with_name("results_2026-02-01T00-00-00.json")
     newer.write_text(json.dumps({"results": {"t_mc": {"acc,none": 0.75}}}))
     assert eval_harness.read_scores(tmp_path) == {"t_mc": {"acc": 0.75}}
+
+
+def test_a_hugging_face_tokenizer_can_stand_in_for_the_runs_own(run_dir, lm, monkeypatch):
+    """tokenizer=DIR_OR_ID (for imported models whose tokenizer gptlab does not run) scores through it."""
+    transformers = needs("transformers", "bench")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, source: eval_harness.hf_byte_tokenizer()))
+    other = eval_harness.GptlabLM(workdir=str(run_dir), tokenizer="some/tokenizer", batch_size=4)
+    requests = [Instance("loglikelihood", {}, ("def f(x):", "\n    return x  # é"), 0)]
+    assert other.tokenizer_name == "gptlab-huggingface" and other.eot_token_id == 256
+    np.testing.assert_allclose(other.loglikelihood(requests, disable_tqdm=True)[0][0],
+                               lm.loglikelihood(requests, disable_tqdm=True)[0][0], atol=1e-6)

