@@ -5,7 +5,7 @@
 
 Every lm-eval flag works as documented by lm-eval (`--limit`, `--num_fewshot`,
 `--log_samples`, `--batch_size`, ...). With `--model gptlab` and no `--output_path`, results
-go to WORKDIR/lm_eval/ (gptlab.eval_harness.read_scores reads the latest of each task). Without `--include_path`, gptlab's offline tasks
+go to WORKDIR/lm_eval/, where experiments.evaluate and reports find them (gptlab/eval_scores.py). Without `--include_path`, gptlab's offline tasks
 (gptlab/eval_tasks/: YAML over JSONL files in the repository) are included; with network,
 every harness task works the same way (`--tasks hellaswag`). lm-eval 0.4 finds models by
 registration only, hence this wrapper: it imports gptlab.eval_harness, then runs lm-eval's main.
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     if not _given(argv, "--include_path"):
         argv += ["--include_path", str(TASKS)]
     workdir = _gptlab_workdir(argv)
-    if workdir and not _given(argv, "--output_path"):  # where gptlab.eval_harness.read_scores finds them
+    if workdir and not _given(argv, "--output_path"):  # where gptlab.eval_scores finds them
         argv += ["--output_path", str(pathlib.Path(workdir).expanduser() / "lm_eval")]
     sys.argv = [sys.argv[0]] + argv
     try:

@@ -24,9 +24,8 @@ The three request types compute what lm-eval's `hf` model computes for the same 
 Batches are sorted by length and padded to fixed shapes (`batch_size` rows, lengths in
 buckets of 32 tokens), so an evaluation compiles a few programs and reuses them.
 """
+import dataclasses
 import functools
-import json
-import pathlib
 from typing import Optional
 
 import jax
@@ -96,10 +95,13 @@ class GptlabLM(TemplateLM):
         self.run = workdir_lib.load(workdir, None if step in (None, "", "latest") else step)
         cfg = self.run.model_cfg
         if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
-            import dataclasses
             cfg = dataclasses.replace(cfg, attention="xla")  # cuDNN attention exists on NVIDIA GPUs only
         self.cfg, self.params = cfg, self.run.params
-        self.gptlab_tokenizer = HFTokenizer(tokenizer) if tokenizer else self.run.tokenizer
+        try:
+            self.gptlab_tokenizer = HFTokenizer(tokenizer) if tokenizer else self.run.tokenizer
+        except UserError as e:  # e.g. an imported Llama: gptlab stores no runnable tokenizer for it
+            raise UserError(f"{e}; or pass --model_args ...,tokenizer=DIR (a Hugging Face tokenizer folder or id)") \
+                from None
         self._batch_size = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") \
             else int(batch_size)
         self._max_length = int(max_length or cfg.block_size)
@@ -256,15 +258,3 @@ def hf_byte_tokenizer():
 
     return ByteTokenizer()
 
-
-def read_scores(workdir) -> dict:
-    """{task: {metric: value}} from the lm-eval results files under WORKDIR/lm_eval (named by time: the newest wins).
-
-    experiments.lm_eval writes there by default; a report reads the harness's numbers from here.
-    """
-    scores = {}
-    for path in sorted(pathlib.Path(workdir).expanduser().glob("lm_eval/**/results_*.json"), key=lambda p: p.name):
-        for task, metrics in json.loads(path.read_text()).get("results", {}).items():
-            scores[task] = {k.split(",")[0]: v for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len"}
-    return scores

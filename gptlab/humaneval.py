@@ -316,13 +316,3 @@ def evaluate_workdir(workdir, step=None, num_samples: int = 1, temperature: floa
     log(f"wrote {path}")
     return result
 
-
-def read_scores(workdir) -> Optional[dict]:
-    """pass@k and outcome counts from WORKDIR/humaneval.json (None when HumanEval has not been run)."""
-    import json
-
-    path = pathlib.Path(workdir).expanduser() / "humaneval.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    return {k: v for k, v in result.items() if k != "per_problem"}

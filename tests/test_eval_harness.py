@@ -201,11 +201,14 @@ def test_lm_eval_command_line_runs_the_gptlab_model(run_dir, tmp_path):
                                                                     "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gptlab_next_line_mc" in result.stdout
-    assert set(eval_harness.read_scores(run_dir)["gptlab_next_line_mc"]) == {"acc", "acc_norm"}
+    from gptlab import eval_scores
+
+    assert set(eval_scores.lm_eval_scores(run_dir)["gptlab_next_line_mc"]) == {"acc", "acc_norm"}
 
 
-def test_wrapper_sends_gptlab_results_to_the_workdir_and_read_scores_finds_them(tmp_path):
+def test_wrapper_sends_gptlab_results_to_the_workdir_where_eval_scores_finds_them(tmp_path):
     from experiments import lm_eval as wrapper
+    from gptlab import eval_scores
 
     argv = ["--model", "gptlab", "--model_args", f"step=best,workdir={tmp_path}", "--tasks", "x"]
     assert wrapper._gptlab_workdir(argv) == str(tmp_path)
@@ -216,7 +219,7 @@ def test_wrapper_sends_gptlab_results_to_the_workdir_and_read_scores_finds_them(
                                                         "sample_len": 6}}}))
     newer = results.with_name("results_2026-02-01T00-00-00.json")
     newer.write_text(json.dumps({"results": {"t_mc": {"acc,none": 0.75}}}))
-    assert eval_harness.read_scores(tmp_path) == {"t_mc": {"acc": 0.75}}
+    assert eval_scores.read(tmp_path) == {"lm_eval": {"t_mc": {"acc": 0.75}}}
 
 
 def test_a_hugging_face_tokenizer_can_stand_in_for_the_runs_own(run_dir, lm, monkeypatch):

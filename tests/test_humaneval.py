@@ -127,7 +127,23 @@ def test_the_child_environment_has_no_proxies(monkeypatch):
     assert os.environ["HTTPS_PROXY"]  # the parent's environment is untouched
 
 
-def test_read_scores_leaves_out_the_per_problem_detail(tmp_path):
-    assert humaneval.read_scores(tmp_path) is None
+def test_eval_scores_reads_pass_at_k_without_the_per_problem_detail(tmp_path):
+    from gptlab import eval_scores
+
+    assert eval_scores.read(tmp_path) == {}
     (tmp_path / "humaneval.json").write_text(json.dumps({"pass@1": 0.25, "problems": 4, "per_problem": [{}]}))
-    assert humaneval.read_scores(tmp_path) == {"pass@1": 0.25, "problems": 4}
+    assert eval_scores.read(tmp_path) == {"humaneval": {"pass@1": 0.25, "problems": 4}}
+
+
+def test_experiments_evaluate_carries_the_scores_into_eval_json(tmp_path, monkeypatch):
+    from configs import evaluate as evaluate_config
+    from gptlab import evaluate
+
+    cfg = model_lib.GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1, n_embd=8)
+    config = dict(convert.run_config(cfg, "byte"), finetune={"task": "fake"})
+    convert.save_workdir(tmp_path / "run", model_lib.init_params(cfg, jax.random.key(0)), config, {"kind": "byte"},
+                         source="test")
+    (tmp_path / "run" / "humaneval.json").write_text(json.dumps({"pass@1": 0.5, "per_problem": []}))
+    monkeypatch.setitem(evaluate.TASKS, "fake", lambda *args: {"loss": 1.0})
+    evaluate.evaluate(tmp_path / "run", evaluate_config.get_config(), log=lambda *_: None)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["humaneval"] == {"pass@1": 0.5}
