@@ -30,6 +30,7 @@ pass@k uses the unbiased estimator of Chen et al. (2021): with n samples of whic
 import concurrent.futures
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import signal
@@ -262,7 +263,7 @@ def evaluate_completions(problems: Sequence[dict], completions: Sequence[Sequenc
     reasons = {}
     for p in per_problem:
         for s in p["samples"]:
-            kind = s["reason"].split(":")[0]
+            kind = re.sub(r" \(.*", "", ":".join(s["reason"].split(":")[:2]))  # "failed: IndentationError"
             reasons[kind] = reasons.get(kind, 0) + 1
     return {**scores, "problems": len(per_problem), "samples_per_problem": n, "outcomes": reasons,
             "per_problem": per_problem}

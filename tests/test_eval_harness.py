@@ -165,7 +165,7 @@ def test_gptlab_gives_the_numbers_of_the_hf_reference_path(run_dir, tmp_path, no
     convert.to_hf(run_dir, tmp_path / "hf", log=lambda *_: None)
     reference = evaluate(HFLM(pretrained=str(tmp_path / "hf"), tokenizer=eval_harness.hf_byte_tokenizer(),
                               batch_size=1, device="cpu"), tasks_dir, tasks)
-    worst = 0.0
+    worst = {}
     for task in tasks:
         for a, b in zip(ours["samples"][task], reference["samples"][task], strict=True):
             assert a["doc_id"] == b["doc_id"]
@@ -174,11 +174,12 @@ def test_gptlab_gives_the_numbers_of_the_hf_reference_path(run_dir, tmp_path, no
                 continue
             mine = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in a["resps"]]
             theirs = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in b["resps"]]
-            np.testing.assert_allclose(mine, theirs, atol=TOLERANCE)
-            worst = max(worst, float(np.max(np.abs(np.subtract(mine, theirs)))))
+            # A document's rolling total sums hundreds of tokens: float32's relative error of the sum counts too.
+            np.testing.assert_allclose(mine, theirs, atol=TOLERANCE, rtol=1e-6 if task == "t_text" else 0)
+            worst[task] = max(worst.get(task, 0.0), float(np.max(np.abs(np.subtract(mine, theirs)))))
     for task, metric in (("t_mc", "acc,none"), ("t_mc", "acc_norm,none"), ("t_gen", "exact_match,none")):
         assert ours["results"][task][metric] == reference["results"][task][metric]
-    print(f"\nharness gptlab vs hf: largest per-item log-likelihood difference {worst:.2e}")
+    print(f"\nharness gptlab vs hf: largest per-item log-likelihood difference {worst}")
 
 
 def test_hf_byte_tokenizer_is_gptlabs_byte_tokenizer():
