@@ -141,7 +141,7 @@ def test_model_args_are_checked(run_dir):
         eval_harness.GptlabLM(workdir=str(run_dir), max_length=500)
 
 
-@pytest.mark.slow  # minutes on a shared 2-core CPU: CI's full suite runs it
+@pytest.mark.slow  # loads and runs 200 shipped items' tasks: CI's full suite runs it
 def test_shipped_tasks_load_offline_and_run(lm, no_network):
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
     loaded = manager.load(["gptlab_next_line_mc", "gptlab_next_line"])["tasks"]
@@ -153,7 +153,6 @@ def test_shipped_tasks_load_offline_and_run(lm, no_network):
     assert 0 <= results["gptlab_next_line"]["exact_match,none"] <= 1
 
 
-@pytest.mark.slow  # minutes on a shared 2-core CPU: CI's full suite runs it
 def test_gptlab_gives_the_numbers_of_the_hf_reference_path(run_dir, tmp_path, no_network):
     """The same model through --model gptlab and, exported with experiments.convert --to_hf, through --model hf."""
     needs("torch", "bench")
