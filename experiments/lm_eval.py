@@ -50,7 +50,11 @@ def main(argv=None) -> None:
     except ImportError as e:
         print(f"error: experiments.lm_eval needs lm-eval ({e}): pip install -e \".[eval]\"", file=sys.stderr)
         sys.exit(2)
+    from absl import logging
+
     from gptlab.errors import UserError
+
+    logging.set_verbosity(logging.ERROR)  # Orbax logs every checkpoint item it reads, as gptlab's entry points hide
 
     if not _given(argv, "--include_path"):
         argv += ["--include_path", str(TASKS)]
