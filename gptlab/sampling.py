@@ -128,12 +128,14 @@ def _generate(params, prompts, lengths, key, temperature, top_k, top_p, end_toke
 
 def generate(params, cfg: model_lib.GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, end_token: Optional[int] = None,
-             seed: int = 0) -> list:
+             seed: int = 0, pad_multiple: int = 1) -> list:
     """Continues each prompt (a sequence of token ids) by up to `max_new_tokens` sampled tokens.
 
     Returns, per prompt, the new tokens as an int32 array, stopping before `end_token`
     when it is sampled. temperature=0 is greedy decoding. A prompt longer than the
-    model's context keeps its last `block_size` tokens, with a warning.
+    model's context keeps its last `block_size` tokens, with a warning. `pad_multiple`:
+    the batch is right-padded to a multiple of it (padding is never attended to), so
+    callers with prompts of many lengths (evaluators) compile once per bucket, not per length.
     """
     if not prompts:
         raise UserError("no prompts to continue: pass at least one prompt")
@@ -159,7 +161,8 @@ def generate(params, cfg: model_lib.GPTConfig, prompts: Sequence[Sequence[int]],
             prompt = prompt[-cfg.block_size:]
         arrays.append(prompt.astype(np.int32))
     lengths = np.array([len(p) for p in arrays], np.int32)
-    padded = np.zeros((len(arrays), lengths.max()), np.int32)
+    width = max(int(lengths.max()), min(-(-int(lengths.max()) // pad_multiple) * pad_multiple, cfg.block_size))
+    padded = np.zeros((len(arrays), width), np.int32)
     for row, prompt in zip(padded, arrays):
         row[:len(prompt)] = prompt
     tokens, num_new = _generate(
