@@ -17,7 +17,10 @@ gives three conversations:
 One conversation in four (by hash) opens with a system turn, so the template's
 system role is exercised. Splits are those of the other held-out tasks: a hash of
 the top-level block the function lies in (`task_corpora.split_of_block`), 80/10/10,
-so a function and everything nested in it lie in one split.
+so a function and everything nested in it lie in one split. A few questions are
+word for word the same for functions in different blocks (`emit(self, record)`,
+"Emit a record."); such a question is dropped from validation and test when
+training asks it, so no evaluation question is one the model trained on.
 
 Preference pairs, one per (function, kind), prompt = the first user turn,
 chosen = the real answer, rejected = a plausible wrong one from the same split:
@@ -116,52 +119,70 @@ def _questions(f: dict, unique: bool) -> dict:
     return kinds
 
 
-def conversations(split: str, include: tuple = held_out.globs(), exclude: tuple = held_out.STDLIB_TESTS) -> list:
-    """The chat SFT conversations of `split`: [{"messages": [...], "kind": ...}]."""
-    fns = functions(tuple(include), tuple(exclude))
+@functools.lru_cache(maxsize=4)
+def _train_questions(include: tuple, exclude: tuple) -> frozenset:
+    fns = functions(include, exclude)
+    counts = _name_counts(fns)
+    return frozenset(q for f in fns if f["split"] == "train" for q, _, _ in _questions(f, counts[f["name"]] == 1).values())
+
+
+def _name_counts(fns) -> dict:
     counts = {}
     for f in fns:
         counts[f["name"]] = counts.get(f["name"], 0) + 1
-    out = []
+    return counts
+
+
+def _asked(split: str, include: tuple, exclude: tuple):
+    """(function, kind, question, answer, follow-ups) of `split`, without evaluation questions training asks."""
+    fns = functions(include, exclude)
+    counts = _name_counts(fns)
+    seen = _train_questions(include, exclude) if split != "train" else frozenset()
     for f in fns:
-        if f["split"] != split:
-            continue
-        for kind, (question, answer, follow_ups) in _questions(f, counts[f["name"]] == 1).items():
-            messages = _turns((question, answer), *follow_ups)
-            if _stable(f"system:{f['path']}:{f['name']}:{kind}") % 4 == 0:
-                messages = [{"role": "system", "content": SYSTEM_PROMPT}] + messages
-            out.append({"messages": messages, "kind": kind})
+        if f["split"] == split:
+            for kind, (question, answer, follow_ups) in _questions(f, counts[f["name"]] == 1).items():
+                if question not in seen:
+                    yield f, kind, question, answer, follow_ups
+
+
+def conversations(split: str, include: tuple = held_out.globs(), exclude: tuple = held_out.STDLIB_TESTS) -> list:
+    """The chat SFT conversations of `split`: [{"messages": [...], "kind": ...}]."""
+    out = []
+    for f, kind, question, answer, follow_ups in _asked(split, tuple(include), tuple(exclude)):
+        messages = _turns((question, answer), *follow_ups)
+        if _stable(f"system:{f['path']}:{f['name']}:{kind}") % 4 == 0:
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}] + messages
+        out.append({"messages": messages, "kind": kind})
     return out
 
 
 def preferences(split: str, include: tuple = held_out.globs(), exclude: tuple = held_out.STDLIB_TESTS) -> list:
     """The preference pairs of `split`: [{"prompt": messages, "chosen", "rejected", "kind"}]."""
-    every = functions(tuple(include), tuple(exclude))
+    include, exclude = tuple(include), tuple(exclude)
+    every = functions(include, exclude)
     fns = [f for f in every if f["split"] == split]
-    counts = {}
-    for f in every:
-        counts[f["name"]] = counts.get(f["name"], 0) + 1
+    position = {id(f): i for i, f in enumerate(fns)}
     modules = sorted({f["module"] for f in every})
     out = []
-    for i, f in enumerate(fns):
+    for f, kind, question, answer, _ in _asked(split, include, exclude):
+        i = position[id(f)]
 
         def neighbour(field):  # the next function (file order, wrapping) whose `field` differs
             return next((fns[(i + j) % len(fns)][field] for j in range(1, len(fns))
                          if fns[(i + j) % len(fns)][field].strip() != f[field].strip()), None)
 
-        for kind, (question, answer, _) in _questions(f, counts[f["name"]] == 1).items():
-            if kind == "write":
-                lines = f["body"].splitlines(keepends=True)
-                if len(lines) >= 2 and _stable(f"truncate:{f['path']}:{f['name']}") % 2 == 0:
-                    rejected = "".join(lines[:len(lines) // 2])
-                else:
-                    rejected = neighbour("body")
-            elif kind == "explain":
-                rejected = neighbour("summary")
+        if kind == "write":
+            lines = f["body"].splitlines(keepends=True)
+            if len(lines) >= 2 and _stable(f"truncate:{f['path']}:{f['name']}") % 2 == 0:
+                rejected = "".join(lines[:len(lines) // 2])
             else:
-                other = neighbour("module")
-                rejected = f"`{other or modules[(modules.index(f['module']) + 1) % len(modules)]}`"
-            if rejected and rejected.strip() != answer.strip():
-                out.append({"prompt": [{"role": "user", "content": question}], "chosen": answer,
-                            "rejected": rejected, "kind": kind})
+                rejected = neighbour("body")
+        elif kind == "explain":
+            rejected = neighbour("summary")
+        else:
+            other = neighbour("module")
+            rejected = f"`{other or modules[(modules.index(f['module']) + 1) % len(modules)]}`"
+        if rejected and rejected.strip() != answer.strip():
+            out.append({"prompt": [{"role": "user", "content": question}], "chosen": answer,
+                        "rejected": rejected, "kind": kind})
     return out

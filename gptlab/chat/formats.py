@@ -78,7 +78,7 @@ def parse_preference(record, where: str) -> dict:
         if not prompt.strip():
             raise UserError(f"{where}: \"prompt\" is empty: give the user's request")
         prompt = [{"role": "user", "content": prompt}]
-    prompt = check_messages(prompt, where + " (prompt)", need_assistant=False)
+    prompt = check_messages(prompt, where, need_assistant=False)
     if prompt[-1]["role"] == "assistant":
         raise UserError(f"{where}: the prompt ends with an assistant turn; it must end with the user's turn that "
                         "chosen and rejected answer")
