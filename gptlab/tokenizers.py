@@ -342,6 +342,10 @@ def from_json(spec: dict, data_cfg=None) -> Tokenizer:
                             f"{list(template.CHAT_TOKENS)}")
         return template.ChatTokenizer(from_json({k: v for k, v in spec.items() if k != "chat_tokens"}, data_cfg))
     kind = spec.get("kind")
+    if kind == "huggingface":  # an imported Llama/Qwen2's own tokenizer (experiments.convert --from_hf)
+        from gptlab import hf_tokenizer  # pylint: disable=import-outside-toplevel
+
+        return hf_tokenizer.HFTokenizer.from_json(spec)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":

@@ -9,6 +9,9 @@ after `max_new_tokens` tokens (the cap), or when the context is full. A
 conversation longer than the context keeps its latest tokens: the prompt is cut
 from the left to leave room for a reply of the cap's length (or half the context).
 
+An imported Hugging Face model (`gptlab.hf_tokenizer`) chats through its own chat
+template instead (rendered as `transformers` does), stopping at its eos token.
+
 Prompt lengths are padded to a multiple of PAD_TO (at most the context), so a
 conversation compiles the prefill a few times, not once per turn; the decode step
 compiles once per model.
@@ -54,7 +57,8 @@ class ChatSession:
 
     def __init__(self, params, cfg: model_lib.GPTConfig, tokenizer, system: str = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_k: int = 50, top_p: float = 1.0, seed: int = 0):
-        if not isinstance(tokenizer, template.ChatTokenizer):
+        self.own_template = bool(getattr(tokenizer, "chat_template", None))  # an imported model's Jinja template
+        if not isinstance(tokenizer, template.ChatTokenizer) and not self.own_template:
             raise UserError("this model has no chat tokens (it was not fine-tuned for chat): fine-tune it first, "
                             "python -m experiments.finetune --config=configs/finetune.py:full,chat "
                             "--config.finetune.init_from=RUN --workdir=CHAT_RUN")
@@ -65,6 +69,7 @@ class ChatSession:
         self.settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
         self.key = jax.random.key(seed)
         self.turn = 0
+        self.end_id = tokenizer.eot_id if self.own_template else tokenizer.end_id
         self.reset()
 
     def reset(self) -> None:
@@ -86,7 +91,7 @@ class ChatSession:
         new = []
         for i in range(min(self.max_new_tokens, cfg.block_size - length)):
             value = int(token)
-            if value == self.tokenizer.end_id:
+            if value == self.end_id:
                 return new, True
             new.append(value)
             if on_token is not None:
@@ -113,7 +118,9 @@ class ChatSession:
                 on_text(decoded[printed[0]:])
                 printed[0] = len(decoded)
 
-        ids, stopped = self.reply_tokens(template.render_prompt(self.tokenizer, self.messages), on_token)
+        prompt = (self.tokenizer.encode(self.tokenizer.render_chat(self.messages)) if self.own_template
+                  else template.render_prompt(self.tokenizer, self.messages))
+        ids, stopped = self.reply_tokens(prompt, on_token)
         answer = self.tokenizer.decode(ids)
         if on_text is not None and len(answer) > printed[0]:
             on_text(answer[printed[0]:])
