@@ -101,23 +101,27 @@ def read_jsonl(path, kind: str) -> list:
                         f"{'conversations' if kind == 'chat' else 'preference pairs'}")
     parse = parse_conversation if kind == "chat" else parse_preference
     records = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for number, line in enumerate(f, start=1):
-            where = _where(path, number)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): write one JSON object "
-                                "per line") from None
-            parsed = parse(record, where)
-            split = record.get("split")
-            if split is not None and split not in SPLITS:
-                raise UserError(f"{where}: \"split\" is {split!r}: use one of {', '.join(SPLITS)} or leave it out")
-            key = line.strip()
-            parsed.update(split=split or split_of(key), key=key)
-            records.append(parsed)
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: U+2028 may sit in a string
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{_where(path, line)}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+        where = _where(path, number)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): write one JSON object "
+                            "per line") from None
+        parsed = parse(record, where)
+        split = record.get("split")
+        if split is not None and split not in SPLITS:
+            raise UserError(f"{where}: \"split\" is {split!r}: use one of {', '.join(SPLITS)} or leave it out")
+        key = line.strip()
+        parsed.update(split=split or split_of(key), key=key)
+        records.append(parsed)
     if not records:
         raise UserError(f"data.path={path} holds no records: put one JSON object per line in it")
     return records
