@@ -55,6 +55,7 @@ from gptlab import tokenizers as tokenizers_lib
 from gptlab import train
 from gptlab.chat import data as chat_data
 from gptlab.chat import dpo, template, vocab
+from gptlab.chat import reference as chat_reference
 from gptlab.data import pipeline, supervised
 from gptlab.errors import UserError
 
@@ -144,20 +145,12 @@ def resolve_config(config, source: Pretrained):
     elif resolved.data.tokenizer != kind:
         raise UserError(f"data.tokenizer={resolved.data.tokenizer} differs from the pretrained run's {kind} "
                         "tokenizer: leave data.tokenizer unset (None) to use the pretrained one")
-    growth = chat_growth(ft.task, source)
+    growth = vocab.chat_growth(source.tokenizer_json) if ft.task in CHAT_TASKS else None
     if growth is not None and resolved.model.vocab_size < growth[1]:  # room for the chat tokens
         resolved.model.vocab_size = growth[1]
     if ft.task == "dpo" and ft.dpo_loss not in dpo.LOSSES:
         raise UserError(f"unknown finetune.dpo_loss={ft.dpo_loss!r}: choose one of {dpo.LOSSES}")
     return resolved
-
-
-def chat_growth(task: str, source: "Pretrained"):
-    """(base vocabulary, vocabulary with the chat tokens) when `task` needs chat tokens the source lacks, else None."""
-    if task not in CHAT_TASKS or "chat_tokens" in source.tokenizer_json:
-        return None
-    base = tokenizers_lib.from_json(source.tokenizer_json).vocab_size
-    return base, base + len(template.CHAT_TOKENS)
 
 
 # -- which parameters come from the checkpoint ------------------------------------------------
@@ -311,7 +304,7 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
         data, num_classes = pipeline.Data(config.data, seq_len, config.seed, tokenizer, *process, log=log), None
     elif ft.task in CHAT_TASKS:
         tokenizer, num_classes = template.with_chat_tokens(tokenizer), None
-        reference = ReferenceModel(config, source, log) if ft.task == "dpo" else None
+        reference = chat_reference.ReferenceModel(config.seed, source, log) if ft.task == "dpo" else None
         data = chat_data.ChatData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log,
                                   reference=reference)
         del reference  # its parameters are freed: training holds no second copy
@@ -335,7 +328,8 @@ class Finetuning:
         self.num_classes = num_classes
         self.adapters = lora.LoRA(ft.lora_rank, ft.lora_alpha, tuple(ft.lora_targets)) if ft.strategy == "lora" else None
         self.plan = self.model_cfg = None
-        self.growth = chat_growth(ft.task, source)  # (base vocabulary, grown vocabulary) or None
+        # (base vocabulary, with the chat tokens) when the task needs chat tokens the checkpoint lacks, else None
+        self.growth = vocab.chat_growth(source.tokenizer_json) if ft.task in CHAT_TASKS else None
 
     def init_params(self, model_cfg: model_lib.GPTConfig, key):
         self.model_cfg = model_cfg
@@ -413,33 +407,6 @@ class Finetuning:
         if self.is_main:
             (self.workdir / "restore.json").write_text(json.dumps(plan.to_json(source), indent=2) + "\n")
         return state.replace(params=flax.traverse_util.unflatten_dict(fresh, sep="/"))
-
-
-class ReferenceModel:
-    """The DPO reference: the starting checkpoint (grown for the chat tokens like the trained model),
-    as `(tokens, weights) -> summed log-probabilities`; loaded at the first call, freed with the object."""
-
-    def __init__(self, config, source: Pretrained, log):
-        self.config, self.source, self.log = config, source, log
-        self.params = self.cfg = None
-
-    def __call__(self, tokens, weights):
-        from gptlab import convert  # the stored model config -> GPTConfig
-
-        if self.params is None:
-            source, growth = self.source, chat_growth("dpo", self.source)
-            flat = flax.traverse_util.flatten_dict(source.reader.restore_params(), sep="/")
-            if any(lora.is_adapter(p) for p in flat):
-                raise UserError(f"{source.where} holds LoRA adapters: use the merged export it wrote, "
-                                "--config.finetune.init_from=THAT_RUN/merged")
-            size = int(source.shapes["wte/embedding"][0])
-            if growth:
-                size = max(size, growth[1])
-                flat = vocab.grow_params(flat, growth[0], size, len(template.CHAT_TOKENS), self.config.seed)
-            self.params = flax.traverse_util.unflatten_dict(flat, sep="/")
-            self.cfg = dataclasses.replace(convert.model_config(source.config), vocab_size=size, dropout=0.0)
-            self.log(f"DPO reference: {source.directory / str(source.step)}, log-probabilities computed once")
-        return chat_data.reference_logps(self.params, self.cfg, tokens, weights)
 
 
 def export_merged(workdir, log=print):

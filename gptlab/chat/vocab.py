@@ -16,6 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from gptlab import model as model_lib
+from gptlab.chat import template
+
+
+def chat_growth(tokenizer_json: dict):
+    """(base vocabulary, base vocabulary + the chat tokens) for a checkpoint's tokenizer without chat tokens, else None."""
+    if "chat_tokens" in tokenizer_json:
+        return None
+    from gptlab import tokenizers  # pylint: disable=import-outside-toplevel  (tokenizers imports gptlab.chat lazily)
+
+    base = tokenizers.from_json(tokenizer_json).vocab_size
+    return base, base + len(template.CHAT_TOKENS)
 
 
 def vocab_axes(paths) -> dict:
