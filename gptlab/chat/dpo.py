@@ -20,7 +20,10 @@ start at B = 0, so the starting model is the base model.
 
 Metrics (summed per pair; evaluation reports them averaged as eval_*): loss,
 reward_margin (r_w - r_l), accuracy (share of pairs with r_w > r_l, the preference
-accuracy), chosen_logp and rejected_logp (the policy's summed log-probabilities).
+accuracy; 0 at the start, where every margin is 0), chosen_logp and rejected_logp
+(the policy's summed log-probabilities), prefers_chosen (share of pairs where the
+policy itself gives the chosen answer the higher log-probability: comparable across
+stages, base and SFT included, though summed log-probabilities favour short answers).
 """
 import jax
 import jax.numpy as jnp
@@ -77,6 +80,7 @@ def loss_fn(model, beta: float, loss_type: str = "sigmoid"):
             "count": jnp.sum(w), "tokens": jnp.float32(tokens[:, :-1].size),
             "reward_margin": jnp.sum((chosen_reward - rejected_reward) * w),
             "accuracy": jnp.sum((chosen_reward > rejected_reward) * w),
-            "chosen_logp": jnp.sum(chosen * w), "rejected_logp": jnp.sum(rejected * w)}
+            "chosen_logp": jnp.sum(chosen * w), "rejected_logp": jnp.sum(rejected * w),
+            "prefers_chosen": jnp.sum((chosen > rejected) * w)}
 
     return fn
