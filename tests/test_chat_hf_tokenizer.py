@@ -1,8 +1,6 @@
 """Hugging Face tokenizers for imported models: a tokenizer the test builds itself (no download)."""
 import json
 
-import numpy as np
-import pytest
 
 from conftest import needs
 from gptlab import tokenizers as gptlab_tokenizers

@@ -8,5 +8,8 @@
   held-out standard-library packages.
 - `data`: batches for `finetune.task=chat` and `finetune.task=dpo`.
 - `vocab`: growing a pretrained model's embedding (and untied head) for the new tokens.
-- `dpo`: the DPO (and IPO) loss, one pure function inside the shared train step.
+- `dpo`: the DPO (and IPO) loss, one pure function inside the shared train step;
+  `reference`: the frozen starting checkpoint whose log-probabilities it compares to.
+- `session`: a multi-turn conversation with the key/value cache (experiments/chat.py).
+- `evaluate`: assistant-token loss and stop rate on held-out conversations.
 """
