@@ -34,6 +34,8 @@ setuptools.setup(
         "sentencepiece>=0.2.3",  # data.tokenizer=sentencepiece
         "tiktoken>=0.14",  # data.tokenizer=gpt2 (GPT-2 BPE from a local encoding file)
         "safetensors>=0.8",  # experiments.convert: Hugging Face GPT-2 weights in and out, no PyTorch
+        "tokenizers>=0.20",  # an imported Llama/Qwen2's own tokenizer.json (gptlab.hf_tokenizer), offline
+        "jinja2>=3.1",  # an imported model's chat template, rendered as transformers renders it
         "matplotlib>=3.8",  # experiments.report: figures (rendered headless, Agg)
     ],
     extras_require={

@@ -5,7 +5,7 @@ Run from the repository root, after pretraining (the README quick start):
     python -m experiments.finetune --config=configs/finetune.py:lora --workdir=/tmp/gptlab/ft_lora \\
         --config.finetune.init_from=/tmp/gptlab/pretrain
 
-Presets: STRATEGY[,TASK][,tiny], e.g. `lora`, `head,classify`, `lora,sft`, `full,lm,tiny`.
+Presets: STRATEGY[,TASK][,tiny], e.g. `lora`, `head,classify`, `lora,sft`, `full,lm,tiny`, `full,chat`.
   STRATEGY  full, head, last_k, bitfit, layernorm, lora, or regex (give finetune.trainable)
   TASK      lm (default): language modelling on the held-out `email` package, one document
                 per top-level block (python_stdlib_blocks); selection on eval_loss
@@ -14,6 +14,17 @@ Presets: STRATEGY[,TASK][,tiny], e.g. `lora`, `head,classify`, `lora,sft`, `full
                 loss on the response only; selection on eval_loss
             classify: which of the 8 held-out packages a code snippet comes from
                 (python_stdlib_packages); selection on eval_accuracy
+            chat: chat SFT on conversations (gptlab/chat/): the chat template's tokens are
+                added (the embedding grows), loss on assistant turns and their end-of-turn
+                token only; data.path=FILE.jsonl ({"messages": [...]} per line) or, unset,
+                the embedded conversations about the held-out packages; eval_loss is the
+                assistant-token loss
+            dpo: preference tuning (DPO, finetune.dpo_beta; IPO with finetune.dpo_loss=ipo)
+                from the starting checkpoint as the frozen reference; data.path=FILE.jsonl in
+                TRL's {"prompt", "chosen", "rejected"} format or the embedded pairs; selection
+                on eval_loss, eval_accuracy is the preference accuracy. Usually init_from a chat run.
+              With data.path, validation and test are the file's lines a stable hash puts there
+              (10% each) unless data.eval_path / data.test_path name their own files.
             Every task draws only from the packages that pretraining leaves out
             (gptlab/data/held_out.py), split 80/10/10 by top-level block.
   tiny      test-sized (20 steps, no early stopping), for checkpoints of the `tiny` pretraining preset
@@ -33,18 +44,24 @@ from configs import pretrain
 from gptlab.data import held_out
 
 STRATEGIES = ("full", "head", "last_k", "bitfit", "layernorm", "lora", "regex")
-TASKS = ("lm", "sft", "classify")
+TASKS = ("lm", "sft", "classify", "chat", "dpo")
 # Peak learning rates: the fewer (and the more newly initialised) the trainable
 # parameters, the larger the step they take; full fine-tuning stays below pretraining's.
 LEARNING_RATES = {"full": 5e-4, "head": 3e-3, "last_k": 1e-3, "bitfit": 3e-3, "layernorm": 3e-3,
                   "lora": 2e-3, "regex": 1e-3}
+# DPO moves a model that already answers: a tenth of the SFT rate (TRL's default is 1e-6 at 7B scale).
+DPO_LR_FACTOR = 0.1
 # Every task's data, from the held-out packages only (the one definition: gptlab/data/held_out.py).
 TASK_DATA = {
     "lm": dict(dataset="python_stdlib_blocks", include=held_out.globs((held_out.NARROW_PACKAGE,))),
     "sft": dict(dataset="python_stdlib_functions", include=held_out.globs()),
     "classify": dict(dataset="python_stdlib_packages", include=held_out.globs()),
+    # Built in memory by gptlab/chat/corpus.py (no TFDS) from the files these globs select.
+    "chat": dict(dataset="python_stdlib_chat", include=held_out.globs()),
+    "dpo": dict(dataset="python_stdlib_chat", include=held_out.globs()),
 }
-SELECTION_METRICS = {"lm": "eval_loss", "sft": "eval_loss", "classify": "eval_accuracy"}
+SELECTION_METRICS = {"lm": "eval_loss", "sft": "eval_loss", "classify": "eval_accuracy", "chat": "eval_loss",
+                     "dpo": "eval_loss"}
 PACKAGES = held_out.PACKAGES
 
 
@@ -80,6 +97,8 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
         ft.lora_targets = (r"blocks_\d+/attn/(qkv|proj)/kernel",)  # strategy=lora: kernels to adapt (regexes)
         ft.trainable = ()  # regexes of parameters that train too (strategy=regex: the only ones)
         ft.export_merged = True  # strategy=lora: write WORKDIR/merged, adapters folded into plain kernels
+        ft.dpo_beta = 0.1  # task dpo: strength of the pull towards the reference (larger: stay closer)
+        ft.dpo_loss = "sigmoid"  # task dpo: sigmoid (DPO) or ipo (IPO, on per-token mean log-probabilities)
 
         data = config.data
         data.tokenizer = config_dict.placeholder(str)  # None: the init_from run's tokenizer (the only valid one)
@@ -87,12 +106,15 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
         data.response_key = "response"  # task sft: the feature holding the response
         data.label_key = "label"  # task classify: the ClassLabel feature
         data.packages = PACKAGES  # dataset python_stdlib_packages: the classes (top-level packages)
+        data.path = config_dict.placeholder(str)  # tasks chat/dpo: a JSONL file; None: the embedded chat data
+        data.eval_path = config_dict.placeholder(str)  # tasks chat/dpo: validation file; None: data.path's hash
+        data.test_path = config_dict.placeholder(str)  # tasks chat/dpo: test file; None: data.path's hash
         data.dataset = TASK_DATA[task]["dataset"]
         data.include, data.exclude = TASK_DATA[task]["include"], held_out.STDLIB_TESTS
 
         opt = config.optimizer
-        opt.learning_rate = LEARNING_RATES[strategy]
-        opt.min_learning_rate = LEARNING_RATES[strategy] / 10
+        opt.learning_rate = LEARNING_RATES[strategy] * (DPO_LR_FACTOR if task == "dpo" else 1.0)
+        opt.min_learning_rate = opt.learning_rate / 10
         opt.warmup_steps = 5 if tiny else 20
         # weight_decay (0.1) and weight_decay_on (kernels) as in pretraining; only trainable parameters decay.
 

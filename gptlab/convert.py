@@ -275,9 +275,15 @@ def from_hf(source: str, workdir, log=print) -> Loaded:
         raise UserError(f"{hf_dir} has tensor {extra[0]!r} that a plain {family} model does not: it is not a "
                         "checkpoint of an architecture gptlab imports")
     params = flax.traverse_util.unflatten_dict(flat, sep="/")
-    if llama:  # gptlab does not run Hugging Face tokenizers: token ids must come from the model's own
+    if llama and (hf_dir / "tokenizer.json").is_file():  # the model's own tokenizer and chat template, stored inside
+        from gptlab import hf_tokenizer  # pylint: disable=import-outside-toplevel
+
+        tokenizer_spec, tokenizer = hf_tokenizer.HFTokenizer.from_dir(hf_dir).to_json(), "huggingface"
+        log(f"tokenizer: {hf_dir / 'tokenizer.json'} (Hugging Face tokenizers) stored with the checkpoint"
+            + ("" if tokenizer_spec["config"].get("chat_template") else "; no chat template"))
+    elif llama:  # token ids must come from the model's own tokenizer, outside gptlab
         tokenizer_spec, tokenizer = {"kind": "huggingface", "source": str(source)}, "huggingface"
-        log("note: gptlab has no tokenizer for this model (it runs byte, char, SentencePiece and GPT-2 tokenizers): "
+        log(f"note: {hf_dir} has no tokenizer.json, so this model has no tokenizer in gptlab: "
             "its weights, logits and exports are exact, but text must be tokenised outside gptlab")
     else:
         if cfg.vocab_size < GPT2_VOCAB_SIZE:

@@ -27,7 +27,11 @@
 
 Tasks: `lm` (next-token loss on a narrow corpus), `sft` (loss on response tokens
 only), `classify` (cross-entropy of `cls_head` on the last real token's final
-hidden state; evaluation also reports accuracy).
+hidden state; evaluation also reports accuracy), `chat` (conversations through the
+chat template, loss on assistant turns only) and `dpo` (preference tuning); for
+the last two see gptlab/chat/: the tokenizer gains the chat tokens and a model
+without them grows its embedding (`gptlab.chat.vocab`, listed as `grown` in
+restore.json and under `added_tokens` in trainable.json).
 """
 import dataclasses
 import json
@@ -42,16 +46,21 @@ import optax
 
 from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import files
 from gptlab import lora
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import perf
 from gptlab import tokenizers as tokenizers_lib
 from gptlab import train
+from gptlab.chat import data as chat_data
+from gptlab.chat import dpo, template, vocab
+from gptlab.chat import reference as chat_reference
 from gptlab.data import pipeline, supervised
 from gptlab.errors import UserError
 
-TASKS = ("lm", "sft", "classify")
+TASKS = ("lm", "sft", "classify", "chat", "dpo")
+CHAT_TASKS = ("chat", "dpo")  # tasks that render conversations with the chat template
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 _FIX = ("pass a pretraining workdir (the folder holding checkpoints/) or one of its checkpoints/STEP "
         "directories: --config.finetune.init_from=PATH")
@@ -136,6 +145,11 @@ def resolve_config(config, source: Pretrained):
     elif resolved.data.tokenizer != kind:
         raise UserError(f"data.tokenizer={resolved.data.tokenizer} differs from the pretrained run's {kind} "
                         "tokenizer: leave data.tokenizer unset (None) to use the pretrained one")
+    growth = vocab.chat_growth(source.tokenizer_json) if ft.task in CHAT_TASKS else None
+    if growth is not None and resolved.model.vocab_size < growth[1]:  # room for the chat tokens
+        resolved.model.vocab_size = growth[1]
+    if ft.task == "dpo" and ft.dpo_loss not in dpo.LOSSES:
+        raise UserError(f"unknown finetune.dpo_loss={ft.dpo_loss!r}: choose one of {dpo.LOSSES}")
     return resolved
 
 
@@ -148,6 +162,7 @@ class RestorePlan:
     initialised: list  # paths new in the fine-tuning model: LoRA adapters, the classification head
     untied: list  # the untied head's kernel, initialised as the tied token embedding^T
     left_out: list  # checkpoint paths the task does not use (the LM head when classifying, ...)
+    grown: list = dataclasses.field(default_factory=list)  # loaded, then grown by rows for the chat tokens
 
     def to_json(self, source: Pretrained) -> dict:
         return {"init_from": str(source.directory / str(source.step)), "step": source.step,
@@ -160,24 +175,30 @@ def tied_embedding(shapes: dict):
                  if info.is_head and info.role == "embedding"), None)
 
 
-def plan_restore(stored: dict, target: dict, task: str, where: str) -> RestorePlan:
+def plan_restore(stored: dict, target: dict, task: str, where: str, vocab_size: int = None) -> RestorePlan:
     """Matches the checkpoint's parameter shapes to the fine-tuning model's, by path.
 
     Every parameter of the fine-tuning model is loaded with its exact shape, or
     is one the strategy or task adds (LoRA adapters, the untied LM head, the
     classification head: what is not a parameter of the model itself); anything
-    else is a UserError naming the parameter.
+    else is a UserError naming the parameter. With `vocab_size` (chat tokens added),
+    the token embedding and an untied head may be smaller along the vocabulary axis:
+    they are `grown`.
     """
     plan = RestorePlan([], [], [], [])
     own, stored_own = model_lib.describe_paths(target), model_lib.describe_paths(stored)
     embedding = tied_embedding(stored)
     fix = ("leave the model.* fields unset (None) to take the pretrained run's values, "
            "or choose a checkpoint of this architecture")
+    axes = vocab.vocab_axes(target) if vocab_size else {}
     for path, shape in target.items():
         if path in stored and stored[path] == shape:
             plan.loaded.append(path)
+        elif (path in axes and path in stored and shape[axes[path]] == vocab_size
+              and stored[path][:axes[path]] + stored[path][axes[path] + 1:] == shape[:axes[path]] + shape[axes[path] + 1:]):
+            plan.grown.append(path)
         elif (path in own and own[path].role == "head" and path not in stored and embedding
-              and stored[embedding] == shape[::-1]):
+              and (stored[embedding] == shape[::-1] or (vocab_size and stored[embedding][1] == shape[0]))):
             plan.untied.append(path)
         elif path not in own:
             plan.initialised.append(path)
@@ -287,6 +308,12 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
     process = (jax.process_index(), jax.process_count())
     if ft.task == "lm":
         data, num_classes = pipeline.Data(config.data, seq_len, config.seed, tokenizer, *process, log=log), None
+    elif ft.task in CHAT_TASKS:
+        tokenizer, num_classes = template.with_chat_tokens(tokenizer), None
+        reference = chat_reference.ReferenceModel(config.seed, source, log) if ft.task == "dpo" else None
+        data = chat_data.ChatData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log,
+                                  reference=reference)
+        del reference  # its parameters are freed: training holds no second copy
     else:
         data = supervised.SupervisedData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log)
         num_classes = data.num_classes if ft.task == "classify" else None
@@ -310,6 +337,8 @@ class Finetuning:
         self.num_classes = num_classes
         self.adapters = lora.LoRA(ft.lora_rank, ft.lora_alpha, tuple(ft.lora_targets)) if ft.strategy == "lora" else None
         self.plan = self.model_cfg = None
+        # (base vocabulary, with the chat tokens) when the task needs chat tokens the checkpoint lacks, else None
+        self.growth = vocab.chat_growth(source.tokenizer_json) if ft.task in CHAT_TASKS else None
 
     def init_params(self, model_cfg: model_lib.GPTConfig, key):
         self.model_cfg = model_cfg
@@ -318,6 +347,8 @@ class Finetuning:
     def loss_fn(self, model) -> train.LossFn:
         if self.adapters is not None:
             model = lora.Adapted(model, self.adapters.scale)
+        if self.ft.task == "dpo":
+            return dpo.loss_fn(model, self.ft.dpo_beta, self.ft.dpo_loss)
         return classify_loss_fn(model) if self.ft.task == "classify" else train.lm_loss_fn(model)
 
     def describe(self) -> str:
@@ -326,7 +357,8 @@ class Finetuning:
     def trainable(self, params, decay, schedule) -> tuple:
         """(mask of what trains, optimizer), after checking the checkpoint fits (before any training)."""
         ft = self.ft
-        self.plan = plan_restore(self.source.shapes, checkpoint_lib.shapes_by_path(params), ft.task, self.source.where)
+        self.plan = plan_restore(self.source.shapes, checkpoint_lib.shapes_by_path(params), ft.task, self.source.where,
+                                 self.model_cfg.vocab_size if self.growth else None)
         mask = adapt.trainable_mask(params, ft.strategy, self.model_cfg.n_layer, ft.last_k, tuple(ft.trainable))
         tx = adapt.optimizer(self.config.optimizer, schedule, params, mask)
         full_tx = optim.adamw(self.config.optimizer, schedule, params)
@@ -335,22 +367,45 @@ class Finetuning:
         self.log(f"fine-tuning strategy {ft.strategy}: what trains\n{summary.table}")
         if self.is_main:
             summary.write(self.workdir / "trainable.json")
+            if self.growth:  # what the chat tokens added to the pretrained model
+                record = {**summary.to_json(), "added_tokens": self.added_tokens()}
+                files.write_json_atomic(self.workdir / "trainable.json", record)
         return mask, tx
+
+    def added_tokens(self) -> dict:
+        base, size = self.growth
+        return {"tokens": {t: base + i for i, t in enumerate(template.CHAT_TOKENS)},
+                "vocab_size": {"pretrained": int(self.source.shapes["wte/embedding"][0]), "now": self.model_cfg.vocab_size},
+                "grown": self.plan.grown, "rows_reset": [base, base + len(template.CHAT_TOKENS)],
+                "init": "mean of the pretrained rows + Gaussian noise with their per-coordinate std (gptlab.chat.vocab)"}
 
     def load(self, state, abstract):
         """Pretrained parameters into the fresh state (whose optimizer state and step stay fresh)."""
         plan, source, log = self.plan, self.source, self.log
         fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
         targets = flax.traverse_util.flatten_dict(abstract.params, sep="/")
-        template = flax.traverse_util.unflatten_dict({p: targets[p] for p in plan.loaded}, sep="/")
-        loaded = flax.traverse_util.flatten_dict(source.restore_params(template), sep="/")
-        fresh.update(loaded)
+        wanted = {p: targets[p] for p in plan.loaded}
         embedding = tied_embedding(source.shapes)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        for path in plan.grown + ([embedding] if plan.untied and embedding not in wanted else []):
+            wanted[path] = jax.ShapeDtypeStruct(source.shapes[path], source.dtypes[path], sharding=device)
+        loaded = flax.traverse_util.flatten_dict(
+            source.restore_params(flax.traverse_util.unflatten_dict(wanted, sep="/")), sep="/")
+        if self.growth:  # rows for the chat tokens: the same function builds the DPO reference model
+            loaded = vocab.grow_params(loaded, self.growth[0], self.model_cfg.vocab_size,
+                                       len(template.CHAT_TOKENS), self.config.seed)
+            log(f"chat tokens {', '.join(template.CHAT_TOKENS)} at ids {self.growth[0]}-{self.growth[1] - 1}: "
+                + ", ".join(f"{p} {source.shapes[p]} -> {tuple(loaded[p].shape)}" for p in vocab.vocab_axes(loaded))
+                + "; their rows set to the mean of the pretrained rows plus noise of their standard deviation")
+        reshaped = vocab.vocab_axes(loaded) if self.growth else {}  # grown or reset on one device: placed again
+        fresh.update({p: _place_like(loaded[p], fresh[p]) if p in reshaped else loaded[p]
+                      for p in plan.loaded + plan.grown})
         for path in plan.untied:
             fresh[path] = _place_like(jnp.transpose(jnp.asarray(loaded[embedding])), fresh[path])
-        size = sum(int(np.prod(source.shapes[p])) for p in plan.loaded)
+        size = sum(int(np.prod(source.shapes[p])) for p in plan.loaded + plan.grown)
         log(f"init_from {source.directory / str(source.step)} (step {source.step}, read-only): loaded "
-            f"{len(plan.loaded)} parameter arrays ({size:,d} values): " + ", ".join(adapt.collapse_paths(plan.loaded)))
+            f"{len(plan.loaded + plan.grown)} parameter arrays ({size:,d} values): "
+            + ", ".join(adapt.collapse_paths(plan.loaded + plan.grown)))
         if plan.initialised:
             log("  initialised fresh: " + ", ".join(adapt.collapse_paths(plan.initialised)))
         if plan.untied:

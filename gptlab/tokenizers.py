@@ -334,7 +334,18 @@ def build(data_cfg, train_texts: Callable[[], Iterable[str]]) -> Tokenizer:
 
 def from_json(spec: dict, data_cfg=None) -> Tokenizer:
     """The tokenizer `spec` (from `to_json`) describes; `data_cfg` may say where GPT-2's file is here."""
+    if "chat_tokens" in spec:  # a chat fine-tuning run's: the base tokenizer plus the chat template's tokens
+        from gptlab.chat import template  # pylint: disable=import-outside-toplevel
+
+        if list(spec["chat_tokens"]) != list(template.CHAT_TOKENS):
+            raise UserError(f"stored tokenizer has chat tokens {spec['chat_tokens']}: this gptlab version reads "
+                            f"{list(template.CHAT_TOKENS)}")
+        return template.ChatTokenizer(from_json({k: v for k, v in spec.items() if k != "chat_tokens"}, data_cfg))
     kind = spec.get("kind")
+    if kind == "huggingface":  # an imported Llama/Qwen2's own tokenizer (experiments.convert --from_hf)
+        from gptlab import hf_tokenizer  # pylint: disable=import-outside-toplevel
+
+        return hf_tokenizer.HFTokenizer.from_json(spec)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":

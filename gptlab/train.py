@@ -121,13 +121,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
                 accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
         if axis_name is not None:
             loss_sum, sums, grads = jax.lax.psum((loss_sum, sums, grads), axis_name)
-        count = sums["count"]
+        # A batch with nothing to learn (chat: no assistant token in any row) has zero loss and gradients:
+        # dividing by 1 instead of 0 keeps them zero, never NaN.
+        count = jnp.where(sums["count"] > 0, sums["count"], 1.0)
         grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
         full_grads = join(grads, jax.tree.map(jnp.zeros_like, const))
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
         params = join(optax.apply_updates(diff, split(updates)[0]), const)
         metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step), "tokens": sums.get("tokens", count)}
+        # The loss's other scalar sums (DPO: reward margin, preference accuracy, ...) as per-count means.
+        metrics.update({f"train_{k}": v / count for k, v in sums.items()
+                        if k not in ("count", "tokens") and jnp.ndim(v) == 0})
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -770,6 +775,8 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     learning_rate=float(unlogged[-1][1]["learning_rate"]),
                     tokens_per_sec=tokens / elapsed,
                     mfu=tokens / elapsed * flops_per_token / (peak * 1e12))
+                record.update({k: float(np.mean([float(m[k]) for _, m in unlogged])) for k in unlogged[-1][1]
+                               if k.startswith("train_") and k != "train_loss"})
                 unlogged = []
             evals, new_best = None, False
             if step % train.eval_every == 0 or step == train.num_steps:
