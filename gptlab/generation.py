@@ -12,7 +12,6 @@ Compilation: batches are padded to `batch_size` rows and prompts to multiples of
 """
 from typing import Optional, Sequence
 
-import numpy as np
 
 from gptlab import sampling
 from gptlab.errors import UserError
