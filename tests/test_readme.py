@@ -25,6 +25,7 @@ QUICK = {
     "pretrain": STEPS + ["--config.data.data_dir=DATA"],
     "finetune": STEPS + ["--config.train.test_batches=1", "--config.data.data_dir=DATA"],
     "sample": [],
+    "chat": ["--max_new_tokens=16"],
     "evaluate": ["--config.num_batches=1"],
     "compare": ["--config.num_batches=1"],
     "convert": [],
@@ -77,6 +78,10 @@ def test_every_readme_command_runs_as_written(tmp_path, data_dir):
             ran.append("python snippet")
             continue
         command = command.split("&&")[-1].strip()  # ". .venv/bin/activate && python -m ...": the venv is ours
+        stdin = None
+        if command.startswith("echo ") and " | " in command:  # echo "TEXT" | python -m ...: TEXT on stdin
+            echoed, command = command.split(" | ", 1)
+            stdin = shlex.split(echoed)[1] + "\n"
         match = re.match(r"python -m experiments\.(\w+)", command)
         assert match, f"a README command this test does not know how to run: {command}"
         name = match.group(1)
@@ -89,15 +94,17 @@ def test_every_readme_command_runs_as_written(tmp_path, data_dir):
             subprocess.run(export, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
             args = [f"--from_hf={exported}" if a == "--from_hf=/path/to/hf_folder" else a for a in args]
         quick = [a.replace("DATA", data_dir) for a in QUICK[name]]
+        if any(task in command for task in (",chat", ",dpo")):
+            quick.append("--config.data.train_fraction=0.05")  # DPO scores every pair with its reference first
         out = subprocess.run([sys.executable, "-m", f"experiments.{name}", *args, *quick], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, input=stdin)
         assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"
         ran.append(name)
-        check_effect(name, args, root, out.stdout + out.stderr)
+        check_effect(name, args, root, out.stdout + out.stderr, out.stdout)
     assert ran.count("pretrain") == 2 and "finetune" in ran and "python snippet" in ran, ran
 
 
-def check_effect(name: str, args: list, root: pathlib.Path, output: str) -> None:
+def check_effect(name: str, args: list, root: pathlib.Path, output: str, stdout: str) -> None:
     """What the README says the command leaves behind."""
     flag = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
     if name in ("pretrain", "finetune"):
@@ -105,6 +112,9 @@ def check_effect(name: str, args: list, root: pathlib.Path, output: str) -> None
         assert (workdir / "result.json").is_file(), output[-2000:]
         if name == "finetune" and "lora" in flag["config"]:
             assert (workdir / "merged").is_dir()  # "writes .../merged/, the best model with the adapters folded in"
+    elif name == "chat":
+        replies = [line for line in stdout.splitlines() if not line.startswith("loaded step")]
+        assert len(replies) == 1, stdout  # one user line in, one reply line out
     elif name == "sample":
         assert output.count("--- sample ") == int(flag["num_samples"])
     elif name == "evaluate":

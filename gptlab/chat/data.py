@@ -23,6 +23,7 @@ Batching, order, resumption and the fixed evaluation selection are the
 supervised tasks' (`gptlab.data.supervised`).
 """
 import functools
+import math
 import time
 from typing import Callable
 
@@ -122,6 +123,12 @@ class ChatData:
         start = time.perf_counter()
         self.tokenizer = tokenizer
         records, source = load_records(kind, data_cfg)
+        fraction = data_cfg.get("train_fraction", 1.0)
+        if not 0 < fraction <= 1:
+            raise UserError(f"data.train_fraction={fraction} must be in (0, 1]: e.g. 0.1 trains on the first 10% "
+                            "of the training conversations")
+        if fraction < 1:  # the first share, in the file's (or the embedded data's) stable order
+            records["train"] = records["train"][:max(1, math.ceil(fraction * len(records["train"])))]
         encoded, skipped = {}, {}
         for split, rows in records.items():
             if kind == "chat":
