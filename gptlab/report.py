@@ -67,18 +67,8 @@ def choose(candidates: dict, selection_metric: str):
 
     Every choice reads validation only: a test metric here is an error, whatever the caller.
     """
-    if selection_metric.startswith("test"):
-        raise UserError(f"report.selection_metric={selection_metric!r} reads the test split, which is only ever "
-                        "reported: select on a validation metric such as eval_loss or eval_accuracy")
-    scored = {}
-    for key, found in candidates.items():
-        values = [v for v in (validation_value(r, selection_metric) for r in found) if isinstance(v, (int, float))]
-        if values:
-            scored[key] = float(np.mean(values))
-    if not scored:
-        return None
-    pick = max if selection.higher_is_better(selection_metric) else min
-    return pick(scored, key=scored.get)
+    scores = {key: [validation_value(r, selection_metric) for r in found] for key, found in candidates.items()}
+    return selection.choose_on_validation(scores, selection_metric, "report.selection_metric")
 
 
 def factor_name(key: str) -> str:

@@ -30,6 +30,33 @@ def higher_is_better(metric: str) -> bool:
     return any(word in metric for word in _HIGHER_IS_BETTER)
 
 
+def check_validation_metric(metric: str, what: str = "the selection metric") -> None:
+    """Choices read validation only: a test metric is refused in one line."""
+    if metric.startswith("test"):
+        raise UserError(f"{what}={metric!r} reads the test split, which is only ever reported (choices read "
+                        "validation only): choose on a validation metric such as eval_loss or eval_accuracy")
+
+
+def choose_on_validation(scores: dict, metric: str, what: str = "the selection metric"):
+    """The key of `scores` ({key: [validation values]}) whose finite values have the best mean `metric`.
+
+    The one choice-on-validation of reports and studies (a learning rate, a configuration).
+    Ties go to the smallest key (e.g. the lower learning rate). Reading a test metric is an
+    error: the test split is only ever reported. None when no key has a finite value.
+    """
+    check_validation_metric(metric, what)
+    means = {}
+    for key, values in scores.items():
+        finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if finite:
+            means[key] = float(np.mean(finite))
+    if not means:
+        return None
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    order = lambda key: (0, key, "") if isinstance(key, (int, float)) else (1, 0, str(key))  # None and text last
+    return min(means, key=lambda key: (sign * means[key], order(key)))
+
+
 def mode(metric: str) -> str:
     """Orbax's best_mode for `metric`: "max" for accuracies and rates, else "min"."""
     return "max" if higher_is_better(metric) else "min"

@@ -103,23 +103,16 @@ class Study:
 
     def choose(self, stage: str, selection_metric: str, fraction: Optional[float] = None) -> Optional[Choice]:
         """The stage's cells at `fraction` (None: any), grouped by learning rate; the best on validation wins."""
-        if selection_metric.startswith("test"):
-            raise UserError(f"the study chooses on validation only, not {selection_metric!r}")
+        selection.check_validation_metric(selection_metric, "the study's selection metric")
         cells = [c for c in self.by_stage.get(stage, [])
                  if fraction is None or _same(c["factors"].get(FRACTION, 1.0), fraction)]
         groups = {}
         for c in cells:
             groups.setdefault(c["factors"].get(self.select), []).append(c)
-        scored = {}
-        for lr, group in groups.items():
-            values = [c["validation"].get(selection_metric) for c in group]
-            values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-            if values:
-                scored[lr] = float(np.mean(values))
-        if not scored:
+        scores = {lr: [c["validation"].get(selection_metric) for c in group] for lr, group in groups.items()}
+        if not any(isinstance(v, (int, float)) and math.isfinite(v) for values in scores.values() for v in values):
             return None
-        pick = max if selection.higher_is_better(selection_metric) else min
-        lr = pick(scored, key=lambda k: (scored[k], -(k or 0)))
+        lr = selection.choose_on_validation(scores, selection_metric, "the study's selection metric")
         grid = tuple(sorted(k for k in groups if k is not None))
         return Choice(stage, fraction, lr, sorted(groups[lr], key=lambda c: c["seed"]), grid)
 
