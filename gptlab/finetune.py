@@ -285,10 +285,15 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
         data = supervised.SupervisedData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log)
         num_classes = data.num_classes if ft.task == "classify" else None
     finetuning = Finetuning(config, source, workdir, log, is_main, num_classes)
-    if is_main:
-        tokenizers_lib.save(tokenizer, workdir)  # like every run's workdir: the tokenizer beside the config
-    return train.start_and_run(config, workdir, checkpoints, log, is_main,
-                               train.pretrain_experiment(config, data, log, finetuning))
+    exp = train.pretrain_experiment(config, data, log, finetuning)
+
+    def accepted():  # written once the start passed every resume check: a refused start writes nothing
+        if is_main:
+            tokenizers_lib.save(tokenizer, workdir)  # like every run's workdir: the tokenizer beside the config
+            finetuning.summary.write(workdir / "trainable.json")
+
+    exp.accepted = accepted
+    return train.start_and_run(config, workdir, checkpoints, log, is_main, exp)
 
 
 class Finetuning:
@@ -324,8 +329,7 @@ class Finetuning:
         summary = adapt.summarize(ft.strategy, params, mask, decay, jax.eval_shape(tx.init, params),
                                   jax.eval_shape(full_tx.init, params))
         self.log(f"fine-tuning strategy {ft.strategy}: what trains\n{summary.table}")
-        if self.is_main:
-            summary.write(self.workdir / "trainable.json")
+        self.summary = summary  # written to WORKDIR/trainable.json once the start is accepted
         return mask, tx
 
     def load(self, state, abstract):

@@ -530,6 +530,7 @@ class Experiment:
     test_batches: Optional[list] = None  # the test split's batches: the best checkpoint is scored there, at the end
     train_data_tokens: Optional[int] = None  # tokens the training split holds (after data.train_fraction)
     data_examples: Optional[dict] = None  # sft/classify: usable examples per split (after filtering to the window)
+    accepted: Optional[Callable[[], None]] = None  # writes the experiment's own files once the start is accepted
 
 
 def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
@@ -544,8 +545,13 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     started = time.perf_counter()
     latest = checkpoints.latest_step()
     # Every resume check runs before anything in the workdir is written: a refused start changes no file.
-    stored_config = checkpoints.read_json(latest, "config") if latest is not None else None
-    honoured = check_resume(stored_config, exp.config_json, latest, checkpoints.directory) if latest is not None else []
+    stored_config, honoured = None, []
+    if latest is not None:
+        with checkpoint_lib.Reader(checkpoints.directory, latest, pin=False) as reader:
+            checkpoint_lib.check_same_shapes(reader.stored["params"], jax.eval_shape(exp.init_params),
+                                             where=f"checkpoint step {latest} in {checkpoints.directory}")
+            stored_config = reader.config
+        honoured = check_resume(stored_config, exp.config_json, latest, checkpoints.directory)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     state, train_step, eval_step = init_and_compile(config, exp, parallel, log)
     train_cfg = config.train
@@ -576,6 +582,8 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     checkpoints.accepted = True  # from here on the workdir is written
     if is_main:
         files.write_atomic(workdir / "config.json", json.dumps(exp.config_json, indent=2) + "\n")
+    if exp.accepted is not None:
+        exp.accepted()
     batches = prefetched(config, exp.batches, parallel)  # after the restore: it reads ahead from there
     start_step = latest or 0
     tokens_seen = lambda step: tokens_before + (step - start_step) * step_tokens
