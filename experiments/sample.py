@@ -47,6 +47,9 @@ def main():
     prompt = read_prompt()
     if _NUM_SAMPLES.value < 1:
         raise UserError(f"--num_samples={_NUM_SAMPLES.value} must be at least 1")
+    if not 1 <= _MAX_NEW_TOKENS.value <= sampling.MAX_NEW_TOKENS:  # before the checkpoint is read
+        raise UserError(f"--max_new_tokens={_MAX_NEW_TOKENS.value} must be between 1 and {sampling.MAX_NEW_TOKENS:,}: "
+                        "for longer texts sample again with the output as the prompt")
     loaded = convert.load_workdir(_WORKDIR.value, _STEP.value)
     tokenizer = loaded.tokenizer
     cfg = loaded.model_cfg

@@ -31,6 +31,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -44,7 +45,9 @@ from gptlab.errors import UserError
 from gptlab.optim import path_str
 
 JSON_ITEMS = ("data", "config", "tokenizer", "integrity")
-OPTIONAL_JSON_ITEMS = ("selection",)  # absent in checkpoints written before early stopping existed
+# Absent in older checkpoints: `selection` before early stopping existed, `progress` (the run's tokens_seen and
+# the training losses since its last logged step, see train.start_and_run) before resumes kept them.
+OPTIONAL_JSON_ITEMS = ("selection", "progress")
 
 
 class CorruptCheckpoint(Exception):
@@ -178,13 +181,16 @@ class Reader:
         self.data, self.config, self.tokenizer = items["data"], items["config"], items["tokenizer"]
         self.fingerprints = (items.get("integrity") or {}).get("fingerprints")
         self.selection = None  # the early-stopping record (gptlab.selection); absent in older checkpoints
-        if (self.path / "selection").exists():
+        self.progress = None  # the run's bookkeeping (tokens_seen, unlogged losses); absent in older checkpoints
+        for item in OPTIONAL_JSON_ITEMS:
+            if not (self.path / item).exists():
+                continue
             try:
-                self.selection = self._restore(ocp.StandardCheckpointHandler(),
-                                               {"selection": ocp.args.JsonRestore()})["selection"]
+                setattr(self, item, self._restore(ocp.StandardCheckpointHandler(),
+                                                  {item: ocp.args.JsonRestore()})[item])
             except Exception as e:  # pylint: disable=broad-except
                 self.close()
-                raise CorruptCheckpoint(self.step, self.source, f"its selection cannot be read ({_first_line(e)})") from None
+                raise CorruptCheckpoint(self.step, self.source, f"its {item} cannot be read ({_first_line(e)})") from None
         if not self.fingerprints:
             self.close()
             raise CorruptCheckpoint(self.step, self.source, "its integrity record is missing")
@@ -192,7 +198,8 @@ class Reader:
     def _pin(self, source: pathlib.Path):
         """Links (or copies) the files of `source` into a fresh private directory; None if a deletion raced it."""
         if self._pin_root is None:
-            self._pin_root = pathlib.Path(tempfile.mkdtemp(prefix="gptlab-pinned-checkpoint-"))
+            remove_dead_pins()
+            self._pin_root = pathlib.Path(tempfile.mkdtemp(prefix=f"{PIN_PREFIX}{os.getpid()}@{socket.gethostname()}."))
         target = self._pin_root / source.name
         shutil.rmtree(target, ignore_errors=True)
 
@@ -289,6 +296,41 @@ class Reader:
         self.close()
 
 
+PIN_PREFIX = "gptlab-pinned-checkpoint-"  # + "PID@HOST." + a random suffix, in the temporary directory
+_PIN_NAME = re.compile(re.escape(PIN_PREFIX) + r"(\d+)@(.+)\.[^.]+$")
+
+
+def remove_dead_pins(root=None) -> list:
+    """Removes the pins (`Reader`) of readers that died without closing them (kill -9 mid-read); returns them.
+
+    A pin names its process and host; only this host's pins whose process is gone are removed.
+    """
+    root = pathlib.Path(root or tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for entry in entries:
+        match = _PIN_NAME.match(entry.name)
+        if not match or match.group(2) != host or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
 def _fingerprints_paths(tree) -> list:
     return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -311,6 +353,7 @@ class Checkpoints:
                 cleanup_tmp_directories=True, **keep),  # leftovers of a save interrupted by a kill
         )
         self._last_saved = None
+        self.accepted = False  # set by train.start_and_run once every resume check passed; a refused start writes nothing
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -319,7 +362,7 @@ class Checkpoints:
         return self.directory / str(step)
 
     def save(self, step: int, state, *, data: dict, config: dict, tokenizer: dict, selection=None,
-             metrics=None) -> None:
+             metrics=None, progress=None) -> None:
         """Starts writing `step` (in the background when async); a failed write raises UserError.
 
         `metrics`: the validation metrics evaluated at `step`, which rank it for the best checkpoint.
@@ -330,7 +373,8 @@ class Checkpoints:
         integrity = {"fingerprints": _fingerprints(state)}
         try:
             # force: the training loop decides when to save (intervals, the last step, preemption).
-            extra = {} if selection is None else {"selection": ocp.args.JsonSave(selection)}
+            extra = {k: ocp.args.JsonSave(v) for k, v in (("selection", selection), ("progress", progress))
+                     if v is not None}
             started = self.manager.save(step, force=True, metrics=metrics, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                 config=ocp.args.JsonSave(config), tokenizer=ocp.args.JsonSave(tokenizer),
@@ -371,7 +415,8 @@ class Checkpoints:
         with Reader(self.directory, step, pin=False) as reader:
             state = reader.restore_state(abstract_state)
             return state, {"data": reader.data, "config": reader.config, "tokenizer": reader.tokenizer,
-                           "integrity": {"fingerprints": reader.fingerprints}, "selection": reader.selection}
+                           "integrity": {"fingerprints": reader.fingerprints}, "selection": reader.selection,
+                           "progress": reader.progress}
 
     def quarantine(self, step: int) -> pathlib.Path:
         """Moves a damaged step out of checkpoints/ (kept for inspection, never deleted)."""

@@ -185,11 +185,24 @@ def read_hf_config(hf_dir: pathlib.Path) -> model_lib.GPTConfig:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json: point --from_hf at a folder saved with save_pretrained")
-    hf = json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({str(e).splitlines()[0]}): point --from_hf at a folder "
+                        "saved with save_pretrained, or repair its config.json") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path} holds a JSON {type(hf).__name__}, not an object of settings: point --from_hf "
+                        "at a folder saved with save_pretrained, or repair its config.json")
     model_type = hf.get("model_type")
     if model_type in hf_llama.ARCHITECTURES:
-        unsupported, fields = hf_llama.variants(hf), hf_llama.config_fields(hf)
+        _check_numbers(hf, path, HF_LLAMA_NUMBERS)
+        try:
+            unsupported, fields = hf_llama.variants(hf), hf_llama.config_fields(hf)
+        except (TypeError, ValueError, AttributeError) as e:  # e.g. rope_parameters that is not an object
+            raise UserError(f"{path} has a setting of the wrong type ({e}): repair the file or re-export the "
+                            "model with save_pretrained") from None
     elif model_type == "gpt2":
+        _check_numbers(hf, path, HF_GPT2_NUMBERS)
         n_embd = hf.get("n_embd", 768)
         unsupported = {
             "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
@@ -213,8 +226,28 @@ def read_hf_config(hf_dir: pathlib.Path) -> model_lib.GPTConfig:
                             f"not implement (it supports {key} in {list(allowed)}): import a standard {model_type}")
     try:
         return model_lib.GPTConfig(**fields)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"{hf_dir}/config.json: {e}") from None
+
+
+# config.json keys that must hold whole numbers (None allowed where HF allows it), per family.
+HF_GPT2_NUMBERS = ("vocab_size", "n_positions", "n_ctx", "n_layer", "n_head", "n_embd", "n_inner")
+HF_LLAMA_NUMBERS = ("vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+                    "hidden_size", "num_key_value_heads", "intermediate_size", "head_dim")
+
+
+def _check_numbers(hf: dict, path: pathlib.Path, keys) -> None:
+    """A wrongly typed size (`"n_layer": "two"`) is one line here, not a traceback deep in the import."""
+    for key in keys:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{path} has {key}={value!r}: it must be a positive whole number; repair the file "
+                            "or re-export the model with save_pretrained")
+    for key in ("layer_norm_epsilon", "rms_norm_eps", "rope_theta"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{path} has {key}={value!r}: it must be a number; repair the file "
+                            "or re-export the model with save_pretrained")
 
 
 def _read_safetensors(hf_dir: pathlib.Path) -> dict:

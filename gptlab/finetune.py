@@ -318,12 +318,17 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
         data = supervised.SupervisedData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log)
         num_classes = data.num_classes if ft.task == "classify" else None
     finetuning = Finetuning(config, source, workdir, log, is_main, num_classes)
-    if is_main:
-        tokenizers_lib.save(tokenizer, workdir)  # like every run's workdir: the tokenizer beside the config
     exp = train.pretrain_experiment(config, data, log, finetuning)
     if _exports_merged(config):  # before result.json: a failed export leaves the run unfinished, resumable
         exp = dataclasses.replace(exp, write_artefacts=lambda final: [export_merged(workdir, log).name]
                                   if final["step"] > 0 else [])
+
+    def accepted():  # written once the start passed every resume check: a refused start writes nothing
+        if is_main:
+            tokenizers_lib.save(tokenizer, workdir)  # like every run's workdir: the tokenizer beside the config
+            finetuning.write_trainable()
+
+    exp.accepted = accepted
     return train.start_and_run(config, workdir, checkpoints, log, is_main, exp)
 
 
@@ -365,12 +370,15 @@ class Finetuning:
         summary = adapt.summarize(ft.strategy, params, mask, decay, jax.eval_shape(tx.init, params),
                                   jax.eval_shape(full_tx.init, params))
         self.log(f"fine-tuning strategy {ft.strategy}: what trains\n{summary.table}")
-        if self.is_main:
-            summary.write(self.workdir / "trainable.json")
-            if self.growth:  # what the chat tokens added to the pretrained model
-                record = {**summary.to_json(), "added_tokens": self.added_tokens()}
-                files.write_json_atomic(self.workdir / "trainable.json", record)
+        self.summary = summary  # written to WORKDIR/trainable.json once the start is accepted (write_trainable)
         return mask, tx
+
+    def write_trainable(self) -> None:
+        """WORKDIR/trainable.json: what trains, and what the chat tokens added to the pretrained model."""
+        record = self.summary.to_json()
+        if self.growth:
+            record["added_tokens"] = self.added_tokens()
+        files.write_json_atomic(self.workdir / "trainable.json", record)
 
     def added_tokens(self) -> dict:
         base, size = self.growth

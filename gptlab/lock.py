@@ -136,6 +136,12 @@ class FileLock:
                 self._create_exclusive()
         else:
             self.fd = fd
+        self._previous = None  # the record of the last holder, which `restore_record` puts back
+        if not created and not self.exclusive_file:
+            try:
+                self._previous = os.pread(self.fd, 1 << 16, 0)
+            except OSError:
+                pass
         if record:
             self.record(this_process())
 
@@ -171,6 +177,16 @@ class FileLock:
         data = json.dumps(holder).encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
+
+    def restore_record(self) -> None:
+        """Puts back the record the file held before this process took the lock, so that a start refused
+        before it wrote anything leaves the directory byte-identical (a file this lock created is emptied;
+        in the exclusive-file mode release removes it anyway)."""
+        if self.fd is None or self.exclusive_file:
+            return
+        os.ftruncate(self.fd, 0)
+        if self._previous:
+            os.pwrite(self.fd, self._previous, 0)
 
     def release(self) -> None:
         if self.fd is None:

@@ -19,6 +19,7 @@ resumes under the other. Each process feeds only its own rows of every global
 batch (`WindowBatches` splits them by process index), assembled with
 `jax.make_array_from_process_local_data` under `jit`.
 """
+import contextlib
 import os
 import socket
 import time
@@ -229,16 +230,21 @@ class Parallel:
             eval_step = jax.jit(make_eval_step(None), in_shardings=(state_sh.params, batch_sh),
                                 out_shardings=replicated, compiler_options=self.compile_options)
 
+            # oneDNN executables never go to the persistent compilation cache: XLA cannot serialise them
+            # (perf.no_persistent_cache).
+            uncached = (perf.no_persistent_cache if (self.compile_options or {}).get("xla_cpu_use_onednn")
+                        else contextlib.nullcontext)
+
             def run_train(state, batch):
-                with jax.set_mesh(self.mesh):
+                with jax.set_mesh(self.mesh), uncached():
                     return train_step(state, self.place_batch(batch))
 
             def run_eval(params, batch):
-                with jax.set_mesh(self.mesh):
+                with jax.set_mesh(self.mesh), uncached():
                     return eval_step(params, self.place_batch(batch))
 
             def compile_train(state, batch):
-                with jax.set_mesh(self.mesh):
+                with jax.set_mesh(self.mesh), uncached():
                     return train_step.lower(state, self.place_batch(batch)).compile()
 
             run_train.jitted = train_step  # for tools that compile it with other options (tools/compile_options_ab.py)

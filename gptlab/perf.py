@@ -70,19 +70,28 @@ def cpu_info() -> dict:
 
     From /proc/cpuinfo (Linux), else `platform`.
     """
-    name, vendor, flags = platform.processor() or platform.machine(), "", set()
+    name, vendor, flags, mhz = platform.processor() or platform.machine(), "", set(), 0.0
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    for key, value in re.findall(r"^(model name|vendor_id|flags|Features)\s*:\s*(.*)$", text, re.M):
+    for key, value in re.findall(r"^(model name|vendor_id|flags|Features|cpu MHz)\s*:\s*(.*)$", text, re.M):
         if key == "model name":
             name = value.strip()
         elif key == "vendor_id":
             vendor = value.strip()
+        elif key == "cpu MHz":
+            try:
+                mhz = max(mhz, float(value))
+            except ValueError:
+                pass
         else:
             flags.update(value.split())
-    return {"model": name, "vendor": vendor, "flags": frozenset(flags)}
+    try:  # the highest clock the kernel knows of (absent in many VMs)
+        max_mhz = int(pathlib.Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
+    except (OSError, ValueError):
+        max_mhz = None
+    return {"model": name, "vendor": vendor, "flags": frozenset(flags), "mhz": mhz or None, "max_mhz": max_mhz}
 
 
 def cpu_description() -> str:
@@ -398,13 +407,36 @@ KNOWN_PEAK_TFLOPS = (
 PEAK_MIN_SECONDS = 2.0  # how long each matmul size is sampled for the cached CPU peak
 
 
-# Each matmul library the CPU peak is measured with, as compile options: the peak is the best of
-# them, whichever the run trains with, so MFU has one denominator on a machine.
+# Each matmul library the CPU peak may be measured with, as compile options. The peak is the best of the
+# libraries this machine's training picks by default (`peak_matmul_libraries`), so MFU has one denominator
+# on a machine. oneDNN is measured only where training uses it: on a 2-core AMD EPYC (Zen 3) processes that
+# compiled and ran its matmuls aborted at random when an executable was destroyed (SIGABRT in XLA's
+# OneDnnFusionThunk destructor): 5 of 100 with the persistent compilation cache on, 2 of 100 with the
+# executables kept out of it, 0 of 150 measuring XLA's matmuls only (tools/stress_peak.py, 2026-12-07).
+# An optional measurement must never end a run.
 PEAK_MATMUL_OPTIONS = {"xla": {"xla_cpu_use_onednn": False}, "onednn": CPU_MATMUL_OPTIONS["onednn"]}
 
 
-def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds: float = PEAK_MIN_SECONDS) -> float:
-    """Best float32 matmul throughput of the default device, in TFLOP/s, over the CPU's matmul libraries.
+def peak_matmul_libraries() -> tuple:
+    """The matmul libraries the CPU peak is measured with: XLA's own, and oneDNN where the defaults train with it."""
+    return ("xla", "onednn") if choose_cpu_matmuls("cpu", "jit")[0] == "onednn" else ("xla",)
+
+
+def no_persistent_cache():
+    """A context in which nothing compiled is written to JAX's persistent compilation cache.
+
+    XLA cannot serialise oneDNN thunks ("UNIMPLEMENTED: ToProto is not implemented for thunk kind:
+    onednn-fusion", a warning at every such compile); executables compiled with oneDNN are kept out.
+    """
+    from jax._src import config as jax_config  # no public API scopes this setting
+
+    return jax_config.persistent_cache_min_compile_time_secs(float("inf"))
+
+
+def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds: float = PEAK_MIN_SECONDS,
+                           libraries=None) -> float:
+    """Best float32 matmul throughput of the default device, in TFLOP/s, over `libraries` (default
+    `peak_matmul_libraries()`).
 
     The best of many is the machine's capability; a busy moment only lowers single samples.
     Each size runs at least `min_repeats` times and for at least `min_seconds` per library: on a
@@ -415,9 +447,10 @@ def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds
     for size in sizes:
         a = jnp.ones((size, size), jnp.float32)
         lowered = jax.jit(lambda x: x @ x).lower(a)
-        for options in PEAK_MATMUL_OPTIONS.values():
+        for library in libraries or peak_matmul_libraries():
             try:
-                matmul = lowered.compile(compiler_options=options)
+                with no_persistent_cache():
+                    matmul = lowered.compile(compiler_options=PEAK_MATMUL_OPTIONS[library])
             except Exception:  # noqa: BLE001  # a jaxlib without this library: the others measure the peak
                 continue
             matmul(a).block_until_ready()
@@ -430,6 +463,35 @@ def measured_matmul_tflops(sizes=(1024, 2048), min_repeats: int = 8, min_seconds
     return best
 
 
+def estimated_cpu_peak() -> tuple:
+    """(float32 peak TFLOP/s, how it was estimated): cores x clock x float32 FLOPs per cycle from the CPU's flags.
+
+    Meant as an upper bound, so MFU against it is never overstated: two FMA units per core, every
+    usable core a full core, and the highest clock the kernel reports (else at least 3.5 GHz, a
+    typical boost clock). On the 2-core AMD EPYC (Zen 3) of these tests: 0.224 TFLOP/s, measured
+    0.187 idle (the highest measured there under any load was 0.223).
+    """
+    info = cpu_info()
+    flags = info.get("flags", frozenset())
+    if "avx512f" in flags:
+        per_cycle, unit = 64, "AVX-512"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, unit = 32, "AVX2+FMA"
+    elif "avx" in flags:
+        per_cycle, unit = 16, "AVX"
+    elif "sve" in flags or "asimd" in flags:
+        per_cycle, unit = 32, "SVE" if "sve" in flags else "NEON"
+    else:
+        per_cycle, unit = 16, "unknown vector unit"
+    if info.get("max_mhz"):
+        ghz, clock = info["max_mhz"] / 1000, "its highest clock"
+    else:
+        ghz, clock = max(info.get("mhz") or 0.0, 3500.0) / 1000, "an assumed boost clock"
+    cores = usable_cores()
+    return (cores * ghz * 1e9 * per_cycle / 1e12,
+            f"{cores} cores x {ghz:.2f} GHz ({clock}) x {per_cycle} float32 FLOPs a cycle ({unit})")
+
+
 def peak_cache_path() -> pathlib.Path:
     """Where a machine's measured CPU peak is kept: $XDG_CACHE_HOME/gptlab (default ~/.cache/gptlab)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -440,14 +502,15 @@ def _machine_key() -> str:
     info = cpu_info()
     # How it is measured is part of the key: older, shorter measurements are not reused.
     return (f"{info['model']} | {usable_cores()} cores | {','.join(sorted(info['flags']))} | jaxlib {jax.__version__}"
-            f" | best of {PEAK_MIN_SECONDS:g} s | of {' and '.join(PEAK_MATMUL_OPTIONS)} matmuls")
+            f" | best of {PEAK_MIN_SECONDS:g} s | of {' and '.join(peak_matmul_libraries())} matmuls")
 
 
-# A peak measured while other processes used more than this share of the machine's CPU time is used
-# for the run but not cached: a busy machine under-measures it (0.132 against 0.187 TFLOP/s idle, on a
-# 2-core AMD EPYC whose first run measured it during the test suite, 2026-12-01), and a cached low peak
-# would overstate MFU in every later run (MFU 1.15 there).
+# A machine whose other processes use more than this share of its CPU time is busy: the peak is not measured
+# there (a busy machine under-measures it: 0.032-0.223 TFLOP/s on one 2-core AMD EPYC, so MFU 0.87 in a quick
+# start; and each measurement costs 8 s), and the run takes `estimated_cpu_peak` instead. A measurement that
+# other processes disturbed anyway is discarded the same way.
 PEAK_BUSY_SHARE_MAX = 0.1
+PEAK_PROBE_SECONDS = 0.5  # how long the machine is watched before deciding to measure
 
 
 def _machine_cpu_seconds():
@@ -464,40 +527,52 @@ def _machine_cpu_seconds():
 def cpu_share_of_others(measure) -> tuple:
     """(measure()'s result, the share (0..1) of the machine's CPU time other processes took meanwhile).
 
-    The share is 0 where /proc/stat cannot be read or the measurement took under a second
+    The share is 0 where /proc/stat cannot be read or the measurement took under a quarter of a second
     (too short for the kernel's 10 ms ticks to tell).
     """
     machine, own, began = _machine_cpu_seconds(), time.process_time(), time.perf_counter()
     result = measure()
     wall, after = time.perf_counter() - began, _machine_cpu_seconds()
-    if machine is None or after is None or wall < 1.0:
+    if machine is None or after is None or wall < 0.25:
         return result, 0.0
     others = (after - machine) - (time.process_time() - own)
     return result, min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
 
 
+def cached_cpu_peak():
+    """(TFLOP/s, when measured) from this machine's entry in the peak cache, or None."""
+    try:
+        entry = json.loads(peak_cache_path().read_text()).get(_machine_key())
+        return float(entry["tflops"]), str(entry["measured"])
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_peak_tflops() -> tuple:
-    """(float32 matmul peak of this CPU, its source): measured once per machine and cached on disk.
+    """(float32 matmul peak of this CPU, its source): "measured DATE ..." or "estimate: ...".
 
-    So MFU has the same denominator in every run on a machine. The key is the CPU
-    model, its usable cores, its flags and the JAX version; a change measures again.
-    A peak measured while other processes were busy is not cached (`PEAK_BUSY_SHARE_MAX`).
+    Measured once per machine, on an idle machine, and cached on disk, so MFU has the same
+    denominator in every run on a machine; the key is the CPU model, its usable cores, its flags
+    and the JAX version, and a change measures again. While the machine is busy (or the measurement
+    was disturbed) the run takes `estimated_cpu_peak` instead, measures nothing more and caches nothing.
     """
-    path, key = peak_cache_path(), _machine_key()
-    try:
-        entry = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError):
-        entry = None
-    if entry:
-        return float(entry["tflops"]), f"float32 matmul measured on {entry['measured']} ({cpu_info()['model']}), cached in {path}"
-    tflops, busy = cpu_share_of_others(measured_matmul_tflops)
-    measured = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cached = cached_cpu_peak()
+    model = cpu_info()["model"]
+    if cached:
+        return cached[0], f"measured {cached[1]} ({model}, float32 matmul), cached in {peak_cache_path()}"
+    estimate, how = estimated_cpu_peak()
+    _, busy = cpu_share_of_others(lambda: time.sleep(PEAK_PROBE_SECONDS))
     if busy > PEAK_BUSY_SHARE_MAX:
-        return tflops, (f"float32 matmul measured on {measured} ({cpu_info()['model']}), not cached: other processes "
-                        f"took {busy:.0%} of the CPU meanwhile, so it may be low (MFU high); measured again next run")
+        return estimate, (f"estimate: {how}; not measured, other processes took {busy:.0%} of the CPU "
+                          "(measured and cached once a run finds the machine idle)")
+    tflops, busy = cpu_share_of_others(measured_matmul_tflops)
+    if busy > PEAK_BUSY_SHARE_MAX:
+        return estimate, (f"estimate: {how}; a measurement of {tflops:.3g} was discarded, other processes took "
+                          f"{busy:.0%} of the CPU meanwhile")
+    measured = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     where = cache_cpu_peak(tflops, measured)
-    return tflops, f"float32 matmul measured on {measured} ({cpu_info()['model']}), {where}"
+    return tflops, f"measured {measured} ({model}, float32 matmul), {where}"
 
 
 def cache_cpu_peak(tflops: float, measured: str) -> str:

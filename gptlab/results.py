@@ -17,7 +17,8 @@ its presence means "this run finished". It holds:
 - `data_examples`: for example-based tasks (sft, classify), the usable examples of
   each split (train, validation, test), after those that do not fit the window are
   dropped: what a task's numbers rest on;
-- `steps`, `tokens_seen` (input tokens processed: steps x global batch x seq_len);
+- `steps`, `tokens_seen` (input tokens processed: steps x global batch x seq_len, summed over the
+  run's segments when a resume changed the batch);
 - `optimizer_state_bytes`: what the optimizer keeps for the trainable parameters;
 - `timing`: wall time of this process's run, the last logged tokens/s and MFU,
   the process's peak resident memory, and the step it resumed from (0:
@@ -65,11 +66,12 @@ CIRCUMSTANCES = ("timing", "finished_at", "versions", "git", "device")
 
 def write_result(workdir, final: dict, config_json: dict, params, trainable, wall_time_s: float,
                  resumed_from_step=None, train_data_tokens=None, optimizer_state_bytes=None,
-                 data_examples=None, artefacts=()) -> dict:
+                 data_examples=None, artefacts=(), tokens_seen=None) -> dict:
     """Writes WORKDIR/result.json for a finished run and returns it.
 
     `params` is the parameter tree (arrays or ShapeDtypeStructs) and `trainable`
-    a bool tree of the same structure, or None when everything trains.
+    a bool tree of the same structure, or None when everything trains. `tokens_seen`: the input tokens
+    the run processed, summed over its segments (a resume may change the batch); None: steps x batch x seq_len.
     """
     workdir = pathlib.Path(workdir)
     metrics = {k: v for k, v in final.items() if k not in THROUGHPUT_KEYS}
@@ -83,7 +85,8 @@ def write_result(workdir, final: dict, config_json: dict, params, trainable, wal
         "train_data_tokens": None if train_data_tokens is None else int(train_data_tokens),
         "data_examples": data_examples,
         "optimizer_state_bytes": None if optimizer_state_bytes is None else int(optimizer_state_bytes),
-        "tokens_seen": step * int(data.get("batch_size") or 0) * int(data.get("seq_len") or 0),
+        "tokens_seen": int(tokens_seen) if tokens_seen is not None else
+        step * int(data.get("batch_size") or 0) * int(data.get("seq_len") or 0),
         "timing": {"wall_time_s": wall_time_s, "resumed_from_step": int(resumed_from_step or 0),
                    "peak_rss_mb": peak_rss_mb(),
                    **{k: final[k] for k in THROUGHPUT_KEYS if k in final}},

@@ -65,6 +65,10 @@ def _next_token(logits, key, temperature, top_k, top_p):
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
 
 
+# Positions and the token buffer are int32, and the buffer is (samples, prompt + new tokens) on the device.
+MAX_NEW_TOKENS = 2**24
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def _generate(params, prompts, lengths, key, temperature, top_k, top_p, end_token, *, cfg, max_new_tokens):
     """prompts (batch, prompt_len) right-padded, lengths (batch,) -> (tokens (batch, total), new counts)."""
@@ -139,8 +143,10 @@ def generate(params, cfg: model_lib.GPTConfig, prompts: Sequence[Sequence[int]],
     """
     if not prompts:
         raise UserError("no prompts to continue: pass at least one prompt")
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be between 1 and {MAX_NEW_TOKENS:,} (every new "
+                        "token is kept in one int32 buffer on the device): for longer texts sample again with "
+                        "the output as the prompt")
     if temperature < 0:
         raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
     if top_k < 0:

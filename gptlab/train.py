@@ -22,6 +22,7 @@ import optax
 from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import dense_backward
+from gptlab import files
 from gptlab import lock as lock_lib
 from gptlab import model as model_lib
 from gptlab import metrics as metrics_lib
@@ -296,6 +297,7 @@ def run_experiment(config, workdir, experiment) -> dict:
         log(f"already finished: {workdir / results.FILENAME} holds step {finished['step']} of this same config; "
             f"nothing to do (move it away to evaluate again)")
         return finished
+    refuse_rewriting_finished(workdir, config)
     writer_lock = lock_workdir(workdir, is_main)  # before anything in the workdir is written or cleaned
     try:
         # Proven writable now, in seconds, rather than at the first save inside Orbax's writer threads.
@@ -305,6 +307,7 @@ def run_experiment(config, workdir, experiment) -> dict:
             selection_metric=config.train.get("selection_metric", "eval_loss"))
     except BaseException:
         if writer_lock:
+            writer_lock.restore_record()
             writer_lock.release()
         raise
     try:
@@ -323,6 +326,8 @@ def run_experiment(config, workdir, experiment) -> dict:
             checkpoints.close()
         finally:
             if writer_lock:
+                if not checkpoints.accepted:  # a refused start leaves the workdir as it found it, lock file too
+                    writer_lock.restore_record()
                 writer_lock.release()
 
 
@@ -338,6 +343,67 @@ def already_finished(workdir, config):
             current[group][field] = (stored_config.get(group) or {}).get(field)
     finished = stored_config == current and stored.get("steps") == config.train.num_steps
     return stored if finished and "step" in stored else None
+
+
+def refuse_rewriting_finished(workdir, config) -> None:
+    """A finished run's result.json is never rewritten by a rerun with other settings (one line, exit 2),
+    unless the rerun raises train.num_steps past it: that trains on from its last checkpoint."""
+    try:
+        stored = json.loads((workdir / results.FILENAME).read_text())
+        stored_config, steps = stored["config"], int(stored["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not finished (or not readable as a result: the run's own start-up reports damage)
+    current = json.loads(config.to_json_best_effort())
+    for group, field in (("model", "vocab_size"), ("data", "seq_len")):  # resolved at the start of the run
+        if current.get(group, {}).get(field) is None and group in current:
+            current[group][field] = (stored_config.get(group) or {}).get(field)
+    changes = config_changes(stored_config, current)
+    if not changes or config.train.num_steps > steps:
+        return
+    raise UserError(f"{workdir / results.FILENAME} records a finished run of {steps} steps with other settings "
+                    f"({describe_changes(changes)}), which a rerun would overwrite: to train it on, raise "
+                    f"--config.train.num_steps above {steps}; to run these settings, use a new --workdir")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list:
+    """[(dotted field, old value, new value)] where two JSON configs differ; fields absent from `old` (written
+    before the field existed) are not compared."""
+    changes = []
+    for key, value in new.items():
+        if key not in old:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            changes += config_changes(old[key], value, f"{prefix}{key}.")
+        elif old[key] != value:
+            changes.append((f"{prefix}{key}", old[key], value))
+    return changes
+
+
+def describe_changes(changes, limit: int = 4) -> str:
+    text = ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes[:limit])
+    return text + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+# Fields a resumed run may change; any other model or data field, or the seed, changes what the checkpoint's
+# steps mean or what its parameters compute, and the resume is refused. Implementation choices (same function),
+# locations of the same data, and how far ahead to read:
+RESUMABLE_FIELDS = ("model.attention", "model.remat", "model.dense_backward", "data.data_dir", "data.manual_dir",
+                    "data.text_dir", "data.cache_dir", "data.gpt2_encoding_file", "data.prefetch", "data.test_split",
+                    "data.batch_size")  # a new batch size is honoured: tokens_seen adds each segment's own
+REFUSED_GROUPS = ("model.", "data.", "finetune.task", "seed")
+
+
+def check_resume(stored_config: dict, config_json: dict, step: int, where) -> list:
+    """Refuses (UserError, one line) a resume whose config changes what the checkpoint at `step` means;
+    returns the changes that are honoured (batch size, number of steps, optimizer, schedule of evaluations)."""
+    changes = config_changes(stored_config, config_json)
+    refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS and c[0].startswith(REFUSED_GROUPS)]
+    if refused:
+        raise UserError(f"cannot resume {where} (step {step}) with other settings: {describe_changes(refused)} "
+                        "would change what its steps mean; restore those settings to resume, or start a fresh "
+                        "--workdir (nothing in the workdir was changed)")
+    return [c for c in changes if not c[0].startswith(("parallel.", "wandb.")) and c[0] not in (
+        "model.attention", "model.remat", "model.dense_backward", "data.prefetch")]
 
 
 WRITER_LOCK = ".writer.lock"  # in the workdir; names the process that trains there
@@ -472,6 +538,7 @@ class Experiment:
     # (final metrics) -> paths (relative to the workdir) of what the run writes beside its checkpoints, e.g. a LoRA
     # run's merged export: called on process 0 before result.json, so result.json's presence means they exist.
     write_artefacts: Optional[Callable] = None
+    accepted: Optional[Callable[[], None]] = None  # writes the experiment's own files once the start is accepted
 
 
 def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -> dict:
@@ -480,40 +547,68 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     Start-up order: resume this workdir's latest checkpoint if there is one;
     otherwise `exp.init_from` (fine-tuning: pretrained parameters loaded into the
     fresh state); otherwise the fresh state (from scratch). Writes
-    WORKDIR/config.json first and WORKDIR/result.json (see gptlab.results) last.
+    WORKDIR/config.json once the start is accepted (every resume check passed: until then nothing in
+    the workdir is written) and WORKDIR/result.json (see gptlab.results) last.
     """
     started = time.perf_counter()
-    if is_main:
-        (workdir / "config.json").write_text(json.dumps(exp.config_json, indent=2) + "\n")
+    latest = checkpoints.latest_step()
+    # Every resume check runs before anything in the workdir is written: a refused start changes no file.
+    stored_config, honoured = None, []
+    if latest is not None:
+        with checkpoint_lib.Reader(checkpoints.directory, latest, pin=False) as reader:
+            checkpoint_lib.check_same_shapes(reader.stored["params"], jax.eval_shape(exp.init_params),
+                                             where=f"checkpoint step {latest} in {checkpoints.directory}")
+            stored_config = reader.config
+        honoured = check_resume(stored_config, exp.config_json, latest, checkpoints.directory)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     state, train_step, eval_step = init_and_compile(config, exp, parallel, log)
-    latest = checkpoints.latest_step()
     train_cfg = config.train
     stopping = selection_lib.EarlyStopping(train_cfg.get("selection_metric", "eval_loss"),
                                            train_cfg.get("early_stopping_patience", 0))
     abstract = parallel.abstract_state(state)
+    # Input tokens a step processes; tokens_seen sums it over the run's segments (a resume may change the batch).
+    step_tokens = int(config.data.batch_size) * int(exp.config_json["data"]["seq_len"])
+    tokens_before, carried_losses = 0, []
     if latest is not None:
         state, items = checkpoints.restore(latest, abstract)
         state = parallel.place_restored(state)
         exp.batches.restore(items["data"])
         if items.get("selection"):
             stopping = selection_lib.EarlyStopping.from_json(items["selection"], stopping.metric, stopping.patience)
+        progress = items.get("progress") or {}
+        tokens_before = int(progress.get("tokens_seen", latest * int(stored_config["data"]["batch_size"])
+                                         * int(stored_config["data"]["seq_len"])))  # older checkpoints: one batch
+        carried_losses = list(progress.get("unlogged_train_losses", []))
         log(f"resumed from {checkpoints.directory / str(latest)} (step {latest})")
+        if honoured:
+            log(f"resuming with changed settings, honoured: {describe_changes(honoured, limit=8)}; tokens_seen "
+                f"counts {tokens_before:,} tokens up to step {latest}, then {step_tokens:,} a step")
     elif exp.init_from is not None:
         state = parallel.place_restored(exp.init_from(parallel.checkpointable(state), parallel.abstract_state(state)))
     else:
         log("no checkpoint in the workdir: starting from scratch")
+    checkpoints.accepted = True  # from here on the workdir is written
+    if is_main:
+        files.write_atomic(workdir / "config.json", json.dumps(exp.config_json, indent=2) + "\n")
+    if exp.accepted is not None:
+        exp.accepted()
     batches = prefetched(config, exp.batches, parallel)  # after the restore: it reads ahead from there
+    start_step = latest or 0
+    tokens_seen = lambda step: tokens_before + (step - start_step) * step_tokens
 
-    def save(step, state, wait=False, metrics=None):
+    def save(step, state, wait=False, metrics=None, unlogged_train_losses=()):
+        # progress: what the run's bookkeeping needs beyond the state, so a resumed run counts as an uninterrupted one
+        progress = {"tokens_seen": tokens_seen(step), "unlogged_train_losses": list(unlogged_train_losses)}
         checkpoints.save(step, parallel.checkpointable(state), data=batches.state(), config=exp.config_json,
-                         tokenizer=exp.tokenizer.to_json(), selection=stopping.to_json(), metrics=metrics)
+                         tokenizer=exp.tokenizer.to_json(), selection=stopping.to_json(), metrics=metrics,
+                         progress=progress)
         if wait:
             checkpoints.wait()
 
     try:
         final = run_loop(config, workdir, state, batches, train_step, eval_step, exp.eval_batches, save, log,
-                         is_main, flops_per_token=exp.flops_per_token, dtype=exp.dtype, stopping=stopping)
+                         is_main, flops_per_token=exp.flops_per_token, dtype=exp.dtype, stopping=stopping,
+                         carried_losses=carried_losses)
     finally:
         if batches is not exp.batches:
             batches.close()
@@ -527,7 +622,7 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
                                       resumed_from_step=latest, train_data_tokens=exp.train_data_tokens,
                                       data_examples=exp.data_examples,
                                       optimizer_state_bytes=optim.state_bytes(abstract.opt_state),
-                                      artefacts=artefacts)
+                                      artefacts=artefacts, tokens_seen=tokens_seen(int(final["step"])))
         metrics_lib.finish_wandb(workdir, result)
         for line in progress_lib.summary_lines(workdir, result, "finetune" if "finetune" in exp.config_json
                                                else "pretrain"):
@@ -694,7 +789,8 @@ def check_finite(fetched, skip_nonfinite: bool, max_in_a_row: int, in_a_row: int
             in_a_row = 0
             continue
         in_a_row += 1
-        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+                else "no checkpoint was written")
         if not skip_nonfinite:
             raise UserError(f"non-finite training loss {loss} / gradient norm {grad_norm} at step {step}; {kept}. "
                             "Lower optimizer.learning_rate, raise optimizer.warmup_steps, or set "
@@ -708,11 +804,14 @@ def check_finite(fetched, skip_nonfinite: bool, max_in_a_row: int, in_a_row: int
 
 
 def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batches, save, log, is_main,
-             flops_per_token: float, dtype: str, stopping=None) -> dict:
+             flops_per_token: float, dtype: str, stopping=None, carried_losses=()) -> dict:
     """The loop every experiment shares: step, log, evaluate, checkpoint; returns final metrics.
 
-    `save(step, state, wait=False, metrics=None)` writes a checkpoint (in the background unless
-    `wait`); `metrics`, the validation metrics of that step, rank it for the best checkpoint.
+    `save(step, state, wait=False, metrics=None, unlogged_train_losses=())` writes a checkpoint (in the
+    background unless `wait`); `metrics`, the validation metrics of that step, rank it for the best
+    checkpoint; `unlogged_train_losses`, the training losses since the last logged step, go with it.
+    `carried_losses`: those of the checkpoint a run resumes from, so that the first logged train_loss
+    after a resume averages the same steps as an uninterrupted run's.
     `stopping` (gptlab.selection.EarlyStopping) records every evaluation: a new best is saved at
     once, and the loop ends after `train.early_stopping_patience` evaluations without one.
     """
@@ -739,6 +838,10 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     pending = []  # (step, device metrics) not yet fetched; fetched only to log or before a save
     unlogged = []  # fetched (step, host metrics) since the last logged record
     in_a_row, last_saved = 0, start_step or None
+    carried = [float(x) for x in carried_losses]  # losses of steps before the resume, not yet logged
+
+    def unlogged_losses():
+        return carried + [float(m["train_loss"]) for _, m in unlogged if np.isfinite(float(m["train_loss"]))]
     if train.get("eval_at_start") and start_step == 0 < last_step and not stopping.stopped:
         # The starting model is a candidate too (fine-tuning: the untouched pretrained model), so a run whose
         # updates only hurt on validation keeps its start rather than its least bad update.
@@ -767,8 +870,8 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
             record = {}
             if log_now:
                 elapsed = time.perf_counter() - interval_start
-                tokens = sum(float(m["tokens"]) for _, m in unlogged)
-                losses = [float(m["train_loss"]) for _, m in unlogged if np.isfinite(float(m["train_loss"]))]
+                tokens = sum(float(m["tokens"]) for _, m in unlogged)  # this process's, for throughput
+                losses = unlogged_losses()
                 record.update(
                     train_loss=float(np.mean(losses)) if losses else float("nan"),
                     grad_norm=float(unlogged[-1][1]["grad_norm"]),
@@ -777,7 +880,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     mfu=tokens / elapsed * flops_per_token / (peak * 1e12))
                 record.update({k: float(np.mean([float(m[k]) for _, m in unlogged])) for k in unlogged[-1][1]
                                if k.startswith("train_") and k != "train_loss"})
-                unlogged = []
+                unlogged, carried = [], []
             evals, new_best = None, False
             if step % train.eval_every == 0 or step == train.num_steps:
                 evals = evaluate(eval_step, state.params, eval_batches)
@@ -800,7 +903,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                     in_a_row = check_finite(fetched, train.skip_nonfinite_steps, train.max_nonfinite_in_a_row,
                                             in_a_row, last_saved, log)
                     unlogged += fetched
-                save(step, state, wait=stop or stopping.stopped, metrics=evals)
+                save(step, state, wait=stop or stopping.stopped, metrics=evals, unlogged_train_losses=unlogged_losses())
                 last_saved = step
             if stop:
                 raise Preempted(step, workdir)
