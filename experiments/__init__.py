@@ -2,8 +2,8 @@
 
 Run that way (not imported), an entry point first restarts itself once with glibc's tcache off on
 Linux CPU machines, so that the train step's freed buffers merge and are reused (gptlab/heap.py,
-docs/speed.md); the restarted process says so in one line on stderr. GPTLAB_ALLOCATOR_RESTART=0 in
-the environment turns it off.
+docs/speed.md); a training run's log says so where it reports `parallel.cpu_reuse_memory`.
+GPTLAB_ALLOCATOR_RESTART=0 in the environment turns it off.
 """
 import sys
 
@@ -11,4 +11,3 @@ if sys.argv[:1] == ["-m"]:  # run as `python -m experiments.NAME`, before its mo
     from gptlab import heap
 
     heap.restart_with_tcache_off()
-    heap.announce_restart()

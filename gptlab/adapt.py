@@ -24,7 +24,6 @@ input embedding; fine-tuning unties it by default, see configs/finetune.py), and
 whatever the strategy.
 """
 import dataclasses
-import json
 from typing import Sequence
 
 import jax
@@ -180,8 +179,6 @@ class Summary:
                 "full_optimizer_state_bytes": self.full_optimizer_state_bytes,
                 "trainable": self.trainable, "weight_decay": self.weight_decay}
 
-    def write(self, path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def summarize(strategy: str, params, trainable, decay, opt_state, full_opt_state) -> Summary:

@@ -36,11 +36,8 @@ TCACHE_OFF = f"{TCACHE}=0"
 KEPT_BYTES_MAX = 2**31 - 1
 # Set by the restart: GLIBC_TUNABLES as the process had it before ("" for unset), for `environment_as_started`.
 BEFORE_RESTART = "GPTLAB_GLIBC_TUNABLES_BEFORE_RESTART"
-RESTARTED_PID = "GPTLAB_RESTARTED_PID"  # the process id the restart was made in, so only that process announces it
 # The off switch: GPTLAB_ALLOCATOR_RESTART=0 in the environment keeps the process as started.
 RESTART_SWITCH = "GPTLAB_ALLOCATOR_RESTART"
-RESTARTED_MESSAGE = (f"gptlab: restarted once with {TUNABLES}={TCACHE_OFF}, so freed train-step buffers merge and are "
-                     f"reused (docs/speed.md, parallel.cpu_reuse_memory); {RESTART_SWITCH}=0 turns this off")
 
 
 def is_glibc_linux() -> bool:
@@ -81,7 +78,7 @@ def restart_with_tcache_off() -> None:
     user set is kept (`GLIBC_TUNABLES=glibc.malloc.tcache_count=7` is glibc's default, and stops
     the restart), nor with GPTLAB_ALLOCATOR_RESTART=0. Same interpreter, arguments, environment
     (plus the variable) and process id. Call it before anything has started (threads, files, JAX);
-    if exec fails, nothing changes. The restarted process says so on stderr (`announce_restart`).
+    if exec fails, nothing changes. Training's log says so where it reports `parallel.cpu_reuse_memory`.
     """
     if os.environ.get(RESTART_SWITCH) == "0":
         return
@@ -93,18 +90,11 @@ def restart_with_tcache_off() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    env = {**os.environ, TUNABLES: tunables, BEFORE_RESTART: os.environ.get(TUNABLES, ""), RESTARTED_PID: str(os.getpid())}
+    env = {**os.environ, TUNABLES: tunables, BEFORE_RESTART: os.environ.get(TUNABLES, "")}
     try:
         os.execve(sys.executable, argv, env)
     except OSError:
         pass  # carried on as it was: perf.limit_reuse_memory keeps the heap bounded
-
-
-def announce_restart() -> None:
-    """One line on stderr in a process that `restart_with_tcache_off` re-executed (not in its children)."""
-    if os.environ.get(RESTARTED_PID) == str(os.getpid()):  # exec keeps the process id; children have their own
-        os.environ.pop(RESTARTED_PID)
-        print(RESTARTED_MESSAGE, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

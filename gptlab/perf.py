@@ -185,6 +185,8 @@ def choose_reuse_memory() -> tuple:
     why = "CPU: the step's buffers stay mapped (no munmap and page faults each step)"
     if heap.tcache_off():
         why += f"; glibc's tcache is off ({heap.TCACHE_OFF}), so freed blocks merge and are reused"
+        if heap.BEFORE_RESTART in os.environ:  # set by experiments/__init__.py's restart, not by the user
+            why += f" (python -m experiments.NAME restarted itself with it; {heap.RESTART_SWITCH}=0 turns that off)"
     return True, f"{why}; off again if the step's temporaries are too large to keep"
 
 
