@@ -377,8 +377,15 @@ def test_classify_restores_the_body_exactly_and_initialises_a_new_head(pretraine
 
 
 def test_sft_learns_responses_from_the_stdlib_functions(pretrained, data_dir, tmp_path):
-    final = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "full,sft,tiny"), tmp_path)
-    assert np.isfinite(final["eval_loss"]) and final["step"] == 4
+    config = ft_config(data_dir, pretrained, "full,sft,tiny", train__num_steps=8, train__eval_every=8,
+                       train__checkpoint_every=8, optimizer__warmup_steps=0, optimizer__learning_rate=3e-3)
+    final = finetune.finetune_and_evaluate(config, tmp_path)
+    assert np.isfinite(final["eval_loss"]) and final["step"] == 8
+    # Learned: the response loss on held-out examples falls well below the untouched model's (4.26 -> 3.58 here).
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["step"] == 0 and final["eval_loss"] < 0.9 * metrics[0]["eval_loss"], metrics
+    train_losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    assert train_losses[-1] < 0.9 * train_losses[0], train_losses
 
 
 @pytest.mark.slow
