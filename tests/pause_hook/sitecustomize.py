@@ -2,8 +2,9 @@
 at a chosen point, so tests of concurrent processes order them with files instead of racing the clock.
 
 GPTLAB_TEST_PAUSE is JSON with a `marker` path and one of:
-- "step": N (and optionally "workdir": an fnmatch pattern over the run's workdir path): when the run logs
-  step N, it writes MARKER.paused and waits until MARKER exists (the test creates it to let the run go on);
+- "step": N (and optionally "workdir": an fnmatch pattern over the run's workdir path, and "nth": k): when
+  the run logs step N, it writes MARKER.paused and waits until MARKER exists (the test creates it to let the
+  run go on); with "nth", only the k-th process to get there waits (of a sweep's cells, say);
 - "checkpoint_commit": true: the first time a checkpoint's temporary folder would be renamed into place,
   it writes MARKER.paused and waits for ever (mid-save: the test kills it there).
 Every process started with the variable inherits it (a sweep's cells too); only gptlab runs act on it.
@@ -23,6 +24,17 @@ def _pause(marker: pathlib.Path, forever: bool = False) -> None:
         time.sleep(0.02)
 
 
+def _my_turn(marker: pathlib.Path, nth: int) -> bool:
+    """Whether this process is the nth to arrive: each takes the first free ticket file (created exclusively)."""
+    for k in range(1, nth + 1):
+        try:
+            os.close(os.open(marker.with_name(f"{marker.name}.ticket{k}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return k == nth
+        except FileExistsError:
+            continue
+    return False
+
+
 if _SPEC and "step" in _SPEC:
     from gptlab import metrics as _metrics
 
@@ -35,7 +47,8 @@ if _SPEC and "step" in _SPEC:
     def _pausing_write(self, step, metrics):
         _write(self, step, metrics)
         if int(step) == _SPEC["step"] and fnmatch.fnmatch(getattr(self, "_test_workdir", ""), _SPEC.get("workdir", "*")):
-            _pause(pathlib.Path(_SPEC["marker"]))
+            if _my_turn(pathlib.Path(_SPEC["marker"]), _SPEC.get("nth", 1)):
+                _pause(pathlib.Path(_SPEC["marker"]))
 
     _metrics.MetricsWriter.__init__, _metrics.MetricsWriter.write = _recording_init, _pausing_write
 
