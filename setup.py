@@ -42,8 +42,9 @@ setuptools.setup(
         # The quick tests (README): light. Tests needing a package of another extra skip without it.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],  # xdist: the quick suite on every core
         # Everything the full suite (.ci/run) needs: the tests that prepare the real tiny_shakespeare builder (tf),
-        # compare with transformers' GPT-2 (bench), log to W&B offline (wandb) and sweep through submitit (cluster).
-        "test-full": ["gptlab[test,tf,bench,wandb,cluster]"],
+        # compare with transformers' GPT-2 (bench), log to W&B offline (wandb) and sweep through submitit (cluster);
+        # PEFT: the reference LoRA that gptlab's is checked against.
+        "test-full": ["gptlab[test,tf,bench,wandb,cluster]", "peft>=0.22"],
         # Weights & Biases logging: set wandb.project (see configs/pretrain.py).
         "wandb": ["wandb>=0.19"],
         # TensorBoard, to read WORKDIR/tensorboard/: tensorboard --logdir=WORKDIR

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
-from gptlab import adapt, evaluate, finetune, lora, optim, sampling, train
+from conftest import needs
+from gptlab import adapt, convert, evaluate, finetune, lora, optim, sampling, train
 from gptlab.data import pipeline, supervised
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig
@@ -379,3 +380,39 @@ def test_match_mask_uses_fullmatch_and_names_a_rule_that_matches_nothing():
         optim.match_mask(params, (r"(",), "what")
     assert optim.param_paths(params) == ["blocks_0/attn/bias", "blocks_0/attn/kernel", "wte/embedding"]
     assert optim.path_str((jax.tree_util.SequenceKey(2), jax.tree_util.DictKey("x"))) == "2/x"
+
+
+def test_lora_computes_what_peft_computes_on_the_same_weights():
+    """PEFT (Hugging Face's LoRA) on transformers' GPT-2 with the same base weights, A, B, rank and alpha."""
+    torch = needs("torch", "test-full")
+    transformers = needs("transformers", "test-full")
+    peft = needs("peft", "test-full")
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)  # GPT-2: tied head, biases
+    settings = lora.LoRA(rank=2, alpha=5.0, targets=(r"blocks_\d+/attn/qkv/kernel", r"blocks_\d+/mlp/proj/kernel"))
+    adapted = lora.add(gpt_init(cfg, jax.random.key(0)), settings, jax.random.key(1))
+    adapted = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.3 * jax.random.normal(jax.random.key(len(optim.path_str(p))), x.shape)
+        if optim.path_str(p).endswith("lora_b") else x, adapted)
+    base = jax.tree.map(lambda x: x, adapted)
+    for i in range(cfg.n_layer):
+        for module in (base[f"blocks_{i}"]["attn"]["qkv"], base[f"blocks_{i}"]["mlp"]["proj"]):
+            del module["lora_a"], module["lora_b"]
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**convert.hf_config(cfg))).eval()
+    hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in convert.to_hf_tensors(base, cfg).items()}, strict=False)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=5.0, target_modules=["c_attn", "mlp.c_proj"],
+                                                    lora_dropout=0.0, fan_in_fan_out=True))
+    with torch.no_grad():
+        for i in range(cfg.n_layer):
+            layers = model.base_model.model.transformer.h[i]
+            for module, ours in ((layers.attn.c_attn, adapted[f"blocks_{i}"]["attn"]["qkv"]),
+                                 (layers.mlp.c_proj, adapted[f"blocks_{i}"]["mlp"]["proj"])):
+                # PEFT's A is a Linear(in, r) (weight r x in), its B a Linear(r, out): ours transposed.
+                module.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(ours["lora_a"]).T.copy()))
+                module.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(ours["lora_b"]).T.copy()))
+                assert module.scaling["default"] == settings.scale
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size))
+    with torch.no_grad():
+        want = model(torch.from_numpy(tokens).long()).logits.numpy()
+    got = lora.Adapted(GPT(cfg), settings.scale).apply({"params": adapted}, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(got, GPT(cfg).apply({"params": base}, tokens), atol=1e-3)  # the adapters matter
