@@ -70,16 +70,30 @@ def test_selection_settings_are_checked():
     selection.check_config(selection_config("classify", 3, "eval_macro_f1", test_split="test"))
     selection.check_config(selection_config(patience=1, eval_every=99, num_steps=100))
     selection.check_config(selection_config(patience=1, eval_every=10, num_steps=0))
-    for kwargs, message in ((dict(patience=-1), "must be >= 0"),
-                            (dict(metric="eval_accuracy"), "not produced by task 'lm'"),
-                            (dict(task="sft", metric="exact_match"), "choose one of \\['eval_loss', 'eval_perplexity'\\]"),
-                            (dict(patience=1, eval_every=100, num_steps=100), "needs evaluations before the end"),
-                            (dict(test_split="validation"), "also data.eval_split")):
-        with pytest.raises(UserError, match=message):
+    # A config without the selection fields: eval_loss, no early stopping (so evaluating only at the end is fine).
+    selection.check_config(config_dict.ConfigDict({"train": {"eval_every": 100, "num_steps": 100},
+                                                   "data": {"eval_split": "validation"}}))
+    for kwargs, message in (
+            (dict(patience=-1), "train.early_stopping_patience=-1 must be >= 0 (evaluations without improvement "
+                                "before stopping; 0: off)"),
+            (dict(metric="eval_accuracy"), "train.selection_metric='eval_accuracy' is not produced by task 'lm': "
+                                           "choose one of ['eval_loss', 'eval_perplexity']"),
+            (dict(task="sft", metric="exact_match"), "train.selection_metric='exact_match' is not produced by task "
+                                                     "'sft': choose one of ['eval_loss', 'eval_perplexity']"),
+            (dict(task="dpo", metric="eval_perplexity"), "train.selection_metric='eval_perplexity' is not produced "
+                                                         "by task 'dpo': choose one of ['eval_loss']"),
+            (dict(patience=1, eval_every=100, num_steps=100),
+             "train.early_stopping_patience=1 needs evaluations before the end, but train.eval_every=100 >= "
+             "train.num_steps=100: lower train.eval_every or set train.early_stopping_patience=0"),
+            (dict(test_split="validation"), "data.test_split='validation' is also data.eval_split, on which every "
+                                            "choice is made: use separate splits (e.g. validation and test)")):
+        with pytest.raises(UserError) as error:
             selection.check_config(selection_config(**kwargs))
+        assert str(error.value) == message
     assert selection.task_of(selection_config("classify")) == "classify"
     assert selection.task_of(config_dict.ConfigDict({"train": {}})) == "lm"
     assert selection.task_of(config_dict.ConfigDict({"finetune": {"task": ""}})) == "lm"
+    assert selection.task_of(object()) == "lm"  # anything without .get: a plain language model
 
 
 def test_report_chooses_the_best_mean_validation_value():
@@ -98,6 +112,7 @@ def test_report_chooses_the_best_mean_validation_value():
     assert report.metric_value({"eval_loss": 2}, "eval_loss") == 2
     assert report.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, float(np.std([1, 2, 4], ddof=1))))
     assert report.mean_std([2.0]) == (2.0, None) and report.mean_std([]) == (None, None)
+    assert report.mean_std([1.0, 2.0]) == pytest.approx((1.5, math.sqrt(0.5)))
 
 
 # -- the study's statistics ----------------------------------------------------------------------
