@@ -161,11 +161,15 @@ def test_effective_data_by_hand_on_a_three_point_curve():
     assert d2.tolist() == [1000.0, 4000.0, 8000.0, 16000.0] and l2.tolist() == [4.0, 3.0, 3.0, 2.0]
     assert transfer.effective_data([16000.0, 1000.0, 4000.0, 8000.0], [2.0, 4.0, 3.0, 3.5], 1.0,
                                    3.0).effective_tokens == 4000.0
-    for tokens, losses, message in (([1.0], [1.0], "at least two"), ([1.0, 2.0], [1.0], "at least two"),
-                                    ([0.0, 2.0], [1.0, 1.0], "positive"), ([1.0, 2.0], [1.0, 0.0], "positive"),
-                                    ([1.0, 1.0], [2.0, 1.0], "same token count")):
-        with pytest.raises(ValueError, match=message):
+    two = "the scratch curve needs at least two (tokens, loss) points"
+    positive = "scratch tokens and losses must be positive (they are read in log space)"
+    for tokens, losses, message in (([1.0], [1.0], two), ([1.0, 2.0], [1.0], two), ([[1.0, 2.0]], [[1.0, 2.0]], two),
+                                    ([0.0, 2.0], [1.0, 1.0], positive), ([1.0, 2.0], [1.0, 0.0], positive),
+                                    ([1.0, 1.0], [2.0, 1.0], "the scratch curve has two points with the same token "
+                                                             "count: average seeds first")):
+        with pytest.raises(ValueError) as error:
             transfer.scratch_envelope(tokens, losses)
+        assert str(error.value) == message
 
 
 def test_transfer_fit_against_the_normal_equations_and_scipy_t():
@@ -216,3 +220,26 @@ def test_gain_share_and_pareto_by_hand():
     assert values == {0: 0.5, 2: 0.7}
     assert study_lib.pareto({"a": (1, 3.0), "b": (2, 2.0), "c": (2, 2.0), "d": (3, 2.0), "e": (1, 3.5)}) == {"a", "b",
                                                                                                           "c"}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: transfer.t_interval([]), "t_interval needs a non-empty list of numbers, got []"),
+    (lambda: transfer.t_interval([1.0, math.nan]), "t_interval got a non-finite value: [1.0, nan]"),
+    (lambda: transfer.paired_difference({0: 1.0, 2: 1.0}, {1: 1.0}), "no common seeds to pair: [0, 2] vs [1]"),
+    (lambda: transfer.fit_transfer_law([1.0, 2.0], [1.0], [1.0, 2.0]), "D_F, N and D_T must be equal-length lists"),
+    (lambda: transfer.fit_transfer_law([[1.0]], [[1.0]], [[1.0]]), "D_F, N and D_T must be equal-length lists"),
+    (lambda: transfer.fit_transfer_law([1.0] * 4, [1.0, 1.0, 2.0, 2.0], [1.0, 1.0, -1.0, 1.0]),
+     "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
+    (lambda: transfer.fit_transfer_law([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0], [1.0] * 4),
+     "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
+    (lambda: transfer.fit_transfer_law([1.0] * 4, [1.0, 0.0, 2.0, 2.0], [1.0] * 4),
+     "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
+    (lambda: transfer.fit_transfer_law([1.0, 2.0, 3.0, 4.0], [5.0] * 4, [1.0] * 4),
+     "the transfer fit needs at least two model sizes to determine beta"),
+    (lambda: transfer.fit_transfer_law([1.0, 2.0, 3.0], [1.0, 2.0, 2.0], [1.0] * 3),
+     "the transfer fit needs at least 4 points (3 coefficients), got 3"),
+])
+def test_statistics_refuse_what_they_cannot_compute_saying_why(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
