@@ -198,6 +198,9 @@ def test_transfer_fit_against_the_normal_equations_and_scipy_t():
         transfer.fit_transfer_law(d_f[[0, 1, 4]], n[[0, 1, 4]], d_t[[0, 1, 4]])
     four = transfer.fit_transfer_law(d_f[[0, 1, 4, 5]], n[[0, 1, 4, 5]], d_t[[0, 1, 4, 5]])
     assert four.n == 4 and math.isfinite(four.alpha_interval[0])
+    # Any positive values fit, below 1 too (they are logarithms' arguments, not counts).
+    small = transfer.fit_transfer_law([0.5, 1.0, 0.5, 1.0, 2.0], [1.0, 1.0, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4, 0.9])
+    assert small.n == 5
 
 
 def test_gain_share_and_pareto_by_hand():
@@ -218,6 +221,8 @@ def test_gain_share_and_pareto_by_hand():
     assert study_lib.Study.gain_share(choice({0: 0.5}), choice({0: 0.8}), None, "test_acc") is None
     values = choice({0: 0.5, 1: math.nan, 2: 0.7}).values("test_acc")
     assert values == {0: 0.5, 2: 0.7}
+    assert choice({0: math.nan}).interval("test_acc") is None  # no finite value: no interval
+    assert choice({0: 0.5, 1: 0.7}).interval("test_acc").mean == pytest.approx(0.6)
     assert study_lib.pareto({"a": (1, 3.0), "b": (2, 2.0), "c": (2, 2.0), "d": (3, 2.0), "e": (1, 3.5)}) == {"a", "b",
                                                                                                           "c"}
 
@@ -231,6 +236,8 @@ def test_gain_share_and_pareto_by_hand():
     (lambda: transfer.fit_transfer_law([1.0] * 4, [1.0, 1.0, 2.0, 2.0], [1.0, 1.0, -1.0, 1.0]),
      "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
     (lambda: transfer.fit_transfer_law([1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0], [1.0] * 4),
+     "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
+    (lambda: transfer.fit_transfer_law([1.0] * 4, [1.0, 1.0, 2.0, 2.0], [1.0, 0.0, 1.0, 1.0]),
      "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
     (lambda: transfer.fit_transfer_law([1.0] * 4, [1.0, 0.0, 2.0, 2.0], [1.0] * 4),
      "the transfer fit takes only positive D_F, N and D_T (drop censored and negative points)"),
