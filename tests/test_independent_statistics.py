@@ -250,3 +250,25 @@ def test_statistics_refuse_what_they_cannot_compute_saying_why(call, message):
     with pytest.raises(ValueError) as error:
         call()
     assert str(error.value) == message
+
+
+def test_study_chooses_the_learning_rate_by_hand():
+    def cell(stage, lr, seed, val, fraction=None, metric="eval_loss"):
+        factors = {"optimizer.learning_rate": lr, **({"data.train_fraction": fraction} if fraction else {})}
+        return {"stage": stage, "seed": seed, "factors": factors, "validation": {metric: val}, "test": {}}
+
+    records = [cell("s", 3e-3, 0, 2.1), cell("s", 1e-3, 0, 2.0), cell("s", 1e-3, 1, math.nan),
+               cell("s", 1e-2, 0, 2.3, fraction=0.5), cell("s", 1e-2, 1, None),
+               cell("t", 1e-3, 0, 1.5), cell("t", 2e-3, 0, 1.5),  # a tie: the larger rate
+               cell("a", 1e-3, 0, 0.6, metric="eval_accuracy"), cell("a", 2e-3, 0, 0.7, metric="eval_accuracy")]
+    study = study_lib.Study({"sizes": {}, "tasks": {}}, records, {})
+    choice = study.choose("s", "eval_loss", 1.0)  # cells without a fraction are the full data
+    assert (choice.learning_rate, [c["seed"] for c in choice.cells]) == (1e-3, [0, 1])
+    assert choice.grid == (1e-3, 3e-3, 1e-2)  # the unscored 1e-2 (no finite value) is still part of the grid
+    assert study.choose("s", "eval_loss", 0.5).learning_rate == 1e-2
+    assert study.choose("s", "eval_loss").learning_rate == 1e-3 and study.choose("s", "eval_loss").grid == (
+        1e-3, 3e-3, 1e-2)
+    assert study.choose("t", "eval_loss").learning_rate == 2e-3
+    assert study.choose("a", "eval_accuracy").learning_rate == 2e-3
+    assert study.choose("missing", "eval_loss") is None
+    assert study.choose("s", "eval_loss", 0.25) is None
