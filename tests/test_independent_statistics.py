@@ -222,6 +222,9 @@ def test_gain_share_and_pareto_by_hand():
     values = choice({0: 0.5, 1: math.nan, 2: 0.7}).values("test_acc")
     assert values == {0: 0.5, 2: 0.7}
     assert choice({0: math.nan}).interval("test_acc") is None  # no finite value: no interval
+    both = study_lib.Choice("s", 1.0, 1e-3, [{"seed": 3, "test": {"eval_loss": 9.0, "test_loss": 1.0},
+                                              "validation": {"eval_loss": 2.0, "test_loss": 8.0}}])
+    assert both.values("eval_loss") == {3: 2.0} and both.values("test_loss") == {3: 1.0}  # eval_*: validation
     assert choice({0: 0.5, 1: 0.7}).interval("test_acc").mean == pytest.approx(0.6)
     assert study_lib.pareto({"a": (1, 3.0), "b": (2, 2.0), "c": (2, 2.0), "d": (3, 2.0), "e": (1, 3.5)}) == {"a", "b",
                                                                                                           "c"}
