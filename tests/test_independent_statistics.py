@@ -275,3 +275,22 @@ def test_study_chooses_the_learning_rate_by_hand():
     assert study.choose("a", "eval_accuracy").learning_rate == 2e-3
     assert study.choose("missing", "eval_loss") is None
     assert study.choose("s", "eval_loss", 0.25) is None
+
+
+def test_interval_bounds_and_the_fits_r_squared_at_the_edges():
+    interval = transfer.Interval(mean=1.5, low=0.5, high=2.5, n=3)
+    assert interval.excludes() and interval.excludes(0.4) and interval.excludes(2.6)  # default: zero
+    assert not interval.excludes(0.5) and not interval.excludes(2.5) and not interval.excludes(1.0)  # ends inside
+    assert interval.half_width == 1.0 and interval.confidence == 0.95
+    # D_T the same everywhere: nothing to explain, R^2 is 1 by convention (not 0/0).
+    d_f, n = [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 2.0, 2.0, 3.0]
+    flat = transfer.fit_transfer_law(d_f, n, [7.0] * 5)
+    assert flat.r_squared == 1.0 and flat.k == pytest.approx(7.0) and flat.alpha == pytest.approx(0.0, abs=1e-9)
+    # A small spread (total sum of squares under 1): R^2 is still 1 - residual / total.
+    d_t = np.array([1.0, 1.1, 0.95, 1.05, 1.02])
+    fit = transfer.fit_transfer_law(d_f, n, d_t)
+    x = np.column_stack([np.ones(5), np.log(d_f), np.log(n)])
+    y = np.log(d_t)
+    residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+    total = ((y - y.mean()) ** 2).sum()
+    assert total < 1 and fit.r_squared == pytest.approx(1 - residual @ residual / total, rel=1e-9)

@@ -3,7 +3,8 @@
 # and its masks, selection and early stopping, the evaluation metrics, the study's statistics. Each
 # mutant is one small change to one function (an operator, a constant, an argument dropped); the quick
 # tests that reach that function run against it, and a mutant none of them fails on "survived".
-# Dev tooling, not CI. Two groups, each with its own fast test selection and work folder:
+# (PEFT's comparison, test_lora_computes_what_peft_computes_on_the_same_weights, is left out: a minute of
+# importing torch a mutant.) Dev tooling, not CI. Two groups, each with its own fast test selection and work folder:
 #   statistics (transfer, selection, report, study: pure numpy, seconds a mutant)
 #   model      (lora, adapt, optim, the losses, supervised masks, evaluate: JAX, tens of seconds a mutant)
 #
@@ -15,7 +16,7 @@
 #
 # Work happens in .mutation/GROUP/ (git-ignored): a copy of the sources with a generated setup.cfg, so
 # mutmut's mutants/ folder never lands in the checkout. Results stay there: a rerun retests what changed.
-set -euo pipefail
+set -euo pipefail -o noglob  # mutant name patterns hold '*'
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${MUTATION_DIR:-.mutation}
@@ -45,7 +46,21 @@ declare -A TESTS=(
                 tests/test_study.py::test_paired_comparisons_and_conclusions_say_what_held tests/test_study.py::test_pareto_front
                 tests/test_protocol.py::test_early_stopping_stops_at_the_expected_evaluation
                 tests/test_protocol.py::test_report_selects_on_validation_never_on_test"
-  [model]="tests/test_independent_answers.py tests/test_protocol.py::test_macro_f1_against_hand_computed_values
+  [model]="tests/test_independent_answers.py::test_lora_logits_are_those_of_the_explicit_low_rank_update
+           tests/test_independent_answers.py::test_lora_adds_a_gaussian_a_and_a_zero_b_beside_exactly_the_targets
+           tests/test_independent_answers.py::test_lora_merge_keeps_the_kernels_dtype_and_reads_scale_from_a_run_config
+           tests/test_independent_answers.py::test_lora_targets_must_match_kernels_only
+           tests/test_independent_answers.py::test_lm_loss_is_the_weighted_sum_of_numpy_cross_entropies
+           tests/test_independent_answers.py::test_sft_weights_cover_the_response_and_its_end_of_text_only
+           tests/test_independent_answers.py::test_classify_loss_accuracy_and_confusion_on_known_predictions
+           tests/test_independent_answers.py::test_accuracy_macro_f1_and_perplexity_from_sums_on_known_predictions
+           tests/test_independent_answers.py::test_token_stream_spreads_each_documents_bytes_over_its_tokens
+           tests/test_independent_answers.py::test_bits_per_byte_by_hand_on_a_short_text
+           tests/test_independent_answers.py::test_exact_match_and_parse_rate_on_crafted_completions
+           tests/test_independent_answers.py::test_strategy_masks_by_hand_on_a_two_layer_model
+           tests/test_independent_answers.py::test_frozen_parameters_get_no_update_and_trainable_ones_adamws
+           tests/test_independent_answers.py::test_match_mask_uses_fullmatch_and_names_a_rule_that_matches_nothing
+           tests/test_protocol.py::test_macro_f1_against_hand_computed_values
            tests/test_finetune.py::test_each_strategy_trains_exactly_its_parameters
            tests/test_finetune.py::test_bad_strategy_settings_are_one_line_user_errors
            tests/test_finetune.py::test_sft_loss_weights_cover_exactly_the_response
