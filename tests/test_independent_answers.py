@@ -103,8 +103,12 @@ def test_lora_merge_keeps_the_kernels_dtype_and_reads_scale_from_a_run_config():
     np.testing.assert_array_equal(np.asarray(merged["fc"]["kernel"], np.float32), np.full((2, 3), 2.5))
     settings = lora.LoRA.from_run({"finetune": {"lora_rank": "4", "lora_alpha": 6, "lora_targets": ["a", "b"]}})
     assert settings == lora.LoRA(4, 6.0, ("a", "b")) and settings.scale == 1.5
-    with pytest.raises(UserError, match="not written by a gptlab LoRA"):
-        lora.LoRA.from_run({"finetune": {"lora_rank": 4}})
+    for stored in ({"finetune": {"lora_rank": 4}}, {}, {"finetune": {"lora_rank": "x", "lora_alpha": 1,
+                                                                   "lora_targets": []}}):
+        with pytest.raises(UserError) as error:
+            lora.LoRA.from_run(stored)
+        assert str(error.value) == ("the checkpoint holds LoRA adapters but its config has no finetune.lora_rank/"
+                                    "lora_alpha/lora_targets: it was not written by a gptlab LoRA fine-tuning run")
     with pytest.raises(UserError, match="rank of at least 1"):
         lora.LoRA(0, 1.0, ("x",))
     lora.LoRA(1, 1.0, ("x",))  # rank 1 is allowed
@@ -158,7 +162,9 @@ def test_sft_weights_cover_the_response_and_its_end_of_text_only():
     assert supervised.encode_sft(tokenizer, "abcdefg", "h", seq_len=8) is None  # 7 > 0.75 * 8 prompt tokens
     assert supervised.encode_sft(tokenizer, "abcdef", "h", seq_len=8) is not None  # 6 == 0.75 * 8 fits
     assert supervised.encode_sft(tokenizer, "", "h", seq_len=8) is None  # nothing to condition on
+    assert tokens.dtype == np.int32 and weights.dtype == np.float32
     tokens, length = supervised.encode_classify(tokenizer, "abcdefgh", 5)
+    assert tokens.dtype == np.int32
     np.testing.assert_array_equal(tokens, [2, 3, 4, 5, 0])
     assert length == 5
     tokens, length = supervised.encode_classify(tokenizer, "ab", 5)
