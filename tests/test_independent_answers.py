@@ -296,7 +296,11 @@ def test_exact_match_and_parse_rate_on_crafted_completions(monkeypatch):
     tokenizer = CharTokenizer("".join(e["prompt"] + e["response"] for e in examples))
     loaded = fake_loaded(tokenizer, cfg=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=24, n_layer=1,
                                                    n_head=2, n_embd=16))
-    monkeypatch.setattr(evaluate, "_examples", lambda data_cfg, keys, seq_len, batch_size: ("builder", examples))
+    def read(data_cfg, keys, seq_len, batch_size):
+        assert (data_cfg.dataset, keys, seq_len, batch_size) == ("fake", ("prompt", "response"), 24, 3)
+        return "builder", examples
+
+    monkeypatch.setattr(evaluate, "_examples", read)
     budgets = []
 
     def generate(params, cfg, prompts, max_new_tokens, *, temperature, end_token):
@@ -306,7 +310,7 @@ def test_exact_match_and_parse_rate_on_crafted_completions(monkeypatch):
 
     monkeypatch.setattr(sampling, "generate", generate)
     data_cfg = config_dict.ConfigDict({"seq_len": 24, "batch_size": 3, "prompt_key": "prompt",
-                                       "response_key": "response"})
+                                       "response_key": "response", "dataset": "fake"})
     got = evaluate.sft_metrics(loaded, data_cfg, config_dict.ConfigDict({"num_batches": None}), log=lambda *_: None)
     assert got["examples"] == 4 and got["exact_match"] == 0.5 and got["parse_rate"] == 0.75
     assert budgets == [24 - 9, 24 - 6]  # the window left after each batch's longest prompt
