@@ -268,6 +268,11 @@ def test_study_chooses_the_learning_rate_by_hand():
     choice = study.choose("s", "eval_loss", 1.0)  # cells without a fraction are the full data
     assert (choice.learning_rate, [c["seed"] for c in choice.cells]) == (1e-3, [0, 1])
     assert choice.grid == (1e-3, 3e-3, 1e-2)  # the unscored 1e-2 (no finite value) is still part of the grid
+    assert (choice.stage, choice.fraction) == ("s", 1.0)
+    # A cell without the selected factor ties with a rate: the rate wins the tie, as larger rates do.
+    untuned = {"stage": "u", "seed": 0, "factors": {}, "validation": {"eval_loss": 1.0}, "test": {}}
+    tie = study_lib.Study({"sizes": {}, "tasks": {}}, [untuned, cell("u", 0.5, 0, 1.0)], {})
+    assert tie.choose("u", "eval_loss").learning_rate == 0.5
     assert study.choose("s", "eval_loss", 0.5).learning_rate == 1e-2
     assert study.choose("s", "eval_loss").learning_rate == 1e-3 and study.choose("s", "eval_loss").grid == (
         1e-3, 3e-3, 1e-2)
