@@ -81,6 +81,7 @@ def test_lora_adds_a_gaussian_a_and_a_zero_b_beside_exactly_the_targets():
     assert added == [f"blocks_{i}/attn/qkv/{n}" for i in (0, 1) for n in ("lora_a", "lora_b")]
     assert lora.has_adapters(adapted) and not lora.has_adapters(base)
     assert lora.is_adapter("blocks_0/attn/qkv/lora_a") and not lora.is_adapter("blocks_0/attn/qkv/kernel")
+    assert lora.is_adapter("lora_b") and not lora.is_adapter("kernel") and not lora.is_adapter("lora_a/kernel")
     a0, a1 = (np.asarray(adapted[f"blocks_{i}"]["attn"]["qkv"]["lora_a"]) for i in (0, 1))
     b0 = np.asarray(adapted["blocks_0"]["attn"]["qkv"]["lora_b"])
     assert a0.shape == (64, 8) and b0.shape == (8, 3 * 64) and not b0.any()

@@ -7,6 +7,7 @@
 # importing torch a mutant.) Dev tooling, not CI. Two groups, each with its own fast test selection and work folder:
 #   statistics (transfer, selection, report, study: pure numpy, seconds a mutant)
 #   model      (lora, adapt, optim, the losses, supervised masks, evaluate: JAX, tens of seconds a mutant)
+#   lora       (lora alone, with its four tests: the quickest score of the transform users publish most)
 #
 #   pip install "mutmut>=3.8"         # in the project's virtual environment, which must be active
 #   nice -n 10 bash tools/mutation.sh                 # both groups
@@ -24,10 +25,12 @@ WORK=${MUTATION_DIR:-.mutation}
 # group -> files mutated, the functions scored (mutmut's names: gptlab.MODULE.x_FUNCTION,
 # gptlab.MODULE.xǁCLASSǁMETHOD; a file's other functions are generated but not run), and the tests.
 declare -A FILES=(
+  [lora]="gptlab/lora.py"
   [statistics]="gptlab/transfer.py gptlab/selection.py gptlab/report.py gptlab/study.py"
   [model]="gptlab/lora.py gptlab/adapt.py gptlab/optim.py gptlab/train.py gptlab/finetune.py gptlab/data/supervised.py gptlab/evaluate.py"
 )
 declare -A FUNCTIONS=(
+  [lora]="gptlab.lora.*"
   [statistics]="gptlab.transfer.* gptlab.selection.* gptlab.report.x_choose* gptlab.report.x_mean_std*
                 gptlab.report.x_metric_value* gptlab.report.x_validation_value* gptlab.study.x_pareto*
                 gptlab.study.xǁStudyǁgain_share* gptlab.study.xǁStudyǁchoose* gptlab.study.xǁChoiceǁvalues*
@@ -40,6 +43,11 @@ declare -A FUNCTIONS=(
            gptlab.evaluate.x_sft_metrics* gptlab.evaluate.x_parses_as_python*"
 )
 declare -A TESTS=(
+  [lora]="tests/test_independent_answers.py::test_lora_logits_are_those_of_the_explicit_low_rank_update
+          tests/test_independent_answers.py::test_lora_adds_a_gaussian_a_and_a_zero_b_beside_exactly_the_targets
+          tests/test_independent_answers.py::test_lora_merge_keeps_the_kernels_dtype_and_reads_scale_from_a_run_config
+          tests/test_independent_answers.py::test_lora_targets_must_match_kernels_only
+          tests/test_finetune.py::test_lora_starts_equal_and_its_merged_export_reproduces_the_adapted_model"
   [statistics]="tests/test_independent_statistics.py tests/test_transfer.py tests/test_study.py::test_learning_rate_is_chosen_on_validation_not_test
                 tests/test_study.py::test_effective_data_of_the_study_recovers_the_known_answer
                 tests/test_study.py::test_share_of_full_fine_tunings_gain_is_per_seed
@@ -71,7 +79,7 @@ groups=(statistics model)
 if [[ $# -gt 0 ]]; then groups=("$1"); shift; fi
 command -v mutmut > /dev/null || { echo 'mutmut is not installed: pip install "mutmut>=3.8"' >&2; exit 2; }
 for group in "${groups[@]}"; do
-  [[ -n "${FILES[$group]:-}" ]] || { echo "unknown group $group: choose statistics or model" >&2; exit 2; }
+  [[ -n "${FILES[$group]:-}" ]] || { echo "unknown group $group: choose statistics, model or lora" >&2; exit 2; }
   read -ra files <<< "${FILES[$group]}"
   read -ra tests <<< "$(echo ${TESTS[$group]})"
   if [[ $# -gt 0 ]]; then patterns=("$@"); else read -ra patterns <<< "$(echo ${FUNCTIONS[$group]})"; fi
