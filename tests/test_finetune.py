@@ -376,9 +376,33 @@ def test_classify_restores_the_body_exactly_and_initialises_a_new_head(pretraine
     assert "initialised fresh: cls_head/bias, cls_head/kernel" in log and "loaded 28 parameter arrays" in log
 
 
+def test_head_preset_unties_the_head_and_starts_it_as_the_embedding_transposed(pretrained, data_dir, tmp_path):
+    final = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "head,tiny", train__num_steps=0), tmp_path)
+    start, untied = restore_state_numpy(pretrained, 8)["params"], restore_state_numpy(tmp_path, 0)["params"]
+    assert "lm_head" not in start  # the tiny preset ties its head to wte
+    np.testing.assert_array_equal(untied["lm_head"]["kernel"], start["wte"]["embedding"].T)
+    np.testing.assert_array_equal(untied["wte"]["embedding"], start["wte"]["embedding"])
+    assert json.loads((tmp_path / "restore.json").read_text())["untied"] == ["lm_head/kernel"]
+    # The same model, so the same loss as the pretrained run on the same batches.
+    config = json.loads((pretrained / "config.json").read_text())
+    cfg = GPTConfig.from_config(config["model"])
+    tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, cfg.vocab_size)
+    untied_cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    np.testing.assert_allclose(GPT(untied_cfg).apply({"params": untied}, tokens), GPT(cfg).apply({"params": start}, tokens),
+                               atol=1e-5, rtol=1e-5)
+    assert final["step"] == 0
+
+
 def test_sft_learns_responses_from_the_stdlib_functions(pretrained, data_dir, tmp_path):
-    final = finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "full,sft,tiny"), tmp_path)
-    assert np.isfinite(final["eval_loss"]) and final["step"] == 4
+    config = ft_config(data_dir, pretrained, "full,sft,tiny", train__num_steps=8, train__eval_every=8,
+                       train__checkpoint_every=8, optimizer__warmup_steps=0, optimizer__learning_rate=3e-3)
+    final = finetune.finetune_and_evaluate(config, tmp_path)
+    assert np.isfinite(final["eval_loss"]) and final["step"] == 8
+    # Learned: the response loss on held-out examples falls well below the untouched model's (4.26 -> 3.58 here).
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["step"] == 0 and final["eval_loss"] < 0.9 * metrics[0]["eval_loss"], metrics
+    train_losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    assert train_losses[-1] < 0.9 * train_losses[0], train_losses
 
 
 @pytest.mark.slow

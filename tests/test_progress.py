@@ -8,6 +8,7 @@ import pytest
 
 from conftest import needs
 from gptlab import progress, train
+from gptlab.metrics import read_metrics
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| step (\d+)/(\d+) \((\d+)%\) \| elapsed (\d+:\d\d:\d\d) \| "
                   r"ETA (\d+:\d\d:\d\d) \| ([\d.]+) step/s \| ([\d,]+) tokens/s \| train_loss [\d.]+")
@@ -95,6 +96,31 @@ def test_wandb_offline_logs_the_metrics_config_and_result(make_config, tmp_path,
     assert json.JSONDecoder().raw_decode(model_json)[0] == result["config"]["model"]
     assert json.dumps(result["eval_loss"]).encode() in records  # the history and the summary
     assert b'"gptlab-test"' in records and b"result.json" in records
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(make_config, tmp_path, monkeypatch):
+    wandb = needs("wandb", "wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    workdir = tmp_path / "run"
+    config = lambda steps: make_config(train__num_steps=steps, train__log_every=2, train__eval_every=2,
+                                       train__checkpoint_every=2)
+    first = config(2)
+    first.wandb.project = "gptlab-test"
+    train.train_and_evaluate(first, workdir)
+    run_id = (workdir / "wandb_id.txt").read_text().strip()
+    second = config(4)
+    second.wandb.project = "gptlab-test"
+    result = train.train_and_evaluate(second, workdir)  # resumes step 2
+    assert wandb.run is None and (workdir / "wandb_id.txt").read_text().strip() == run_id
+    # Offline, each process writes its own folder; both carry the one run id, so `wandb sync` joins them.
+    runs = sorted((workdir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    later = max(runs, key=lambda r: r.name)
+    [log] = later.glob(f"run-{run_id}.wandb")
+    assert json.dumps(result["eval_loss"]).encode() in log.read_bytes()  # the resumed steps went to it
+    assert [m["step"] for m in read_metrics(workdir)] == [2, 4]
 
 
 def test_wandb_project_without_the_package_is_one_clear_error(make_config, tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ import fcntl
 import json
 import os
 import pathlib
-import random
 import shutil
 import signal
 import socket
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import convert, finetune, train
 from gptlab import lock as lock_lib
@@ -25,6 +24,13 @@ from gptlab.metrics import read_metrics
 from gptlab.model import GPTConfig, init_params
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def paused_env(marker, step):
+    """ENV for a run that logs `step`, then waits until the file `marker` exists (tests/pause_hook)."""
+    hook = pathlib.Path(__file__).parent / "pause_hook"
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]),
+            "GPTLAB_TEST_PAUSE": json.dumps({"step": step, "marker": str(marker)})}
 
 
 def pretrain_cmd(workdir, data_dir, *args):
@@ -107,10 +113,13 @@ def test_a_step_rotated_away_while_it_is_pinned_is_replaced_by_the_newest(saved,
 @pytest.mark.slow
 def test_evaluate_sample_and_init_from_read_a_training_run_without_disturbing_it(tmp_path, data_dir):
     steps, every, keep = 160, 2, 2  # a save every 2 steps and only 2 kept: steps rotate away constantly
+    # The run waits after step 150 until the entry points have finished: they always read a run in progress.
+    go = tmp_path.parent / f"{tmp_path.name}-go"
     proc = subprocess.Popen(pretrain_cmd(tmp_path, data_dir, f"--config.train.num_steps={steps}",
                                          f"--config.train.checkpoint_every={every}",
                                          f"--config.checkpoint.max_to_keep={keep}"),
-                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=paused_env(go, 150), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     readers = []
     try:
         deadline = time.monotonic() + 300
@@ -126,7 +135,9 @@ def test_evaluate_sample_and_init_from_read_a_training_run_without_disturbing_it
         # ... and, over and over, the library readers they and fine-tuning's init_from use.
         steps_read, readers_done_while_training = [], False
         while proc.poll() is None:
-            readers_done_while_training = all(r.poll() is not None for r in readers)
+            if not readers_done_while_training and all(r.poll() is not None for r in readers):
+                readers_done_while_training = True
+                go.touch()  # the run goes on to its end
             loaded = convert.load_workdir(tmp_path)
             steps_read.append(loaded.step)
             source = finetune.Pretrained(tmp_path)
@@ -216,23 +227,30 @@ def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(make_config,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_same_command_started_twice_runs_once(tmp_path, data_dir, seed):
-    """The second start arrives at a random moment; exactly one of the two trains, the other is refused."""
+@pytest.mark.parametrize("step", [1, 5, 12])
+def test_the_same_command_started_twice_runs_once(tmp_path, data_dir, step):
+    """The second start arrives while the first holds the workdir (paused after `step`): it is refused, the first
+    trains to the end; started again after that, the same command finds the run finished."""
     cmd = pretrain_cmd(tmp_path, data_dir, "--config.train.num_steps=12", "--config.train.checkpoint_every=4")
-    first = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(random.Random(seed).uniform(0.0, 8.0))
-    second = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    outcomes = sorted([(first.wait(timeout=300), first.stderr.read()), (second.wait(timeout=300), second.stderr.read())])
-    if outcomes[0][0] == 0 and outcomes[1][0] == 0:  # the second came after the first had finished: it resumed
-        assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
-        return
+    go = tmp_path.parent / f"{tmp_path.name}-go"
+    first = subprocess.Popen(cmd, cwd=REPO, env=paused_env(go, step), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a hang guard, not a measurement
+    while not go.with_name(go.name + ".paused").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+        time.sleep(0.05)
+    second = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    go.touch()
+    outcomes = sorted([(first.wait(timeout=300), first.stderr.read()), (second.returncode, second.stderr)])
     (ok, _), (refused, message) = outcomes
     assert ok == 0 and refused == 2, outcomes
     last = message.strip().splitlines()[-1]
     assert last.startswith("error: --workdir=") and "is in use by another run: " in last and "Traceback" not in message
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))  # one run's records, once each
     assert checkpoint_lib.complete_steps(tmp_path / "checkpoints") == [4, 8, 12]
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
 
 
 @pytest.mark.slow
@@ -252,7 +270,7 @@ def test_a_lock_left_by_kill_9_is_taken_over_and_the_run_resumes(tmp_path, data_
 
 
 def test_a_truncated_safetensors_file_is_refused_in_one_line(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = needs("transformers", "bench")
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=8,
                                                               vocab_size=61))
     hf.save_pretrained(tmp_path / "hf")

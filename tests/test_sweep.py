@@ -83,18 +83,23 @@ def swept(tmp_path_factory, data_dir):
     config, workdir = write_sweep(tmp / "tiny_sweep.py"), tmp / "sweep"
     command = sweep_command(config, workdir, data_dir)
     log = open(tmp / "first.log", "w+", encoding="utf-8")
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    deadline = time.time() + 240
-    runs = workdir / "runs"
-    # Interrupt once one fine-tuning cell has finished and another has saved a checkpoint mid-run.
-    while time.time() < deadline and process.poll() is None:
-        finished = {p.parent.name for p in runs.glob(f"ft-*/{results.FILENAME}")}
-        midway = [p.parents[1].name for p in runs.glob("ft-*/checkpoints/[0-9]*")
-                  if p.parents[1].name not in finished]
-        if finished and midway:
-            process.send_signal(signal.SIGTERM)
-            break
+    # Interrupted once one fine-tuning cell has finished and another has saved a checkpoint mid-run: the second
+    # fine-tuning cell waits after logging step 8 (its step-4 checkpoint saved) until SIGTERM has been sent.
+    go = tmp / "go"
+    pause = {"step": 8, "workdir": "*/runs/ft-*", "nth": 2, "marker": str(go)}
+    env = {**ENV, "GPTLAB_TEST_PAUSE": json.dumps(pause),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "pause_hook"), str(REPO)])}
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 600  # a hang guard, not a measurement
+    while not go.with_name("go.paused").exists():
+        assert process.poll() is None and time.monotonic() < deadline, log.seek(0) or log.read()[-3000:]
         time.sleep(0.05)
+    runs = workdir / "runs"
+    finished = {p.parent.name for p in runs.glob(f"ft-*/{results.FILENAME}")}
+    midway = [p.parents[1].name for p in runs.glob("ft-*/checkpoints/[0-9]*") if p.parents[1].name not in finished]
+    assert len(finished) == 1 and midway, (finished, midway)
+    process.send_signal(signal.SIGTERM)
+    go.touch()
     first_code = process.wait(timeout=120)
     log.seek(0)
     first_log = log.read()
@@ -269,15 +274,19 @@ def test_sweep_through_submitits_local_executor_is_interrupted_and_resumed(tmp_p
     workdir = tmp_path / "sweep"
     command = sweep_command(config, workdir, data_dir, "--executor=submitit_local", "--submitit=timeout_min=30")
     log = open(tmp_path / "first.log", "w+", encoding="utf-8")
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    deadline, runs = time.time() + 240, workdir / "runs"
-    while time.time() < deadline and process.poll() is None:  # SIGTERM once a fine-tuning job saved a checkpoint
-        midway = [p.parents[1].name for p in runs.glob("ft-*/checkpoints/[0-9]*")
-                  if not (p.parents[2] / results.FILENAME).exists()]
-        if midway:
-            process.send_signal(signal.SIGTERM)
-            break
+    # SIGTERM once a fine-tuning job saved a checkpoint: the first one waits after step 8 until it is sent.
+    go = tmp_path / "go"
+    env = {**ENV, "GPTLAB_TEST_PAUSE": json.dumps({"step": 8, "workdir": "*/runs/ft-*", "marker": str(go)}),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "pause_hook"), str(REPO)])}
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline, runs = time.monotonic() + 600, workdir / "runs"  # a hang guard, not a measurement
+    while not go.with_name("go.paused").exists():
+        assert process.poll() is None and time.monotonic() < deadline, log.seek(0) or log.read()[-3000:]
         time.sleep(0.05)
+    assert [p.parents[1].name for p in runs.glob("ft-*/checkpoints/[0-9]*")
+            if not (p.parents[2] / results.FILENAME).exists()]
+    process.send_signal(signal.SIGTERM)
+    go.touch()
     assert process.wait(timeout=120) == 75
     log.seek(0)
     first_log = log.read()

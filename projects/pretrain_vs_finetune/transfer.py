@@ -122,7 +122,8 @@ def fit_transfer_law(fine_tuned_tokens: Sequence[float], params: Sequence[float]
     se = np.sqrt(np.diag(cov))
     t = float(stats.t.ppf(0.5 + confidence / 2, df=dof)) if dof > 0 else math.inf
     total = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float(residual @ residual) / total if total > 0 else 1.0
+    # Equal D_T leave nothing to explain: R^2 is 1 (their mean's rounding makes `total` ~1e-31, not 0).
+    r2 = 1.0 - float(residual @ residual) / total if np.ptp(y) > 0 else 1.0
     return TransferFit(k=float(math.exp(coef[0])), alpha=float(coef[1]), beta=float(coef[2]),
                        alpha_se=float(se[1]), beta_se=float(se[2]),
                        alpha_interval=(float(coef[1] - t * se[1]), float(coef[1] + t * se[1])),
