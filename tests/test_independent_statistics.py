@@ -10,8 +10,10 @@ import pytest
 from ml_collections import config_dict
 from scipy import stats
 
-from gptlab import report, selection, transfer
-from gptlab import study as study_lib
+from gptlab import report, selection
+from gptlab import stats as intervals
+from projects.pretrain_vs_finetune import analysis as study_lib
+from projects.pretrain_vs_finetune import transfer
 from gptlab.errors import UserError
 
 
@@ -121,21 +123,21 @@ def test_report_chooses_the_best_mean_validation_value():
 @pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
 def test_t_interval_and_paired_difference_against_scipy(confidence):
     values = [2.31, 2.35, 2.29, 2.40, 2.33]
-    interval = transfer.t_interval(values, confidence)
+    interval = intervals.t_interval(values, confidence)
     low, high = stats.t.interval(confidence, df=4, loc=np.mean(values), scale=stats.sem(values))
     assert (interval.mean, interval.low, interval.high) == pytest.approx((np.mean(values), low, high), rel=1e-12)
     assert interval.n == 5 and interval.confidence == confidence
     assert interval.half_width == pytest.approx((high - low) / 2)
     assert interval.excludes(0.0) and interval.excludes(3.0) and not interval.excludes(2.33)
     a, b = {0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 1.0, 2: 1.0, 7: 0.0}
-    diff = transfer.paired_difference(a, b, confidence)
+    diff = intervals.paired_difference(a, b, confidence)
     expected = stats.ttest_rel([1.0, 2.0, 4.0], [0.5, 1.0, 1.0]).confidence_interval(confidence)
     assert (diff.low, diff.high, diff.mean, diff.n) == pytest.approx((expected.low, expected.high, 1.5, 3))
     with pytest.raises(ValueError, match="non-empty"):
-        transfer.t_interval(np.ones((2, 2)))
+        intervals.t_interval(np.ones((2, 2)))
     with pytest.raises(ValueError, match="non-finite"):
-        transfer.t_interval([1.0, math.inf])
-    single = transfer.t_interval([4.0], confidence)
+        intervals.t_interval([1.0, math.inf])
+    single = intervals.t_interval([4.0], confidence)
     assert (single.mean, single.low, single.high, single.n, single.confidence) == (4.0, -math.inf, math.inf, 1,
                                                                                    confidence)
 
@@ -231,9 +233,9 @@ def test_gain_share_and_pareto_by_hand():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: transfer.t_interval([]), "t_interval needs a non-empty list of numbers, got []"),
-    (lambda: transfer.t_interval([1.0, math.nan]), "t_interval got a non-finite value: [1.0, nan]"),
-    (lambda: transfer.paired_difference({0: 1.0, 2: 1.0}, {1: 1.0}), "no common seeds to pair: [0, 2] vs [1]"),
+    (lambda: intervals.t_interval([]), "t_interval needs a non-empty list of numbers, got []"),
+    (lambda: intervals.t_interval([1.0, math.nan]), "t_interval got a non-finite value: [1.0, nan]"),
+    (lambda: intervals.paired_difference({0: 1.0, 2: 1.0}, {1: 1.0}), "no common seeds to pair: [0, 2] vs [1]"),
     (lambda: transfer.fit_transfer_law([1.0, 2.0], [1.0], [1.0, 2.0]), "D_F, N and D_T must be equal-length lists"),
     (lambda: transfer.fit_transfer_law([[1.0]], [[1.0]], [[1.0]]), "D_F, N and D_T must be equal-length lists"),
     (lambda: transfer.fit_transfer_law([1.0] * 4, [1.0, 1.0, 2.0, 2.0], [1.0, 1.0, -1.0, 1.0]),
@@ -262,28 +264,28 @@ def test_study_chooses_the_learning_rate_by_hand():
 
     records = [cell("s", 3e-3, 0, 2.1), cell("s", 1e-3, 0, 2.0), cell("s", 1e-3, 1, math.nan),
                cell("s", 1e-2, 0, 2.3, fraction=0.5), cell("s", 1e-2, 1, None),
-               cell("t", 1e-3, 0, 1.5), cell("t", 2e-3, 0, 1.5),  # a tie: the larger rate
+               cell("t", 1e-3, 0, 1.5), cell("t", 2e-3, 0, 1.5),  # a tie: the smaller rate
                cell("a", 1e-3, 0, 0.6, metric="eval_accuracy"), cell("a", 2e-3, 0, 0.7, metric="eval_accuracy")]
     study = study_lib.Study({"sizes": {}, "tasks": {}}, records, {})
     choice = study.choose("s", "eval_loss", 1.0)  # cells without a fraction are the full data
     assert (choice.learning_rate, [c["seed"] for c in choice.cells]) == (1e-3, [0, 1])
     assert choice.grid == (1e-3, 3e-3, 1e-2)  # the unscored 1e-2 (no finite value) is still part of the grid
     assert (choice.stage, choice.fraction) == ("s", 1.0)
-    # A cell without the selected factor ties with a rate: the rate wins the tie, as larger rates do.
+    # A cell without the selected factor ties with a rate: the rate wins the tie (selection.choose_on_validation).
     untuned = {"stage": "u", "seed": 0, "factors": {}, "validation": {"eval_loss": 1.0}, "test": {}}
     tie = study_lib.Study({"sizes": {}, "tasks": {}}, [untuned, cell("u", 0.5, 0, 1.0)], {})
     assert tie.choose("u", "eval_loss").learning_rate == 0.5
     assert study.choose("s", "eval_loss", 0.5).learning_rate == 1e-2
     assert study.choose("s", "eval_loss").learning_rate == 1e-3 and study.choose("s", "eval_loss").grid == (
         1e-3, 3e-3, 1e-2)
-    assert study.choose("t", "eval_loss").learning_rate == 2e-3
+    assert study.choose("t", "eval_loss").learning_rate == 1e-3
     assert study.choose("a", "eval_accuracy").learning_rate == 2e-3
     assert study.choose("missing", "eval_loss") is None
     assert study.choose("s", "eval_loss", 0.25) is None
 
 
 def test_interval_bounds_and_the_fits_r_squared_at_the_edges():
-    interval = transfer.Interval(mean=1.5, low=0.5, high=2.5, n=3)
+    interval = intervals.Interval(mean=1.5, low=0.5, high=2.5, n=3)
     assert interval.excludes() and interval.excludes(0.4) and interval.excludes(2.6)  # default: zero
     assert not interval.excludes(0.5) and not interval.excludes(2.5) and not interval.excludes(1.0)  # ends inside
     assert interval.half_width == 1.0 and interval.confidence == 0.95
