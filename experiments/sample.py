@@ -13,17 +13,12 @@ from absl import flags
 from gptlab import cli, convert, sampling
 from gptlab.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The workdir whose checkpoint to sample from.", required=True)
+_WORKDIR, _STEP = cli.define_checkpoint_flags("sample from")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A UTF-8 text file whose contents to continue.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "How many continuations of the prompt.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Most tokens to generate per sample.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy decoding.")
-_TOP_K = flags.DEFINE_integer("top_k", 200, "Sample from the k most likely tokens only; 0 disables.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the most likely tokens holding this probability; 1 disables.")
+_MAX_NEW_TOKENS, _TEMPERATURE, _TOP_K, _TOP_P, _SEED = cli.define_sampling_flags(200, 0.8, 200)
 _STOP = flags.DEFINE_bool("stop_at_end", True, "Stop a sample when it produces the end-of-text token.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same samples.")
-_STEP = flags.DEFINE_string("step", None, "Checkpoint step to load, or 'best' (by validation); default the latest.")
 
 
 def read_prompt() -> str:

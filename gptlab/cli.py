@@ -48,6 +48,21 @@ if threading.current_thread() is threading.main_thread():
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors caused by bad input.")
 
 
+def define_checkpoint_flags(what: str) -> tuple:
+    """--workdir (required) and --step, spelled alike by every command that loads a trained model."""
+    return (flags.DEFINE_string("workdir", None, f"The workdir whose checkpoint to {what}.", required=True),
+            flags.DEFINE_string("step", None, "Checkpoint step to load, or 'best' (by validation); default the latest."))
+
+
+def define_sampling_flags(max_new_tokens: int, temperature: float, top_k: int, top_p: float = 1.0) -> tuple:
+    """--max_new_tokens, --temperature, --top_k, --top_p and --seed, with a command's own defaults."""
+    return (flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per reply or sample."),
+            flags.DEFINE_float("temperature", temperature, "Softmax temperature; 0 is greedy decoding."),
+            flags.DEFINE_integer("top_k", top_k, "Sample from the k most likely tokens only; 0 disables."),
+            flags.DEFINE_float("top_p", top_p, "Sample from the most likely tokens holding this probability; 1 disables."),
+            flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text."))
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

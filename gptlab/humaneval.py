@@ -271,7 +271,7 @@ def evaluate_completions(problems: Sequence[dict], completions: Sequence[Sequenc
 
 def generate_completions(run, problems: Sequence[dict], num_samples: int = 1, temperature: float = 0.0,
                          top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0,
-                         stop: Sequence[str] = STOP) -> list:
+                         stop: Sequence[str] = STOP, top_k: int = 0) -> list:
     """num_samples completions per problem from a `gptlab.workdir.Run`, cut at the stop strings."""
     from gptlab import generation
 
@@ -280,14 +280,16 @@ def generate_completions(run, problems: Sequence[dict], num_samples: int = 1, te
     max_new_tokens = min(max_new_tokens, cfg.block_size - 1)
     prompts = generation.encode_prompts(tokenizer, [p["prompt"] for p in problems for _ in range(num_samples)])
     texts = generation.generate_until(run.params, cfg, tokenizer, prompts, stop, max_new_tokens,
-                                      temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                      batch_size=batch_size)
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(problems))]
 
 
 def evaluate_workdir(workdir, step=None, num_samples: int = 1, temperature: float = 0.0, top_p: float = 0.95,
                      max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, ks=(1, 10),
                      timeout: float = 10.0, memory_mb: int = 1024, limit: Optional[int] = None,
-                     problems_file: Optional[str] = None, workers: Optional[int] = None, log=print) -> dict:
+                     problems_file: Optional[str] = None, workers: Optional[int] = None, top_k: int = 0,
+                     log=print) -> dict:
     """Generates and runs HumanEval completions for a workdir's model; writes WORKDIR/humaneval.json."""
     from gptlab import files
     from gptlab import workdir as workdir_lib
@@ -302,7 +304,7 @@ def evaluate_workdir(workdir, step=None, num_samples: int = 1, temperature: floa
     log(f"humaneval: {len(problems)} problems x {num_samples} samples from {run.loaded.directory} (step {run.step}), "
         f"temperature {temperature}, at most {max_new_tokens} new tokens")
     completions = generate_completions(run, problems, num_samples, temperature, top_p, max_new_tokens,
-                                       batch_size, seed)
+                                       batch_size, seed, top_k=top_k)
     generated = time.perf_counter()
     result = evaluate_completions(problems, completions, ks, timeout, memory_mb, workers, log)
     summary = {k: v for k, v in result.items() if k != "per_problem"}

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from configs import finetune as finetune_config
-from gptlab import finetune, tokenizers, train
+from conftest import REPO
+from test_finetune import ft_config, pretrained  # noqa: F401 (the shared tiny pretraining run, a fixture)
+from gptlab import finetune, tokenizers
 from gptlab.errors import UserError
 
 
@@ -25,26 +25,11 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, data_dir):
-    workdir = tmp_path_factory.mktemp("chat_pretrained")
-    config = tiny_config(data_dir, train__num_steps=4, train__checkpoint_every=4, train__eval_every=4,
-                         train__eval_batches=1)
-    train.train_and_evaluate(config, workdir)
-    return workdir
 
 
 def chat_config(data_dir, init_from, preset, path, **overrides):
-    config = finetune_config.get_config(preset)
-    config.data.data_dir = data_dir
+    config = ft_config(data_dir, init_from, preset, **overrides)
     config.data.path = str(path)
-    config.checkpoint.async_save = False
-    config.finetune.init_from = str(init_from)
-    config.train.num_steps, config.train.eval_batches, config.train.log_every = 4, 1, 2
-    config.train.eval_every = config.train.checkpoint_every = 4
-    for dotted, value in overrides.items():
-        group, field = dotted.split("__")
-        setattr(config[group], field, value)
     return config
 
 

@@ -17,7 +17,6 @@ naming the file, the line and what to fix, before anything is trained. Blank
 lines are skipped. An optional "split" key ("train", "validation", "test") puts
 a line in that split; otherwise `split_of` assigns one by a stable hash.
 """
-import hashlib
 import json
 import pathlib
 
@@ -130,9 +129,4 @@ def read_jsonl(path, kind: str) -> list:
 def split_of(key: str) -> str:
     """train, validation or test from a hash of the line's text (the held-out tasks' fractions):
     the same line lands in the same split on every machine and in every run."""
-    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8
-    if bucket < held_out.VALIDATION_FRACTION:
-        return "validation"
-    if bucket < held_out.VALIDATION_FRACTION + held_out.TEST_FRACTION:
-        return "test"
-    return "train"
+    return held_out.split_of(key)

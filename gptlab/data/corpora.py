@@ -31,6 +31,7 @@ import sysconfig
 
 import tensorflow_datasets as tfds
 
+from gptlab.data import held_out
 from gptlab.errors import UserError
 
 # Fractions of files (by path hash) in each split; the rest is train.
@@ -40,12 +41,7 @@ TEST_FRACTION = 0.05
 
 def split_of(relative_path: str) -> str:
     """Deterministic split of a file from a hash of its relative path."""
-    bucket = int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8], 16) / 16**8
-    if bucket < VALIDATION_FRACTION:
-        return "validation"
-    if bucket < VALIDATION_FRACTION + TEST_FRACTION:
-        return "test"
-    return "train"
+    return held_out.split_of(relative_path, VALIDATION_FRACTION, TEST_FRACTION)
 
 
 def selected(relative_path: str, include: tuple, exclude: tuple) -> bool:

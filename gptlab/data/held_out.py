@@ -18,6 +18,7 @@ text of a validation or test example (a nested function's body, say) is ever in
 a training example. Fractions below; the rest is train.
 """
 import fnmatch
+import hashlib
 
 # The classes of the classify task, and everything fine-tuning may draw from.
 # About 20% of the non-test standard library by bytes (Python 3.11: 2.95 of 14.4 MB).
@@ -41,3 +42,14 @@ PRETRAIN_EXCLUDE = ("test/*",) + globs()  # what every stdlib pretraining preset
 
 def is_held_out(relative_path: str) -> bool:
     return any(fnmatch.fnmatchcase(relative_path, g) for g in globs())
+
+
+def split_of(key: str, validation_fraction: float = VALIDATION_FRACTION, test_fraction: float = TEST_FRACTION) -> str:
+    """train, validation or test for `key` (a file's path, a block's `path:first line`, a JSONL line's text) from
+    its hash: the same key lands in the same split on every machine and in every run, in these fractions."""
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+    if bucket < validation_fraction:
+        return "validation"
+    if bucket < validation_fraction + test_fraction:
+        return "test"
+    return "train"

@@ -87,13 +87,7 @@ def block_of(starts: list, line: int) -> int:
 
 def split_of_block(relative_path: str, block_start: int) -> str:
     """train, validation or test for a top-level block, from a hash of `path:first line`."""
-    key = f"{relative_path}:{block_start}"
-    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8
-    if bucket < held_out.VALIDATION_FRACTION:
-        return "validation"
-    if bucket < held_out.VALIDATION_FRACTION + held_out.TEST_FRACTION:
-        return "test"
-    return "train"
+    return held_out.split_of(f"{relative_path}:{block_start}")
 
 
 class _BlockSplit(corpora.PythonStdlib, skip_registration=True):
