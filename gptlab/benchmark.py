@@ -1,7 +1,7 @@
 """Training speed of the real train step: compile time, step time, tokens/s, MFU, and a PyTorch peer.
 
 `run(config, steps, ...)` builds the experiment exactly as pretraining does
-(`train.pretrain_experiment`, `train.init_and_compile`, `train.prefetched`), so the
+(`experiment_lib.pretrain_experiment`, `experiment_lib.init_and_compile`, `experiment_lib.prefetched`), so the
 timed function is the compiled step the loop runs, fed by the real input pipeline
 or, with `synthetic=True`, by random tokens (no dataset is prepared or read).
 
@@ -27,7 +27,7 @@ import numpy as np
 from gptlab import heap
 from gptlab import parallel as parallel_lib
 from gptlab import perf
-from gptlab import train
+from gptlab import experiment as experiment_lib
 from gptlab.data import pipeline
 from gptlab.errors import UserError
 
@@ -84,7 +84,7 @@ class SyntheticBatches:
 
 
 class SyntheticData:
-    """What `train.pretrain_experiment` needs from `pipeline.Data`, without any dataset."""
+    """What `experiment_lib.pretrain_experiment` needs from `pipeline.Data`, without any dataset."""
 
     def __init__(self, config, seq_len: int):
         self.tokenizer = SyntheticTokenizer(synthetic_vocab_size(config))
@@ -219,9 +219,9 @@ def synthetic_experiment(config, log=print) -> tuple:
     For tools that swap a piece of the experiment before compiling (`tools/loss_ab.py`).
     """
     perf.start_cpu_devices(config)
-    train.check_train_config(config)
+    experiment_lib.check_train_config(config)
     perf.resolve_auto(config, log)
-    exp = train.pretrain_experiment(config, SyntheticData(config, train.resolve_seq_len(config)), log)
+    exp = experiment_lib.pretrain_experiment(config, SyntheticData(config, experiment_lib.resolve_seq_len(config)), log)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     return exp, parallel
 
@@ -233,8 +233,8 @@ def synthetic_train_step(config, log=print) -> tuple:
     itself (`tools/compile_options_ab.py`); `run` builds the same around its memory measurement.
     """
     exp, parallel = synthetic_experiment(config, log)
-    state, train_step, _ = train.init_and_compile(config, exp, parallel, log)
-    return parallel, state, train_step, train.prefetched(config, exp.batches, parallel)
+    state, train_step, _ = experiment_lib.init_and_compile(config, exp, parallel, log)
+    return parallel, state, train_step, experiment_lib.prefetched(config, exp.batches, parallel)
 
 
 class JaxSteps(TimedSteps):
@@ -407,14 +407,14 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         if not ({"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(os.environ)):
             os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.3"
     perf.start_cpu_devices(config)  # before anything starts JAX's backend, as training does
-    train.check_train_config(config)
+    experiment_lib.check_train_config(config)
     auto = perf.resolve_auto(config, log)
-    train.enable_compilation_cache(config.train.get("compilation_cache_dir"))  # as training does
-    seq_len = train.resolve_seq_len(config)
+    experiment_lib.enable_compilation_cache(config.train.get("compilation_cache_dir"))  # as training does
+    seq_len = experiment_lib.resolve_seq_len(config)
     data = SyntheticData(config, seq_len) if synthetic else pipeline.Data(
         config.data, seq_len, config.seed, None, jax.process_index(), jax.process_count(), log=log)
-    exp = train.pretrain_experiment(config, data, log)
-    model_cfg = train.resolve_model_config(config, exp.tokenizer)
+    exp = experiment_lib.pretrain_experiment(config, data, log)
+    model_cfg = experiment_lib.resolve_model_config(config, exp.tokenizer)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
 
     host_batches = [next(exp.batches) for _ in range(4)]  # also the torch peers' batches
@@ -422,8 +422,8 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
 
     memory = PeakRSS()
     memory.start()
-    state, train_step, _ = train.init_and_compile(config, exp, parallel, log)
-    batches = train.prefetched(config, exp.batches, parallel)
+    state, train_step, _ = experiment_lib.init_and_compile(config, exp, parallel, log)
+    batches = experiment_lib.prefetched(config, exp.batches, parallel)
     peers = {"torch": ("transformers", "nanogpt"), "": ()}.get(compare, (compare,))
     peer_steps, peer_memory = {}, {}
     try:
@@ -510,7 +510,7 @@ def sampling(config, batch_sizes=(1, 8), prompt_len: int = 16, new_tokens: int =
     perf.start_cpu_devices(config)
     perf.resolve_auto(config, log)
     vocab_size = synthetic_vocab_size(config)
-    model_cfg = train.resolve_model_config(config, SyntheticTokenizer(vocab_size))
+    model_cfg = experiment_lib.resolve_model_config(config, SyntheticTokenizer(vocab_size))
     if prompt_len + new_tokens > model_cfg.block_size:
         raise UserError(f"--sample_prompt_len={prompt_len} + --sample_new_tokens={new_tokens} exceeds the context "
                         f"model.block_size={model_cfg.block_size}: lower them")

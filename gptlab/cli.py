@@ -1,7 +1,7 @@
 """What every entry point shares: one-line errors for bad input, tracebacks only with --verbose.
 
 Importing it also makes SIGTERM/SIGINT stop the command cleanly at any moment outside the
-training loop (which installs its own checkpointing handler, `train.PreemptionGuard`):
+training loop (which installs its own checkpointing handler, `loop.PreemptionGuard`):
 one line, exit 75, and nothing lost, since before the loop nothing has been trained and
 after it the last step is already being checkpointed (cleanup still runs on the way out).
 """

@@ -28,6 +28,7 @@ from gptlab import hf_llama
 from gptlab import lora
 from gptlab import model as model_lib
 from gptlab import perf
+from gptlab import steps as steps_lib
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.errors import UserError
 
@@ -107,12 +108,10 @@ def save_workdir(workdir, params, config: dict, tokenizer_spec: dict, source: st
     The state item holds step, params and rng like a train state, with no optimizer
     state (None); `data` records where the weights came from.
     """
-    from gptlab.train import TrainState  # train imports the data pipeline; only needed here
-
     workdir = checkpoint_lib.check_writable(workdir)
     if checkpoint_steps(workdir / "checkpoints"):
         raise UserError(f"--workdir={workdir} already has checkpoints: choose an empty --workdir")
-    state = TrainState(step=jnp.array(step, jnp.int32), params=params, opt_state=None,
+    state = steps_lib.TrainState(step=jnp.array(step, jnp.int32), params=params, opt_state=None,
                        rng=jax.random.key_data(jax.random.key(0)))
     (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", max_to_keep=1, async_save=False)

@@ -3,7 +3,7 @@
 "xla": as XLA decides. "narrow_transpose": a custom VJP that avoids XLA CPU's
 transposed writes of the wide output gradient (faster on CPUs, measured by
 experiments.benchmark). The model takes the chosen `dot_general` from outside
-(`GPT(cfg, dot_general=...)`); `gptlab.train.training_model` makes the choice.
+(`GPT(cfg, dot_general=...)`); `gptlab.experiment.training_model` makes the choice.
 """
 import jax
 import jax.numpy as jnp

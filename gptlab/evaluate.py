@@ -19,7 +19,7 @@ Tasks: a run's task comes from its config (`finetune.task`, default "lm"), and
 `sft`: loss on the response tokens, and from greedy generation the exact-match
 rate of the response and the share of completions that parse as Python joined
 to their prompt. Loss, accuracy and macro-F1 come from the same sums as the
-training-time evaluation (`train.metrics_from_sums`).
+training-time evaluation (`steps.metrics_from_sums`).
 """
 import ast
 import dataclasses
@@ -35,6 +35,7 @@ from gptlab import checkpoint as checkpoint_lib
 from gptlab import convert, eval_scores
 from gptlab import model as model_lib
 from gptlab.data import pipeline
+from gptlab import steps as steps_lib
 from gptlab.errors import UserError
 
 
@@ -63,7 +64,6 @@ def windows(stream: np.ndarray, seq_len: int) -> tuple:
 
 def lm_metrics(loaded, data_cfg, config, log=print) -> dict:
     """Loss, perplexity and bits per byte of a language model on `data_cfg.eval_split`."""
-    from gptlab import train  # the loss and eval step every experiment shares
 
     cfg = loaded.model_cfg
     expected = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
@@ -88,7 +88,7 @@ def lm_metrics(loaded, data_cfg, config, log=print) -> dict:
         if config.num_batches < 1:
             raise UserError(f"num_batches={config.num_batches} must be positive (or unset: the whole split)")
         num_batches = min(num_batches, config.num_batches)
-    eval_step = jax.jit(train.make_eval_step(train.lm_loss_fn(model_lib.GPT(cfg))))
+    eval_step = jax.jit(steps_lib.make_eval_step(steps_lib.lm_loss_fn(model_lib.GPT(cfg))))
     loss_sum = count = num_bytes = 0.0
     for b in range(num_batches):
         rows = slice(b * batch_size, (b + 1) * batch_size)
@@ -139,7 +139,7 @@ def _all_batches(arrays, batch_size, config) -> list:
 
 def classify_metrics(loaded, data_cfg, config, log=print) -> dict:
     """Loss, accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
-    from gptlab import finetune, train
+    from gptlab import finetune
     from gptlab.data import supervised
 
     cfg = _model_cfg(loaded)
@@ -148,9 +148,9 @@ def classify_metrics(loaded, data_cfg, config, log=print) -> dict:
     names = list(builder.info.features[data_cfg.label_key].names)
     arrays, _ = supervised.encode_classify_examples(loaded.tokenizer, examples, data_cfg, data_cfg.seq_len)
     batches = _all_batches(arrays, data_cfg.batch_size, config)
-    eval_step = jax.jit(train.make_eval_step(finetune.classify_loss_fn(model_lib.GPT(cfg))))
-    totals = train.sum_batches(eval_step, loaded.params, batches)
-    metrics = {k[len("eval_"):]: v for k, v in train.metrics_from_sums(totals).items() if k != "eval_perplexity"}
+    eval_step = jax.jit(steps_lib.make_eval_step(finetune.classify_loss_fn(model_lib.GPT(cfg))))
+    totals = steps_lib.sum_batches(eval_step, loaded.params, batches)
+    metrics = {k[len("eval_"):]: v for k, v in steps_lib.metrics_from_sums(totals).items() if k != "eval_perplexity"}
     return {**metrics, "examples": int(totals["count"]), "classes": names,
             "confusion_matrix": np.asarray(totals["confusion"]).round().astype(int).tolist()}
 
@@ -166,7 +166,7 @@ def parses_as_python(source: str) -> bool:
 def sft_metrics(loaded, data_cfg, config, log=print) -> dict:
     """Loss on response tokens; greedy generation: exact match of the response, and the share of
     completions that parse as Python when joined to their prompt (`ast.parse`)."""
-    from gptlab import sampling, train
+    from gptlab import sampling
     from gptlab.data import supervised
 
     cfg, tokenizer, seq_len = _model_cfg(loaded), loaded.tokenizer, data_cfg.seq_len
@@ -174,9 +174,9 @@ def sft_metrics(loaded, data_cfg, config, log=print) -> dict:
     _, examples = _examples(data_cfg, keys, seq_len, data_cfg.batch_size)
     arrays, skipped = supervised.encode_sft_examples(tokenizer, examples, data_cfg, seq_len)
     batches = _all_batches(arrays, data_cfg.batch_size, config)
-    eval_step = jax.jit(train.make_eval_step(train.lm_loss_fn(model_lib.GPT(cfg))))
-    totals = train.sum_batches(eval_step, loaded.params, batches)
-    metrics = {k[len("eval_"):]: v for k, v in train.metrics_from_sums(totals).items()}
+    eval_step = jax.jit(steps_lib.make_eval_step(steps_lib.lm_loss_fn(model_lib.GPT(cfg))))
+    totals = steps_lib.sum_batches(eval_step, loaded.params, batches)
+    metrics = {k[len("eval_"):]: v for k, v in steps_lib.metrics_from_sums(totals).items()}
     kept = [ex for ex in examples if supervised.encode_sft(tokenizer, ex[keys[0]], ex[keys[1]], seq_len) is not None]
     if config.num_batches is not None:
         kept = kept[:config.num_batches * data_cfg.batch_size]

@@ -16,7 +16,7 @@
   not also move the input embedding), and a classification head `cls_head`
   (task `classify`). The restore logs, and writes to WORKDIR/restore.json, which
   parameters were loaded, which initialised, and which were left out.
-- The experiment is pretraining's assembly (`train.pretrain_experiment`) plus a
+- The experiment is pretraining's assembly (`experiment_lib.pretrain_experiment`) plus a
   `Finetuning`: what it adds to the parameters, the task's loss, the mask of what
   trains and the pretrained initialisation. Start-up and loop are pretraining's
   (`train.start_and_run`): a workdir with its own checkpoints resumes its full
@@ -53,6 +53,8 @@ from gptlab import optim
 from gptlab import perf
 from gptlab import tokenizers as tokenizers_lib
 from gptlab import train
+from gptlab import experiment as experiment_lib
+from gptlab import steps as steps_lib
 from gptlab.chat import data as chat_data
 from gptlab.chat import dpo, template, vocab
 from gptlab.chat import reference as chat_reference
@@ -241,7 +243,7 @@ def init_params(model_cfg: model_lib.GPTConfig, task: str, num_classes, key, ada
     return params
 
 
-def classify_loss_fn(model: model_lib.GPT) -> train.LossFn:
+def classify_loss_fn(model: model_lib.GPT) -> steps_lib.LossFn:
     """Cross-entropy of `cls_head` on the final hidden state of each row's last real token (GPT-1)."""
 
     def loss_fn(params, batch, dropout_key):
@@ -256,7 +258,7 @@ def classify_loss_fn(model: model_lib.GPT) -> train.LossFn:
         weights = batch["weights"]
         predicted = jnp.argmax(logits, axis=-1)
         correct = (predicted == batch["labels"]).astype(jnp.float32)
-        num_classes = logits.shape[-1]  # confusion[true, predicted]: macro-F1 at evaluation (train.evaluate)
+        num_classes = logits.shape[-1]  # confusion[true, predicted]: macro-F1 at evaluation (steps_lib.evaluate)
         confusion = (jax.nn.one_hot(batch["labels"], num_classes) * weights[:, None]).T @ jax.nn.one_hot(
             predicted, num_classes)
         return jnp.sum(losses * weights), {"count": jnp.sum(weights), "accuracy": jnp.sum(correct * weights),
@@ -304,7 +306,7 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
     """Pretraining's assembly and loop, with fine-tuning's data and `Finetuning` additions."""
     ft = config.finetune
     tokenizer = tokenizers_lib.from_json(source.tokenizer_json)
-    seq_len = train.resolve_seq_len(config)
+    seq_len = experiment_lib.resolve_seq_len(config)
     process = (jax.process_index(), jax.process_count())
     if ft.task == "lm":
         data, num_classes = pipeline.Data(config.data, seq_len, config.seed, tokenizer, *process, log=log), None
@@ -318,7 +320,7 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
         data = supervised.SupervisedData(ft.task, config.data, seq_len, config.seed, tokenizer, *process, log=log)
         num_classes = data.num_classes if ft.task == "classify" else None
     finetuning = Finetuning(config, source, workdir, log, is_main, num_classes)
-    exp = train.pretrain_experiment(config, data, log, finetuning)
+    exp = experiment_lib.pretrain_experiment(config, data, log, finetuning)
     if _exports_merged(config):  # before result.json: a failed export leaves the run unfinished, resumable
         exp = dataclasses.replace(exp, write_artefacts=lambda final: [export_merged(workdir, log).name]
                                   if final["step"] > 0 else [])
@@ -333,7 +335,7 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
 
 
 class Finetuning:
-    """What fine-tuning adds to pretraining's assembly (`train.pretrain_experiment`): adapters and a
+    """What fine-tuning adds to pretraining's assembly (`experiment_lib.pretrain_experiment`): adapters and a
     task head on the parameters, the task's loss, the mask of what trains, and `init_from`'s weights."""
 
     def __init__(self, config, source: Pretrained, workdir, log, is_main: bool, num_classes):
@@ -349,12 +351,12 @@ class Finetuning:
         self.model_cfg = model_cfg
         return lambda: init_params(model_cfg, self.ft.task, self.num_classes, key, self.adapters)
 
-    def loss_fn(self, model) -> train.LossFn:
+    def loss_fn(self, model) -> steps_lib.LossFn:
         if self.adapters is not None:
             model = lora.Adapted(model, self.adapters.scale)
         if self.ft.task == "dpo":
             return dpo.loss_fn(model, self.ft.dpo_beta, self.ft.dpo_loss)
-        return classify_loss_fn(model) if self.ft.task == "classify" else train.lm_loss_fn(model)
+        return classify_loss_fn(model) if self.ft.task == "classify" else steps_lib.lm_loss_fn(model)
 
     def describe(self) -> str:
         return f"; task {self.ft.task}"

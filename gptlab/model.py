@@ -227,7 +227,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     cfg: GPTConfig
-    dot_general: Any = None  # how every dense layer multiplies (None: jax.lax.dot_general); see train.training_model
+    dot_general: Any = None  # how every dense layer multiplies (None: jax.lax.dot_general); see experiment.training_model
 
     @nn.compact
     def __call__(self, tokens, *, deterministic: bool = True, return_hidden: bool = False, cache_index=None):

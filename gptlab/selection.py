@@ -16,7 +16,7 @@ import numpy as np
 
 from gptlab.errors import UserError
 
-# What each task's evaluation produces during training (train.evaluate), i.e. what
+# What each task's evaluation produces during training (steps.evaluate), i.e. what
 # train.selection_metric may name; the report reads the same names from result.json.
 TASK_METRICS = {
     "lm": ("eval_loss", "eval_perplexity"),

@@ -13,6 +13,7 @@ import pytest
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import perf
 from gptlab import train
+from gptlab import loop as loop_lib
 from gptlab.errors import Preempted, UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_train_loss_logged_after_a_resume_averages_the_same_steps(make_config, t
     averages steps 3 and 4, as the uninterrupted run's does."""
     config = short(make_config, train__log_every=2, train__checkpoint_every=4)
     train.train_and_evaluate(config, tmp_path / "straight")
-    monkeypatch.setattr(train.PreemptionGuard, "stop_after", lambda self, steps_this_run: steps_this_run == 3)
+    monkeypatch.setattr(loop_lib.PreemptionGuard, "stop_after", lambda self, steps_this_run: steps_this_run == 3)
     with pytest.raises(Preempted):  # what SIGINT does: a checkpoint at step 3, which carries step 3's loss
         train.train_and_evaluate(config, tmp_path / "stopped")
     monkeypatch.undo()

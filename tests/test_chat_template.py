@@ -7,7 +7,8 @@ import numpy as np
 import optax
 
 from conftest import needs
-from gptlab import tokenizers, train
+from gptlab import tokenizers
+from gptlab import steps as steps_lib
 from gptlab.chat import template
 from gptlab.model import GPT, GPTConfig, init_params
 
@@ -104,10 +105,10 @@ def test_every_tokenizer_gets_the_chat_tokens_after_its_vocabulary_and_reloads(t
 def test_a_batch_without_assistant_tokens_contributes_nothing_and_never_nan():
     cfg = GPTConfig(vocab_size=261, block_size=16, n_layer=1, n_head=2, n_embd=16)
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-    loss_fn = jax.jit(train.lm_loss_fn(GPT(cfg)), static_argnums=2)
+    loss_fn = jax.jit(steps_lib.lm_loss_fn(GPT(cfg)), static_argnums=2)
     tx = optax.sgd(0.1)
-    step = jax.jit(train.make_train_step(train.lm_loss_fn(GPT(cfg)), tx, lambda _: 0.1))
-    state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+    step = jax.jit(steps_lib.make_train_step(steps_lib.lm_loss_fn(GPT(cfg)), tx, lambda _: 0.1))
+    state = steps_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(1)))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 261, (4, 17)), jnp.int32)
     empty = {"tokens": tokens, "weights": jnp.zeros((4, 16), jnp.float32)}  # e.g. prompts cut by the window

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 from ml_collections import config_flags
 
 from conftest import REPO
-from gptlab import train
+from gptlab import experiment as experiment_lib
 from gptlab.errors import UserError
 
 INT_FIELDS = ["model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.vocab_size",
@@ -29,7 +29,7 @@ def parse(*overrides):
 def test_any_integer_override_is_valid_or_refused_with_the_field_named(field, value):
     config = parse(f"--config.{field}={value}")
     try:
-        train.check_train_config(config)
+        experiment_lib.check_train_config(config)
     except UserError as e:
         message = str(e)
         assert "\n" not in message and field.split(".")[-1] in message, message
@@ -40,7 +40,7 @@ def test_any_integer_override_is_valid_or_refused_with_the_field_named(field, va
 def test_any_float_override_is_valid_or_refused_with_the_field_named(field, value):
     config = parse(f"--config.{field}={value!r}")
     try:
-        train.check_train_config(config)
+        experiment_lib.check_train_config(config)
     except UserError as e:
         assert "\n" not in str(e) and field.split(".")[-1] in str(e), str(e)
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO, restore_state_numpy, tiny_config
 from configs import finetune as finetune_config
 from gptlab import adapt, convert, finetune, lora, optim, tokenizers, train
+from gptlab import steps as steps_lib
 from gptlab.data import supervised, task_corpora
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
@@ -151,11 +152,11 @@ def test_frozen_leaves_stay_bit_identical_and_trainable_ones_move(strategy, task
     schedule = optax.constant_schedule(1e-2)
     tx = adapt.optimizer(opt_config(weight_decay=0.5), schedule, params, mask)
     model = model_for(cfg, strategy)
-    loss_fn = finetune.classify_loss_fn(model) if task == "classify" else train.lm_loss_fn(model)
+    loss_fn = finetune.classify_loss_fn(model) if task == "classify" else steps_lib.lm_loss_fn(model)
     trainable = None if all(jax.tree.leaves(mask)) else mask
     accumulate = 2 if strategy == "lora" or task == "classify" else 1  # the scan path, where it matters most
-    step = jax.jit(train.make_train_step(loss_fn, tx, schedule, grad_accum_steps=accumulate, trainable=trainable))
-    state = train.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+    step = jax.jit(steps_lib.make_train_step(loss_fn, tx, schedule, grad_accum_steps=accumulate, trainable=trainable))
+    state = steps_lib.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(1)))
     tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, cfg.vocab_size)
     if task == "classify":

@@ -18,7 +18,8 @@ import pytest
 from ml_collections import config_dict
 
 from conftest import needs
-from gptlab import adapt, convert, evaluate, finetune, lora, optim, sampling, train
+from gptlab import adapt, convert, evaluate, finetune, lora, optim, sampling
+from gptlab import steps as steps_lib
 from gptlab.data import pipeline, supervised
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig
@@ -134,7 +135,7 @@ def test_lm_loss_is_the_weighted_sum_of_numpy_cross_entropies():
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (3, 9), 0, TINY.vocab_size))
     weights = (np.arange(24).reshape(3, 8) % 3 != 0).astype(np.float32)  # some targets masked out
     model = GPT(TINY)
-    loss_fn = train.lm_loss_fn(model)
+    loss_fn = steps_lib.lm_loss_fn(model)
     loss_sum, sums = loss_fn(params, {"tokens": tokens, "weights": weights}, None)
     logp = log_softmax(model.apply({"params": params}, tokens[:, :-1]))
     nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -145,8 +146,8 @@ def test_lm_loss_is_the_weighted_sum_of_numpy_cross_entropies():
     assert float(loss_sum) == pytest.approx(nll.sum(), rel=1e-5) and float(sums["count"]) == 24
     # A dropout key turns dropout on (and only then).
     dropout = dataclasses.replace(TINY, dropout=0.5)
-    off = train.lm_loss_fn(GPT(dropout))(params, {"tokens": tokens}, None)[0]
-    on = train.lm_loss_fn(GPT(dropout))(params, {"tokens": tokens}, jax.random.key(0))[0]
+    off = steps_lib.lm_loss_fn(GPT(dropout))(params, {"tokens": tokens}, None)[0]
+    on = steps_lib.lm_loss_fn(GPT(dropout))(params, {"tokens": tokens}, jax.random.key(0))[0]
     assert float(off) == pytest.approx(nll.sum(), rel=1e-5) and not np.isclose(float(on), float(off))
 
 
@@ -207,14 +208,14 @@ def test_accuracy_macro_f1_and_perplexity_from_sums_on_known_predictions():
     np.add.at(confusion, (labels, predicted), 1)
     totals = {"loss_sum": 7.0, "count": 10.0, "tokens": 123.0, "accuracy": float((labels == predicted).sum()),
               "confusion": confusion}
-    metrics = train.metrics_from_sums(totals, prefix="test")
+    metrics = steps_lib.metrics_from_sums(totals, prefix="test")
     # Per class (tp, true, predicted): 0 (2, 3, 3), 1 (1, 2, 3), 2 (3, 4, 4), 3 (0, 1, 0).
     f1 = [2 * 2 / 6, 2 * 1 / 5, 2 * 3 / 8, 0.0]
     assert metrics == pytest.approx({"test_loss": 0.7, "test_perplexity": math.exp(0.7), "test_accuracy": 0.6,
                                      "test_macro_f1": sum(f1) / 4})
     assert metrics["test_macro_f1"] == pytest.approx(stats_macro_f1(labels, predicted))
-    assert train.macro_f1(np.zeros((3, 3))) == 0.0
-    assert train.metrics_from_sums({"loss_sum": 1e6, "count": 1.0})["eval_perplexity"] == math.exp(700.0)
+    assert steps_lib.macro_f1(np.zeros((3, 3))) == 0.0
+    assert steps_lib.metrics_from_sums({"loss_sum": 1e6, "count": 1.0})["eval_perplexity"] == math.exp(700.0)
 
 
 def stats_macro_f1(labels, predicted) -> float:

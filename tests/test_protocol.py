@@ -13,6 +13,7 @@ from configs import pretrain as pretrain_config
 from conftest import restore_state_numpy, tiny_config
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import evaluate, finetune, report, selection, sweep, train
+from gptlab import steps as steps_lib
 from gptlab.data import corpora, held_out, task_corpora
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
@@ -90,7 +91,7 @@ CRAFTED = {3: 5.0, 6: 4.0, 9: 4.5, 12: 4.6, 15: 4.7, 18: 4.8}  # best at 6; pati
 @pytest.fixture
 def crafted_eval(monkeypatch):
     """Training-time evaluation returns CRAFTED[step]; the step comes from the parameters' update count."""
-    real = train.evaluate
+    real = steps_lib.evaluate
     calls = []
 
     def fake(eval_step, params, batches, prefix="eval"):
@@ -101,7 +102,7 @@ def crafted_eval(monkeypatch):
         return metrics
 
     fake.offset = 0
-    monkeypatch.setattr(train, "evaluate", fake)
+    monkeypatch.setattr(steps_lib, "evaluate", fake)
     return fake, calls
 
 
@@ -191,7 +192,7 @@ def test_evaluate_reports_accuracy_f1_and_confusion_for_classify(pretrained, dat
     matrix = np.array(result["confusion_matrix"])
     assert matrix.shape == (8, 8) and matrix.sum() == result["examples"] == 16
     assert result["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
-    assert result["macro_f1"] == pytest.approx(train.macro_f1(matrix))
+    assert result["macro_f1"] == pytest.approx(steps_lib.macro_f1(matrix))
     assert json.loads((tmp_path / "eval.json").read_text())["task"] == "classify"
 
 
@@ -209,9 +210,9 @@ def test_evaluate_reports_exact_match_and_parse_rate_for_sft(pretrained, data_di
 
 def test_macro_f1_against_hand_computed_values():
     confusion = np.array([[3, 1, 0], [1, 2, 0], [0, 0, 0]])  # class 2 never true, never predicted: left out
-    assert train.macro_f1(confusion) == pytest.approx((6 / 8 + 4 / 6) / 2)
+    assert steps_lib.macro_f1(confusion) == pytest.approx((6 / 8 + 4 / 6) / 2)
     confusion[1, 2] = 2  # predicted but never true: F1 0, counted
-    assert train.macro_f1(confusion) == pytest.approx((6 / 8 + 4 / 8 + 0) / 3)
+    assert steps_lib.macro_f1(confusion) == pytest.approx((6 / 8 + 4 / 8 + 0) / 3)
 
 
 def result(val, test, lr):

@@ -18,6 +18,8 @@ import pytest
 from conftest import FULL, REPO, restore_state_numpy
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import train
+from gptlab import loop as loop_lib
+from gptlab import steps as steps_lib
 from gptlab.errors import Preempted, UserError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig, init_params
@@ -90,7 +92,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_matches_the_uninterrupted_run(refe
 def test_a_second_signal_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    guard = train.PreemptionGuard()
+    guard = loop_lib.PreemptionGuard()
     try:
         guard._handle(signal.SIGTERM, None)
         assert guard.requested and not exits
@@ -123,7 +125,7 @@ def test_kill_9_at_six_points_including_mid_save_never_breaks_the_resumed_run(re
         ckpts = checkpoint_lib.Checkpoints(tmp_path / "checkpoints")  # what a restart would trust
         for step in ckpts.manager.all_steps():  # each listed step is complete and matches its fingerprints
             stored = restore_state_numpy(tmp_path, step)
-            template = train.TrainState(step=stored["step"], params=stored["params"],
+            template = steps_lib.TrainState(step=stored["step"], params=stored["params"],
                                         opt_state=stored["opt_state"], rng=stored["rng"])
             ckpts.restore(step, jax.tree.map(np.zeros_like, template))
         ckpts.close()
@@ -200,7 +202,7 @@ def test_a_nan_stops_training_before_it_reaches_a_checkpoint(make_config, tmp_pa
 @pytest.mark.slow
 def test_skipping_nonfinite_steps_leaves_the_state_untouched_and_gives_up_after_a_limit():
     cfg = GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8)
-    model_loss = train.lm_loss_fn(GPT(cfg))
+    model_loss = steps_lib.lm_loss_fn(GPT(cfg))
 
     def loss_fn(params, batch, key):  # a "bad batch" (poison=1) yields a NaN loss and NaN gradients
         loss, sums = model_loss(params, batch, key)
@@ -208,9 +210,9 @@ def test_skipping_nonfinite_steps_leaves_the_state_untouched_and_gives_up_after_
 
     params = init_params(cfg, jax.random.key(0))
     tx = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=2**31 - 1)
-    state = train.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+    state = steps_lib.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(1)))
-    step_fn = jax.jit(train.make_train_step(loss_fn, tx, optax.constant_schedule(1e-2)))
+    step_fn = jax.jit(steps_lib.make_train_step(loss_fn, tx, optax.constant_schedule(1e-2)))
     tokens = jnp.ones((2, 9), jnp.int32)
     bad, good = {"tokens": tokens, "poison": jnp.ones((2,))}, {"tokens": tokens, "poison": jnp.zeros((2,))}
     after_bad, metrics = step_fn(state, bad)
@@ -220,18 +222,18 @@ def test_skipping_nonfinite_steps_leaves_the_state_untouched_and_gives_up_after_
     assert not np.array_equal(after_good.params["wte"]["embedding"], params["wte"]["embedding"])
     messages = []
     fetched = [(s, {"train_loss": np.nan, "grad_norm": np.nan}) for s in (1, 2)]
-    assert train.check_finite(fetched, True, 3, 0, None, messages.append) == 2
+    assert loop_lib.check_finite(fetched, True, 3, 0, None, messages.append) == 2
     assert "step 2: non-finite loss" in messages[-1] and "update skipped (2 in a row)" in messages[-1]
     with pytest.raises(UserError, match="3 non-finite steps in a row"):
-        train.check_finite(fetched[:1], True, 3, 2, 3, messages.append)
-    assert train.check_finite([(4, {"train_loss": 1.0, "grad_norm": 1.0})], True, 3, 2, 3, messages.append) == 0
+        loop_lib.check_finite(fetched[:1], True, 3, 2, 3, messages.append)
+    assert loop_lib.check_finite([(4, {"train_loss": 1.0, "grad_norm": 1.0})], True, 3, 2, 3, messages.append) == 0
 
 
 def test_a_state_with_skipping_on_saves_and_restores_exactly(tmp_path):
     """optax.apply_if_finite keeps a bool in the optimizer state: it must checkpoint like any leaf."""
     params = init_params(GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=1, n_embd=8), jax.random.key(0))
     tx = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5)
-    state = train.TrainState(step=jnp.array(3), params=params, opt_state=tx.init(params),
+    state = steps_lib.TrainState(step=jnp.array(3), params=params, opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(1)))
     ckpts = checkpoint_lib.Checkpoints(tmp_path / "checkpoints")
     ckpts.save(3, state, data={}, config={}, tokenizer={})

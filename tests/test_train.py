@@ -6,6 +6,7 @@ import pytest
 
 from gptlab import checkpoint as checkpoint_lib
 from gptlab import optim, train
+from gptlab import steps as steps_lib
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig, init_params
@@ -45,9 +46,9 @@ def _one_step(grad_accum_steps, batch, tx=None):
     params = init_params(TINY, jax.random.key(0))
     schedule = optax.constant_schedule(1e-2)
     tx = tx or optax.adamw(schedule, weight_decay=0.1)
-    state = train.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+    state = steps_lib.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(1)))
-    step = jax.jit(train.make_train_step(train.lm_loss_fn(GPT(TINY)), tx, schedule, grad_accum_steps))
+    step = jax.jit(steps_lib.make_train_step(steps_lib.lm_loss_fn(GPT(TINY)), tx, schedule, grad_accum_steps))
     return step(state, batch)
 
 

@@ -3,7 +3,7 @@
     python tools/loss_ab.py PRESET [BLOCKS] [STEPS_PER_BLOCK]      # e.g. gpt2_124m on a GPU (check 4 of gpu_checks.sh)
 
 For a GPU loan: on an H200 about a fifth of gpt2_124m's step is passes over the 32x1024x50304
-logits (docs/speed.md, "GPU"). Each variant below is a loss function in place of `train.lm_loss_fn`,
+logits (docs/speed.md, "GPU"). Each variant below is a loss function in place of `steps_lib.lm_loss_fn`,
 with the same model, optimizer, parameters and batches:
 - `optax`: what training runs: logits in the compute dtype, converted to float32, optax's cross-entropy;
 - `f32_logits`: the tied head's matmul writes float32 logits itself (`preferred_element_type`), so
@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from gptlab import benchmark, perf, train  # noqa: E402
+from gptlab import benchmark, perf  # noqa: E402
+from gptlab import experiment as experiment_lib
+from gptlab import steps as steps_lib
 
 
 @jax.custom_vjp
@@ -58,9 +60,9 @@ fused_cross_entropy.defvjp(_fused_forward, _fused_backward)
 
 
 def loss_fn(model, variant: str):
-    """`train.lm_loss_fn(model)` with the logits and cross-entropy of `variant` (no weights: pretraining)."""
+    """`steps_lib.lm_loss_fn(model)` with the logits and cross-entropy of `variant` (no weights: pretraining)."""
     if variant == "optax":
-        return train.lm_loss_fn(model)
+        return steps_lib.lm_loss_fn(model)
 
     def fn(params, batch, dropout_key):
         tokens = batch["tokens"]
@@ -89,11 +91,11 @@ VARIANTS = ("optax", "f32_logits", "fused")
 def main(preset="gpt2_124m", blocks=4, per_block=5):
     config = pretrain.get_config(preset)
     exp, parallel = benchmark.synthetic_experiment(config, lambda line: print(line, file=sys.stderr))
-    model = train.training_model(config, train.resolve_model_config(config, exp.tokenizer))
-    batches = train.prefetched(config, exp.batches, parallel)
+    model = experiment_lib.training_model(config, experiment_lib.resolve_model_config(config, exp.tokenizer))
+    batches = experiment_lib.prefetched(config, exp.batches, parallel)
     steps, states, losses = {}, {}, {}
     for name in VARIANTS:
-        states[name], steps[name], _ = train.init_and_compile(
+        states[name], steps[name], _ = experiment_lib.init_and_compile(
             config, dataclasses.replace(exp, loss_fn=loss_fn(model, name)), parallel)
     first_batch = next(batches)
     # The variants' gradients at the initial parameters on one batch must agree, not only their losses.
@@ -119,7 +121,7 @@ def main(preset="gpt2_124m", blocks=4, per_block=5):
     for block in range(blocks):
         for name in (VARIANTS if block % 2 == 0 else VARIANTS[::-1]):
             medians[name].append(float(np.median([step(name) for _ in range(per_block)])))
-    tokens = config.data.batch_size * train.resolve_seq_len(config)
+    tokens = config.data.batch_size * experiment_lib.resolve_seq_len(config)
     peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
     first = np.array(medians[VARIANTS[0]])
     print(f"{preset} on {jax.devices()[0].device_kind}, {tokens} tokens a step, peak {peak:.3g} TFLOP/s ({peak_source})")

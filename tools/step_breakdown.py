@@ -106,12 +106,13 @@ def torch_breakdown(shapes: str, steps: int) -> tuple:
     """(wall seconds a step, {component: seconds a step}) of the nanoGPT-style peer, in this process."""
     import numpy as np
 
-    from gptlab import benchmark, perf, train
+    from gptlab import benchmark, perf
+    from gptlab import experiment as experiment_lib
 
     config = get_config(shapes)
     perf.resolve_auto(config, lambda line: None)  # the model's fields as training resolves them (shapes only here)
-    data = benchmark.SyntheticData(config, train.resolve_seq_len(config))
-    model_cfg = train.resolve_model_config(config, data.tokenizer)
+    data = benchmark.SyntheticData(config, experiment_lib.resolve_seq_len(config))
+    model_cfg = experiment_lib.resolve_model_config(config, data.tokenizer)
     batches = [next(data.train) for _ in range(4)]
     peer = benchmark.TorchSteps("nanogpt", config, model_cfg, batches, benchmark.num_threads())
     torch = peer.torch

@@ -7,7 +7,7 @@ test are the lines its stable hash (or a line's own "split") puts there, unless
 
 chat: each conversation renders with the chat template to `tokens` (seq_len + 1)
 and `weights` (seq_len): 1 on the targets that are assistant text or an assistant
-turn's closing <|end|>, so `train.lm_loss_fn` learns only the assistant (eval_loss
+turn's closing <|end|>, so `steps.lm_loss_fn` learns only the assistant (eval_loss
 is the assistant-token loss). A conversation cut by the window keeps the mask of
 what survives; one with no assistant token left in the window is skipped (counted
 in the log).

@@ -55,7 +55,7 @@ def per_token(logps, counts):
 
 
 def loss_fn(model, beta: float, loss_type: str = "sigmoid"):
-    """A `train.LossFn` for preference batches: chosen_/rejected_ tokens (B, T+1) and weights (B, T),
+    """A `steps.LossFn` for preference batches: chosen_/rejected_ tokens (B, T+1) and weights (B, T),
     ref_chosen/ref_rejected (B,) the reference's log-probabilities, weights (B,) 1 per real pair."""
     if loss_type not in LOSSES:
         raise ValueError(f"unknown DPO loss {loss_type!r}: choose one of {LOSSES}")

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 from gptlab import model as model_lib
-from gptlab import sampling, train
+from gptlab import sampling
+from gptlab import steps as steps_lib
 from gptlab.chat import data as chat_data
 from gptlab.chat import template
 
@@ -19,7 +20,7 @@ from gptlab.chat import template
 def assistant_loss(params, cfg: model_lib.GPTConfig, tokenizer, conversations: list, batch_size: int = 32) -> float:
     """Mean loss per assistant token (and closing <|end|>) over `conversations` cut to the context."""
     arrays, _ = chat_data.encode_conversations(tokenizer, conversations, cfg.block_size)
-    step = jax.jit(train.make_eval_step(train.lm_loss_fn(model_lib.GPT(cfg))))
+    step = jax.jit(steps_lib.make_eval_step(steps_lib.lm_loss_fn(model_lib.GPT(cfg))))
     total, count = 0.0, 0.0
     for start in range(0, len(arrays["tokens"]), batch_size):
         batch = {k: v[start:start + batch_size] for k, v in arrays.items()}

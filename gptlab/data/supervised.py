@@ -2,7 +2,7 @@
 
 `sft`: (prompt, response) pairs become `prompt + response + <|endoftext|>`, cut
 or padded to seq_len + 1 tokens, with a 0/1 weight per target that is 1 only on
-response tokens (and the closing end-of-text), so `train.lm_loss_fn` learns the
+response tokens (and the closing end-of-text), so `steps.lm_loss_fn` learns the
 response and never the prompt. Examples whose prompt takes more than
 MAX_PROMPT_FRACTION of the window are skipped (and counted in the log).
 
