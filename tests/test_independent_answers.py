@@ -64,6 +64,9 @@ def test_lora_logits_are_those_of_the_explicit_low_rank_update():
     want = GPT(TINY).apply({"params": explicit}, tokens)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     assert not np.allclose(want, GPT(TINY).apply({"params": base}, tokens), atol=1e-3)  # the update matters
+    # Keyword arguments reach the model (a classifier reads the hidden states of an adapted model).
+    hidden = lora.Adapted(GPT(TINY), settings.scale).apply({"params": adapted}, tokens, return_hidden=True)
+    np.testing.assert_allclose(hidden, GPT(TINY).apply({"params": explicit}, tokens, return_hidden=True), atol=1e-5)
     # The merged tree is the explicit one, leaf by leaf; adapters are gone, untargeted leaves untouched.
     merged = lora.merge(adapted, settings.scale)
     assert optim.param_paths(merged) == optim.param_paths(base)
