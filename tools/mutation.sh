@@ -4,7 +4,7 @@
 # mutant is one small change to one function (an operator, a constant, an argument dropped); the quick
 # tests that reach that function run against it, and a mutant none of them fails on "survived".
 # (PEFT's comparison, test_lora_computes_what_peft_computes_on_the_same_weights, is left out: a minute of
-# importing torch a mutant.) Dev tooling, not CI. Two groups, each with its own fast test selection and work folder:
+# importing torch a mutant.) Dev tooling, not CI. Three groups, each with its own fast test selection and work folder:
 #   statistics (transfer, selection, report, study: pure numpy, seconds a mutant)
 #   model      (lora, adapt, optim, the losses, supervised masks, evaluate: JAX, tens of seconds a mutant)
 #   lora       (lora alone, with its four tests: the quickest score of the transform users publish most)
