@@ -10,7 +10,7 @@
 #   lora       (lora alone, with its four tests: the quickest score of the transform users publish most)
 #
 #   pip install "mutmut>=3.8"         # in the project's virtual environment, which must be active
-#   nice -n 10 bash tools/mutation.sh                 # both groups
+#   nice -n 10 bash tools/mutation.sh                 # statistics, then model (which includes lora)
 #   nice -n 10 bash tools/mutation.sh statistics      # one group; a further argument keeps only those mutants
 #   nice -n 10 bash tools/mutation.sh model "gptlab.lora.*"
 #   (cd .mutation/model && mutmut show NAME)          # one mutant's diff
