@@ -65,6 +65,9 @@ def test_lora_logits_are_those_of_the_explicit_low_rank_update():
     want = GPT(TINY).apply({"params": explicit}, tokens)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     assert not np.allclose(want, GPT(TINY).apply({"params": base}, tokens), atol=1e-3)  # the update matters
+    # Keyword arguments reach the model (a classifier reads the hidden states of an adapted model).
+    hidden = lora.Adapted(GPT(TINY), settings.scale).apply({"params": adapted}, tokens, return_hidden=True)
+    np.testing.assert_allclose(hidden, GPT(TINY).apply({"params": explicit}, tokens, return_hidden=True), atol=1e-5)
     # The merged tree is the explicit one, leaf by leaf; adapters are gone, untargeted leaves untouched.
     merged = lora.merge(adapted, settings.scale)
     assert optim.param_paths(merged) == optim.param_paths(base)
@@ -92,9 +95,10 @@ def test_lora_adds_a_gaussian_a_and_a_zero_b_beside_exactly_the_targets():
     for path, x in zip(optim.param_paths(base), jax.tree.leaves(base)):
         np.testing.assert_array_equal(leaf(adapted, path), x)
     # Stacked (scanned) kernels get stacked adapters.
-    stacked = lora.add({"blocks": {"fc": {"kernel": jnp.ones((3, 4, 5))}}},
+    stacked = lora.add({"blocks": {"fc": {"kernel": jnp.ones((3, 4, 5), jnp.bfloat16)}}},
                        lora.LoRA(2, 2.0, (r"blocks/fc/kernel",)), jax.random.key(0))
     assert stacked["blocks"]["fc"]["lora_a"].shape == (3, 4, 2) and stacked["blocks"]["fc"]["lora_b"].shape == (3, 2, 5)
+    assert stacked["blocks"]["fc"]["lora_a"].dtype == stacked["blocks"]["fc"]["lora_b"].dtype == jnp.bfloat16
 
 
 def test_lora_merge_keeps_the_kernels_dtype_and_reads_scale_from_a_run_config():
@@ -118,11 +122,13 @@ def test_lora_merge_keeps_the_kernels_dtype_and_reads_scale_from_a_run_config():
 
 def test_lora_targets_must_match_kernels_only():
     base = gpt_init(TINY, jax.random.key(0))
-    with pytest.raises(UserError, match="is empty"):
+    with pytest.raises(UserError) as error:
         lora.check_targets(base, ())
+    assert str(error.value) == ("finetune.lora_targets is empty: give regexes over kernel paths, "
+                                r"e.g. ('blocks_\d+/attn/(qkv|proj)/kernel',)")
     with pytest.raises(UserError, match="blocks_0/attn/qkv/bias, which is not the kernel"):
         lora.check_targets(base, (r"blocks_0/attn/qkv/.*",))
-    with pytest.raises(UserError, match="matches no parameter"):
+    with pytest.raises(UserError, match=r"^finetune.lora_targets: regex 'nothing/kernel' matches no parameter"):
         lora.check_targets(base, (r"nothing/kernel",))
     lora.check_targets(base, (r"blocks_0/attn/qkv/kernel",))
 

@@ -4,13 +4,13 @@
 # mutant is one small change to one function (an operator, a constant, an argument dropped); the quick
 # tests that reach that function run against it, and a mutant none of them fails on "survived".
 # (PEFT's comparison, test_lora_computes_what_peft_computes_on_the_same_weights, is left out: a minute of
-# importing torch a mutant.) Dev tooling, not CI. Two groups, each with its own fast test selection and work folder:
+# importing torch a mutant.) Dev tooling, not CI. Three groups, each with its own fast test selection and work folder:
 #   statistics (transfer, selection, report, study: pure numpy, seconds a mutant)
 #   model      (lora, adapt, optim, the losses, supervised masks, evaluate: JAX, tens of seconds a mutant)
 #   lora       (lora alone, with its four tests: the quickest score of the transform users publish most)
 #
 #   pip install "mutmut>=3.8"         # in the project's virtual environment, which must be active
-#   nice -n 10 bash tools/mutation.sh                 # both groups
+#   nice -n 10 bash tools/mutation.sh                 # statistics, then model (which includes lora)
 #   nice -n 10 bash tools/mutation.sh statistics      # one group; a further argument keeps only those mutants
 #   nice -n 10 bash tools/mutation.sh model "gptlab.lora.*"
 #   (cd .mutation/model && mutmut show NAME)          # one mutant's diff
