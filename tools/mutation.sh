@@ -26,18 +26,18 @@ WORK=${MUTATION_DIR:-.mutation}
 # gptlab.MODULE.xǁCLASSǁMETHOD; a file's other functions are generated but not run), and the tests.
 declare -A FILES=(
   [lora]="gptlab/lora.py"
-  [statistics]="gptlab/transfer.py gptlab/selection.py gptlab/report.py gptlab/study.py"
-  [model]="gptlab/lora.py gptlab/adapt.py gptlab/optim.py gptlab/train.py gptlab/finetune.py gptlab/data/supervised.py gptlab/evaluate.py"
+  [statistics]="gptlab/stats.py projects/pretrain_vs_finetune/transfer.py gptlab/selection.py gptlab/report.py projects/pretrain_vs_finetune/analysis.py"
+  [model]="gptlab/lora.py gptlab/adapt.py gptlab/optim.py gptlab/steps.py gptlab/finetune.py gptlab/data/supervised.py gptlab/evaluate.py"
 )
 declare -A FUNCTIONS=(
   [lora]="gptlab.lora.*"
-  [statistics]="gptlab.transfer.* gptlab.selection.* gptlab.report.x_choose* gptlab.report.x_mean_std*
-                gptlab.report.x_metric_value* gptlab.report.x_validation_value* gptlab.study.x_pareto*
-                gptlab.study.xǁStudyǁgain_share* gptlab.study.xǁStudyǁchoose* gptlab.study.xǁChoiceǁvalues*
-                gptlab.study.xǁChoiceǁinterval*"
+  [statistics]="gptlab.stats.* projects.pretrain_vs_finetune.transfer.* gptlab.selection.* gptlab.report.x_choose* gptlab.report.x_mean_std*
+                gptlab.report.x_metric_value* gptlab.report.x_validation_value* projects.pretrain_vs_finetune.analysis.x_pareto*
+                projects.pretrain_vs_finetune.analysis.xǁStudyǁgain_share* projects.pretrain_vs_finetune.analysis.xǁStudyǁchoose* projects.pretrain_vs_finetune.analysis.xǁChoiceǁvalues*
+                projects.pretrain_vs_finetune.analysis.xǁChoiceǁinterval*"
   [model]="gptlab.lora.* gptlab.adapt.x__selects* gptlab.adapt.x_trainable_mask* gptlab.adapt.x_optimizer*
            gptlab.optim.x_match_mask* gptlab.optim.x_path_str* gptlab.optim.x_param_paths*
-           gptlab.train.x_lm_loss_fn* gptlab.train.x_metrics_from_sums* gptlab.train.x_macro_f1*
+           gptlab.steps.x_lm_loss_fn* gptlab.steps.x_metrics_from_sums* gptlab.steps.x_macro_f1*
            gptlab.finetune.x_classify_loss_fn* gptlab.data.supervised.x_encode_sft__* gptlab.data.supervised.x_encode_classify__*
            gptlab.evaluate.x_token_stream* gptlab.evaluate.x_windows* gptlab.evaluate.x_lm_metrics*
            gptlab.evaluate.x_sft_metrics* gptlab.evaluate.x_parses_as_python*"
