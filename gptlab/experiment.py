@@ -21,7 +21,7 @@ from gptlab import perf
 from gptlab import selection as selection_lib
 from gptlab.data import pipeline
 from gptlab.errors import UserError
-from gptlab.steps import LossFn, TrainState, lm_loss_fn, make_eval_step, make_train_step
+from gptlab import steps as steps_lib
 
 
 def resolve_model_config(config, tokenizer) -> model_lib.GPTConfig:
@@ -116,7 +116,7 @@ def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
 
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     init_params = lambda: model_lib.init_params(model_cfg, init_key)
-    loss_fn = lm_loss_fn(model)
+    loss_fn = steps_lib.lm_loss_fn(model)
     if finetuning is not None:
         init_params, loss_fn = finetuning.init_params(model_cfg, init_key), finetuning.loss_fn(model)
     params = jax.eval_shape(init_params)  # shapes only
@@ -168,7 +168,7 @@ class Experiment:
     """What one experiment brings to the start-up and loop that every experiment shares."""
     init_params: Callable[[], Any]  # fresh parameters (random init); compiled into their placement
     rng: jax.Array  # the dropout key's data, folded with the step in every train step
-    loss_fn: LossFn
+    loss_fn: steps_lib.LossFn
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     batches: Any  # training batches; state()/restore() is the position stored in checkpoints
@@ -200,13 +200,13 @@ def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel, l
 
     def make_state():
         params = exp.init_params()
-        return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), rng=exp.rng)
+        return steps_lib.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), rng=exp.rng)
 
     state = parallel.init_state(make_state)
     train_step, eval_step = parallel.compile(
-        lambda axis: make_train_step(exp.loss_fn, tx, exp.schedule, config.train.grad_accum_steps, axis_name=axis,
-                                     trainable=exp.trainable),
-        lambda axis: make_eval_step(exp.loss_fn, axis_name=axis))
+        lambda axis: steps_lib.make_train_step(exp.loss_fn, tx, exp.schedule, config.train.grad_accum_steps,
+                                               axis_name=axis, trainable=exp.trainable),
+        lambda axis: steps_lib.make_eval_step(exp.loss_fn, axis_name=axis))
     return state, perf.limit_reuse_memory(train_step, log), eval_step
 
 

@@ -12,7 +12,7 @@ from gptlab import perf
 from gptlab import progress as progress_lib
 from gptlab import selection as selection_lib
 from gptlab.errors import Preempted, UserError
-from gptlab.steps import evaluate
+from gptlab import steps as steps_lib
 from gptlab.metrics import MetricsWriter
 
 
@@ -155,7 +155,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     if train.get("eval_at_start") and start_step == 0 < last_step and not stopping.stopped:
         # The starting model is a candidate too (fine-tuning: the untouched pretrained model), so a run whose
         # updates only hurt on validation keeps its start rather than its least bad update.
-        evals = evaluate(eval_step, state.params, eval_batches)
+        evals = steps_lib.evaluate(eval_step, state.params, eval_batches)
         writer.write(0, evals)
         log("step      0 | " + " | ".join(f"{k} {_fmt(v)}" for k, v in evals.items()) + " (the starting model)")
         stopping.update(0, evals)
@@ -193,7 +193,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                 unlogged, carried = [], []
             evals, new_best = None, False
             if step % train.eval_every == 0 or step == train.num_steps:
-                evals = evaluate(eval_step, state.params, eval_batches)
+                evals = steps_lib.evaluate(eval_step, state.params, eval_batches)
                 record.update(evals)
                 new_best = stopping.update(step, evals)
             if record:
@@ -228,7 +228,7 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
         log.bar = None
         writer.close()
     if "eval_loss" not in final:
-        evals = evaluate(eval_step, state.params, eval_batches)
+        evals = steps_lib.evaluate(eval_step, state.params, eval_batches)
         final.update(evals)
         if stopping.best_step is None and start_step == 0:  # evaluation only (num_steps=0): the model as given
             stopping.update(0, evals)  # is the best checkpoint, saved so that it is scored on test like any other

@@ -26,7 +26,7 @@ from gptlab.errors import UserError
 from gptlab.experiment import (Experiment, check_train_config, enable_compilation_cache, init_and_compile,
                                prefetched, pretrain_experiment, resolve_seq_len)
 from gptlab.loop import run_loop
-from gptlab.steps import evaluate
+from gptlab import steps as steps_lib
 
 
 class Logger:
@@ -302,7 +302,7 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     finally:
         if batches is not exp.batches:
             batches.close()
-    final["selection"] = selection_record(config, checkpoints, stopping, final, log, lambda step: evaluate(
+    final["selection"] = selection_record(config, checkpoints, stopping, final, log, lambda step: steps_lib.evaluate(
         eval_step, parallel.place_restored(checkpoints.restore(step, abstract)[0]).params, exp.test_batches,
         prefix="test") if exp.test_batches else None)
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
