@@ -78,7 +78,8 @@ def test_a_checkpoint_resumes_under_the_other_mode(runs, data_dir, saved, resume
     root, _ = runs
     workdir = root / f"{saved}_resumed"
     shutil.copytree(root / saved, workdir)
-    shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after the step-10 checkpoint
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after the step-10 checkpoint:
+    (workdir / "result.json").unlink()  # no final checkpoint and no result.json (a finished run is never rewritten)
     metrics = (workdir / "metrics.jsonl").read_text().splitlines()[:10]
     (workdir / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
     log = finish(launch(workdir, data_dir, 8, resumed_with))
