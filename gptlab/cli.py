@@ -31,19 +31,47 @@ _running = False  # set once the command's main function runs (before: still imp
 class _Stopped(SystemExit):
     """A signal outside the training loop: unwinds through cleanup (checkpoint waits, lock release)."""
 
+    def __init__(self, signum: int):
+        super().__init__(Preempted.EXIT_CODE)
+        self.signum = signum
+
+
+_announced = False  # the stop is said once, however often the signal has to be handled
+
 
 def _stop_cleanly(signum, frame):
+    global _announced
     del frame
-    print(f"stopped by {signal.Signals(signum).name} outside the training loop: every trained step is checkpointed "
-          "(or none was taken yet); run the same command again to continue", file=sys.stderr, flush=True)
+    if not _announced:
+        _announced = True
+        print(f"stopped by {signal.Signals(signum).name} outside the training loop: every trained step is "
+              "checkpointed (or none was taken yet); run the same command again to continue",
+              file=sys.stderr, flush=True)
     if not _running:  # still importing: nothing written yet, and unwinding a half-imported extension can crash
         os._exit(Preempted.EXIT_CODE)
-    raise _Stopped(Preempted.EXIT_CODE)
+    raise _Stopped(signum)
+
+
+_print_unraisable = sys.unraisablehook
+
+
+def _stop_again_later(unraisable) -> None:
+    """A stop raised inside a callback Python cannot unwind (a gc callback such as JAX's, a __del__, a weakref
+    callback) is printed as 'Exception ignored' and dropped, and the command would run on. Deliver the
+    signal again a moment later, from another thread, so the handler runs once the callback has returned
+    (should it land in one again, this repeats)."""
+    if isinstance(unraisable.exc_value, _Stopped):
+        again = threading.Timer(0.05, os.kill, args=(os.getpid(), unraisable.exc_value.signum))
+        again.daemon = True
+        again.start()
+        return
+    _print_unraisable(unraisable)
 
 
 if threading.current_thread() is threading.main_thread():
     for _signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(_signal, _stop_cleanly)
+    sys.unraisablehook = _stop_again_later
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors caused by bad input.")
 

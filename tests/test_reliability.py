@@ -341,6 +341,38 @@ def test_a_signal_at_any_moment_ends_in_a_checkpoint_or_a_clean_exit_and_the_rer
     assert_identical_runs(reference, tmp_path)
 
 
+_SIGNAL_INSIDE_A_GC_CALLBACK = """
+import gc, os, signal, sys, time
+from absl import app
+from gptlab import cli
+
+def send_sigterm_inside(phase, info):  # like JAX's gc callback: Python prints and drops what it raises
+    if phase == "start":
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # bytecode boundaries: the handler runs here, inside the callback
+            pass
+
+def main():
+    gc.callbacks.append(send_sigterm_inside)
+    gc.collect()
+    gc.callbacks.remove(send_sigterm_inside)
+    time.sleep(5)
+    print("ran on after the signal")
+
+cli.run(main)
+"""
+
+
+def test_a_signal_that_lands_inside_a_gc_callback_still_stops_the_command_in_one_line(tmp_path):
+    script = tmp_path / "command.py"
+    script.write_text(_SIGNAL_INSIDE_A_GC_CALLBACK)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == Preempted.EXIT_CODE, proc.stderr
+    assert "ran on after the signal" not in proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("stopped by SIGTERM outside the training loop") == 1, proc.stderr
+
+
 @pytest.mark.slow
 def test_rerunning_a_finished_command_changes_nothing(make_config, tmp_path):
     def snapshot():
