@@ -42,6 +42,7 @@ from gptlab import selection
 from gptlab import sweep as sweep_lib
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
+from gptlab.tables import tex_escape
 
 MISSING = "—"
 # How figures and tables name the study's factors (the raw key otherwise).
@@ -609,15 +610,6 @@ def _metric_label(metric: str) -> str:
     unit = ("nats/token" if metric.endswith("loss") else "bits/byte" if metric.endswith("bits_per_byte")
             else "fraction" if selection.higher_is_better(metric) else "")
     return f"{metric} ({unit})" if unit else metric
-
-
-def tex_escape(text) -> str:
-    """Plain text as LaTeX: its special characters escaped, and the few non-ASCII signs reports use."""
-    text = str(text)
-    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "±": r"$\pm$", "—": "--", "≈": r"$\approx$"}
-    return "".join(replacements.get(ch, ch) for ch in text)
 
 
 def write_report(workdir) -> dict:

@@ -19,7 +19,7 @@ from gptlab import files
 from gptlab import selection
 from gptlab import sweep as sweep_lib
 from gptlab.errors import UserError
-from gptlab.report import tex_escape
+from gptlab.tables import tex_escape
 from projects.pretrain_vs_finetune import analysis
 from projects.pretrain_vs_finetune.analysis import (PAPER, TASK_EXTRA, TASK_METRIC, Choice, compact, fmt_fraction,
                                                     fmt_int, fmt_interval, pareto)
