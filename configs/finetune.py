@@ -97,6 +97,11 @@ def get_config(arg: str = "lora") -> config_dict.ConfigDict:
         ft.lora_targets = (r"blocks_\d+/attn/(qkv|proj)/kernel",)  # strategy=lora: kernels to adapt (regexes)
         ft.trainable = ()  # regexes of parameters that train too (strategy=regex: the only ones)
         ft.export_merged = True  # strategy=lora: write WORKDIR/merged, adapters folded into plain kernels
+        # Breadth: also score the pretraining corpus's validation split (init_from's own data config) with the
+        # pretrained parameters and with the best checkpoint; result.json's `breadth` holds both (loss, bits per
+        # byte). Off for plain fine-tuning (it costs two evaluations); the pretrain_vs_finetune study turns it on.
+        ft.breadth = False
+        ft.breadth_batches = config_dict.placeholder(int)  # breadth: batches of that split scored; None: all of it
         ft.dpo_beta = 0.1  # task dpo: strength of the pull towards the reference (larger: stay closer)
         ft.dpo_loss = "sigmoid"  # task dpo: sigmoid (DPO) or ipo (IPO, on per-token mean log-probabilities)
 

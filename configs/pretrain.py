@@ -121,6 +121,7 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.test_batches = config_dict.placeholder(int)  # fixed test batches the best checkpoint is scored on; None: eval_batches
     train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
     train.early_stopping_patience = 0  # stop after this many evaluations without a better selection_metric; 0: off
+    train.early_stopping_min_delta = 0.0  # an evaluation must beat the last improvement by more than this to count
     train.selection_metric = "eval_loss"  # validation metric that picks the best checkpoint (eval_loss, eval_accuracy, ...)
     train.eval_at_start = False  # evaluate the starting model (step 0) too, as a best-checkpoint candidate
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide evenly

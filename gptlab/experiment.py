@@ -186,6 +186,9 @@ class Experiment:
     # run's merged export: called on process 0 before result.json, so result.json's presence means they exist.
     write_artefacts: Optional[Callable] = None
     accepted: Optional[Callable[[], None]] = None  # writes the experiment's own files once the start is accepted
+    # (final metrics) -> fields added to result.json (fine-tuning's `breadth`): called on every process after the
+    # best checkpoint is chosen and scored, before result.json, so a crash in it leaves the run resumable.
+    extra_results: Optional[Callable[[dict], dict]] = None
 
 
 def init_and_compile(config, exp: Experiment, parallel: parallel_lib.Parallel, log=print) -> tuple:

@@ -331,7 +331,57 @@ def _finetune(config, workdir, checkpoints, log, is_main, source: Pretrained) ->
             finetuning.write_trainable()
 
     exp.accepted = accepted
+    if ft.breadth:  # result.json's `breadth`: what fine-tuning costs the general model
+        exp.extra_results = lambda final: {"breadth": breadth(config, workdir, source, final, log)}
     return train.start_and_run(config, workdir, checkpoints, log, is_main, exp)
+
+
+# -- breadth: the pretraining corpus scored before and after ------------------------------------
+
+
+def breadth(config, workdir, source: Pretrained, final: dict, log=print) -> dict:
+    """The pretraining corpus's validation split scored as a language model by the restored pretrained
+    parameters (`before`) and by the run's best checkpoint (`after`, the one scored on test).
+
+    Both go through `gptlab.evaluate.lm_metrics` (what `experiments.evaluate` runs) on the pretraining run's
+    own data config (dataset, filters, window, batch), so `before` equals
+    `experiments.evaluate --workdir=PRETRAINED --step=STEP` and `after` equals `experiments.evaluate` of
+    this run's best step with `--config.data.*` set to the pretraining corpus. A LoRA run is scored merged
+    (`convert.load_workdir` folds the adapters in); a classifier is scored without its `cls_head`, with the
+    pretrained LM head where the task dropped it.
+    """
+    from ml_collections import config_dict
+
+    from gptlab import convert
+    from gptlab import evaluate as evaluate_lib
+
+    data_cfg = evaluate_lib.data_config(source.config, {})
+    eval_cfg = config_dict.ConfigDict({"num_batches": config.finetune.breadth_batches})
+    before = convert.load_workdir(source.workdir, source.step, strict=False)
+    best = (final.get("selection") or {}).get("best_step")
+    after = convert.load_workdir(workdir, int(final["step"]) if best is None else best, strict=False)
+    scores = {}
+    for name, loaded in (("before", before), ("after", language_model(after, before))):
+        metrics = evaluate_lib.lm_metrics(loaded, data_cfg, eval_cfg, log)
+        scores[name] = {"loss": metrics["loss"], "bits_per_byte": metrics["bits_per_byte"]}
+        tokens = metrics["tokens"]
+    log(f"breadth on {data_cfg.dataset}/{data_cfg.eval_split} ({tokens:,d} tokens): loss "
+        f"{scores['before']['loss']:.4f} before (step {before.step} of {source.workdir}), "
+        f"{scores['after']['loss']:.4f} after (step {after.step})")
+    return {"dataset": data_cfg.dataset, "split": data_cfg.eval_split, "tokens": int(tokens), **scores}
+
+
+def language_model(loaded, pretrained):
+    """`loaded` as the plain GPT that `evaluate.lm_metrics` scores: a task head (`cls_head`) left out and the
+    parameters the task dropped (an untied LM head) taken from `pretrained`, with its head tying."""
+    params = dict(loaded.params)
+    if adapt.TASK_HEAD not in params:
+        return loaded
+    del params[adapt.TASK_HEAD]
+    cfg = dataclasses.replace(loaded.model_cfg, tie_embeddings=pretrained.model_cfg.tie_embeddings)
+    for name, value in pretrained.params.items():
+        params.setdefault(name, value)
+    return dataclasses.replace(loaded, params=params, model_cfg=cfg)
 
 
 class Finetuning:

@@ -78,6 +78,9 @@ def check_config(config) -> None:
     """Bad selection settings end here, before anything is written."""
     train, task = config.train, task_of(config)
     patience, metric = train.get("early_stopping_patience", 0), train.get("selection_metric", "eval_loss")
+    if train.get("early_stopping_min_delta", 0.0) < 0:
+        raise UserError(f"train.early_stopping_min_delta={train.early_stopping_min_delta} must be >= 0 (the least "
+                        "change of the selection metric that counts as an improvement; 0: any)")
     if patience < 0:
         raise UserError(f"train.early_stopping_patience={patience} must be >= 0 (evaluations without improvement "
                         "before stopping; 0: off)")
@@ -101,8 +104,13 @@ class EarlyStopping:
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     best_metrics: dict = dataclasses.field(default_factory=dict)  # the validation metrics at best_step
-    evals_since_best: int = 0
+    evals_since_best: int = 0  # evaluations since the last one that beat `reference` by more than min_delta
     stopped: bool = False  # ended by early stopping: a resumed run trains no further
+    # An evaluation resets the patience count only when it beats `reference` (the value of the last such
+    # evaluation) by more than min_delta: a run creeping down by less has converged and stops. The best
+    # checkpoint is still the best value. 0: every improvement counts.
+    min_delta: float = 0.0
+    reference: Optional[float] = None
 
     def update(self, step: int, metrics: dict) -> bool:
         """Records an evaluation; returns whether it is a new best (then its step should be saved)."""
@@ -110,21 +118,26 @@ class EarlyStopping:
             raise UserError(f"train.selection_metric={self.metric!r} is not among this run's evaluation metrics "
                             f"{sorted(metrics)}: choose one of them")
         value = float(metrics[self.metric])
+        reference = self.best_value if self.reference is None else self.reference
+        sign = 1.0 if higher_is_better(self.metric) else -1.0
+        if math.isfinite(value) and (reference is None or sign * (value - reference) > self.min_delta):
+            self.reference, self.evals_since_best = value, 0  # a real improvement: patience starts again
+        else:
+            self.evals_since_best += 1
+            if self.patience and self.evals_since_best >= self.patience:
+                self.stopped = True
         if better(value, self.best_value, self.metric):
-            self.best_value, self.best_step, self.evals_since_best = value, step, 0
+            self.best_value, self.best_step = value, step
             self.best_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
             return True
-        self.evals_since_best += 1
-        if self.patience and self.evals_since_best >= self.patience:
-            self.stopped = True
         return False
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, stored: dict, metric: str, patience: int) -> "EarlyStopping":
+    def from_json(cls, stored: dict, metric: str, patience: int, min_delta: float = 0.0) -> "EarlyStopping":
         if stored.get("metric") != metric:
             raise UserError(f"the checkpoint selects on {stored.get('metric')!r} but train.selection_metric="
                             f"{metric!r}: keep the run's selection metric or start a fresh --workdir")
-        return cls(**{**stored, "patience": patience})
+        return cls(**{**stored, "patience": patience, "min_delta": min_delta})

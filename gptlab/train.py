@@ -254,7 +254,8 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     state, train_step, eval_step = init_and_compile(config, exp, parallel, log)
     train_cfg = config.train
     stopping = selection_lib.EarlyStopping(train_cfg.get("selection_metric", "eval_loss"),
-                                           train_cfg.get("early_stopping_patience", 0))
+                                           train_cfg.get("early_stopping_patience", 0),
+                                           min_delta=float(train_cfg.get("early_stopping_min_delta", 0.0)))
     abstract = parallel.abstract_state(state)
     # Input tokens a step processes; tokens_seen sums it over the run's segments (a resume may change the batch).
     step_tokens = int(config.data.batch_size) * int(exp.config_json["data"]["seq_len"])
@@ -264,7 +265,8 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
         state = parallel.place_restored(state)
         exp.batches.restore(items["data"])
         if items.get("selection"):
-            stopping = selection_lib.EarlyStopping.from_json(items["selection"], stopping.metric, stopping.patience)
+            stopping = selection_lib.EarlyStopping.from_json(items["selection"], stopping.metric, stopping.patience,
+                                                             stopping.min_delta)
         progress = items.get("progress") or {}
         tokens_before = int(progress.get("tokens_seen", latest * int(stored_config["data"]["batch_size"])
                                          * int(stored_config["data"]["seq_len"])))  # older checkpoints: one batch
@@ -305,6 +307,8 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     final["selection"] = selection_record(config, checkpoints, stopping, final, log, lambda step: steps_lib.evaluate(
         eval_step, parallel.place_restored(checkpoints.restore(step, abstract)[0]).params, exp.test_batches,
         prefix="test") if exp.test_batches else None)
+    if exp.extra_results is not None:
+        final.update(exp.extra_results(final))
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)
         artefacts = exp.write_artefacts(final) if exp.write_artefacts else ()
         result = results.write_result(workdir, final, exp.config_json, jax.eval_shape(exp.init_params),
@@ -330,6 +334,8 @@ def selection_record(config, checkpoints, stopping, final: dict, log, test_of_st
               "best_step": best_step, "validation": stopping.best_metrics, "test_split": config.data.get("test_split"),
               "test": None, "patience": stopping.patience, "stopped_early": stopping.stopped,
               "budget_steps": config.train.num_steps, "last_step": final["step"]}
+    # How the run ended: early stopping, or the budget cap (train.num_steps), whether or not still improving.
+    record["stopped_by"] = "early_stopping" if stopping.stopped else "budget"
     # At the cap and the last evaluation was the best: more steps would likely have helped.
     record["hit_budget_while_improving"] = bool(
         best_step is not None and not stopping.stopped and final["step"] >= config.train.num_steps

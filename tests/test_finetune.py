@@ -488,3 +488,57 @@ def test_entry_point_runs_and_reports_bad_input_in_one_line(pretrained, data_dir
     result = run("lora,tiny", f"--workdir={tmp_path / 'bad'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from is not set")
+
+
+# -- breadth: the pretraining corpus before and after -------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["lora,tiny", "head,classify,tiny"])
+def test_breadth_equals_experiments_evaluate_of_the_pretrained_run_and_the_best_checkpoint(
+        preset, pretrained, data_dir, tmp_path):
+    from configs import evaluate as evaluate_config
+    from gptlab import evaluate
+
+    source = tmp_path / "pretrained"  # a copy: evaluate writes eval.json into the workdir it scores
+    shutil.copytree(pretrained, source)
+    config = ft_config(data_dir, source, preset, finetune__breadth=True, finetune__breadth_batches=3)
+    finetune.finetune_and_evaluate(config, tmp_path / "ft")
+    result = json.loads((tmp_path / "ft" / "result.json").read_text())
+    breadth = result["breadth"]
+    pretrain_data = json.loads((source / "config.json").read_text())["data"]
+    assert (breadth["dataset"], breadth["split"]) == (pretrain_data["dataset"], "validation")
+    assert set(breadth["before"]) >= {"loss", "bits_per_byte"} and set(breadth["after"]) >= {"loss", "bits_per_byte"}
+
+    def scored(workdir, step, data=None):
+        eval_cfg = evaluate_config.get_config()
+        with eval_cfg.unlocked():
+            eval_cfg.num_batches = 3
+            for key, value in (data or {}).items():
+                eval_cfg.data[key] = tuple(value) if isinstance(value, list) else value
+        return evaluate.evaluate(workdir, eval_cfg, step)
+
+    # before: the pretrained run's own evaluation of its validation split (experiments.evaluate --workdir=PRETRAINED)
+    own = scored(source, 8)
+    assert breadth["tokens"] == own["tokens"]
+    assert breadth["before"]["loss"] == pytest.approx(own["loss"], rel=1e-6, abs=0)
+    assert breadth["before"]["bits_per_byte"] == pytest.approx(own["bits_per_byte"], rel=1e-6, abs=0)
+    best = result["selection"]["best_step"]
+    corpus = {k: pretrain_data[k] for k in ("dataset", "include", "exclude", "seq_len", "batch_size", "text_key")}
+    if "classify" in preset:  # experiments.evaluate scores a classifier as one: the library's lm_metrics, as breadth does
+        loaded = finetune.language_model(convert.load_workdir(tmp_path / "ft", best, strict=False),
+                                         convert.load_workdir(source, 8, strict=False))
+        eval_cfg = evaluate_config.get_config()
+        with eval_cfg.unlocked():
+            eval_cfg.num_batches = 3
+        after = evaluate.lm_metrics(loaded, evaluate.data_config(json.loads((source / "config.json").read_text()),
+                                                                 {}), eval_cfg)
+        # only cls_head trained: the language model is the pretrained one
+        assert breadth["after"]["loss"] == pytest.approx(breadth["before"]["loss"], rel=1e-6, abs=0)
+    else:  # experiments.evaluate of the best checkpoint on the pretraining corpus's validation split
+        after = scored(tmp_path / "ft", best, corpus)
+        assert after["dataset"] == pretrain_data["dataset"] and after["step"] == best
+        assert breadth["after"]["loss"] != breadth["before"]["loss"]  # the adapters moved it
+    print(f"breadth {preset}: {breadth}; evaluate: before {own['loss']} {own['bits_per_byte']}, "
+          f"after {after['loss']} {after['bits_per_byte']}")
+    assert breadth["after"]["loss"] == pytest.approx(after["loss"], rel=1e-6, abs=0)
+    assert breadth["after"]["bits_per_byte"] == pytest.approx(after["bits_per_byte"], rel=1e-6, abs=0)

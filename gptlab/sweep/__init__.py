@@ -21,6 +21,17 @@ returning a plain dict:
                      that stage (same values of that stage's varied fields, and seed if it
                      varies seeds) through `finetune.init_from`
         label        the stage's name in reports (default: the stage name)
+        choose       a dynamic stage (optional): {"key": a grid field, e.g. "optimizer.learning_rate",
+                     "on_seed": one of the stage's seeds (default: the first), "metric": the validation
+                     metric read from each cell's result.json `selection.validation` (default "eval_loss";
+                     accuracies: higher is better)}. The on_seed cells run over the whole grid; once all
+                     of a group's (the cells sharing every other setting) are finished, failed or blocked, the
+                     value with the best metric is chosen (gptlab.selection.choose_on_validation) and the
+                     other seeds run at that value only; their cells at other values are `skipped`. The
+                     choice is recomputed from the stored result.json files on every run (a rerun after an
+                     interruption continues where it was) and recorded in DIR/choices.json (every group:
+                     values, scores, chosen, at_edge), in status.json (`choices`) and in each results.jsonl
+                     line of the stage (`choice.chosen`).
     study        what projects/pretrain_vs_finetune/ (its report writer) needs to read the cells as a study (optional)
     report       {"rows": "label" or a field, "columns": a grid field, "stages": [...],
                   "select": [grid fields chosen on validation, e.g. the learning rate],

@@ -20,7 +20,7 @@ from gptlab.errors import Preempted, UserError
 
 from gptlab.sweep.spec import REPO, Cell, Sweep, SweepInterrupted, build_config, cell_from_json, counts_text, run_dir
 from gptlab.sweep.store import (cell_state, check_workdir, collect, count_statuses, finished_result, first_error_only,
-                                has_checkpoint, quote_arg, read_json, write_json, write_sweep_json)
+                                gate, group_choice, has_checkpoint, quote_arg, read_json, write_json, write_sweep_json)
 
 EXECUTORS = ("local", "submitit_local", "slurm")  # local: processes of this machine, without submitit
 SUBMITIT_DEFAULTS = {"timeout_min": 24 * 60}  # submitit's own default (5 minutes locally) would stop long cells
@@ -200,7 +200,11 @@ class Runner:
         wanted = {c.name for c in self.sweep.cells if pattern.search(c.name)}
         if not wanted:
             raise UserError(f"--only={only!r} matches no cell: list them with --dry_run")
-        for cell in reversed(self.sweep.cells):  # dependencies come along
+        for cell in reversed(self.sweep.cells):  # dependencies, and the cells a choice is made on, come along
+            if cell.name in wanted and cell.waits_for_choice:
+                wanted.update(c.name for c in self.sweep.cells if c.choice and c.seed == cell.choice["on_seed"]
+                              and c.choice["group"] == cell.choice["group"])
+        for cell in reversed(self.sweep.cells):
             if cell.name in wanted and cell.depends_on:
                 wanted.add(cell.depends_on)
         return [c for c in self.sweep.cells if c.name in wanted]
@@ -225,7 +229,8 @@ class Runner:
             raise UserError(f"{len(foreign)} cell(s) hold files of another run: {foreign[0]}: "
                             f"{states[foreign[0]]['error']}; move or delete {run_dir(self.workdir, foreign[0])} "
                             "(and any other such cell) to run it here")
-        todo = [c for c in cells if states[c.name]["status"] != "finished"]
+        todo = [c for c in cells if states[c.name]["status"] not in ("finished", "skipped")]
+        self.announced = set()  # the groups whose choice was logged
         kinds = count_statuses({c.name: states[c.name] for c in cells})
         self.log(f"sweep {self.sweep.name}: {len(cells)} cells in {self.workdir} "
                  f"({counts_text(kinds)}); {len(todo)} to run, "
@@ -290,6 +295,20 @@ class Runner:
                 for cell in list(pending):
                     if len(self.running) >= self.parallel or self.stopping:
                         break
+                    if cell.waits_for_choice:
+                        choice = self._choice(cell, states, pending)
+                        if not choice["decided"]:
+                            continue
+                        gated = gate(cell, choice, states[cell.name])
+                        if gated["status"] in ("skipped", "blocked"):
+                            pending.remove(cell)
+                            states[cell.name] = gated
+                            if gated["status"] == "blocked":
+                                self._record(cell, {"status": "blocked", "error": gated["error"]})
+                            else:  # not recorded in the cell's files: a later choice (a rerun) recomputes it
+                                self.outcomes[cell.name] = "skipped"
+                            self._progress(cell, gated)
+                            continue
                     dep = cell.depends_on
                     if dep:
                         dep_status = states[dep]["status"]
@@ -314,20 +333,47 @@ class Runner:
                     states[name] = self._finish(name)
             if self.running:
                 time.sleep(0.2)
-            elif pending and not self.stopping and not self._startable(pending, states):
+            elif pending and not self.stopping and not self._startable(pending, states, self.running):
                 # Waiting on nothing: every pending cell's dependency is neither running nor runnable.
                 for cell in pending:
-                    self._record(cell, {"status": "blocked", "error": f"its init_from cell {cell.depends_on} "
-                                                                      f"{states[cell.depends_on]['status']}"})
+                    self._record(cell, {"status": "blocked", "error": (
+                        f"its init_from cell {cell.depends_on} {states[cell.depends_on]['status']}" if cell.depends_on
+                        else f"the cells of seed {cell.choice['on_seed']} its choice is made on did not finish")})
                     states[cell.name]["status"] = "blocked"
                     self._progress(cell, states[cell.name])
                 pending = []
 
-    @staticmethod
-    def _startable(pending, states) -> bool:
-        names = {c.name for c in pending}
-        return any(not c.depends_on or states[c.depends_on]["status"] == "finished" or c.depends_on in names
-                   or states[c.depends_on]["status"] in ("failed", "blocked") for c in pending)
+    def _startable(self, pending, states, running=()) -> bool:
+        names = {c.name for c in pending} | set(running)
+        for c in pending:
+            if c.waits_for_choice:  # waits on its group's on_seed cells, which are still to run
+                if any(o.name in names for o in self._on_seed_cells(c)):
+                    return True
+                continue
+            if (not c.depends_on or states[c.depends_on]["status"] == "finished" or c.depends_on in names
+                    or states[c.depends_on]["status"] in ("failed", "blocked")):
+                return True
+        return False
+
+    def _on_seed_cells(self, cell: Cell) -> list:
+        return [c for c in self.sweep.cells if c.choice and c.choice["group"] == cell.choice["group"]
+                and c.seed == cell.choice["on_seed"]]
+
+    def _choice(self, cell: Cell, states: dict, pending: list) -> dict:
+        """The choice of `cell`'s group as the stored results make it, an on_seed cell still to run (or
+        running, or being retried) counting as undecided; logged once when it is made."""
+        group = cell.choice["group"]
+        unsettled = {c.name for c in pending} | set(self.running)
+        view = {c.name: ({"status": "pending"} if c.name in unsettled else states[c.name])
+                for c in self._on_seed_cells(cell)}
+        choice = group_choice(self.workdir, self.sweep, group, {**states, **view})
+        if choice["decided"] and group not in self.announced:
+            self.announced.add(group)
+            scores = ", ".join(f"{item['value']}: {item['score']:.4f}" for item in choice["scores"]) or "none"
+            self.log(f"stage {choice['stage']}: {choice['key']}={choice['chosen']} chosen on seed "
+                     f"{choice['on_seed']} by validation {choice['metric']} ({scores})"
+                     + (", at the grid's edge" if choice["at_edge"] else "") + f" [{group}]")
+        return choice
 
     # -- one cell --
 
@@ -448,7 +494,8 @@ class Runner:
         self.outcomes[cell.name] = record["status"]
 
     def _position(self) -> str:
-        done = self.done_before + sum(1 for s in self.outcomes.values() if s in ("finished", "failed", "blocked"))
+        done = self.done_before + sum(1 for s in self.outcomes.values()
+                                      if s in ("finished", "failed", "blocked", "skipped"))
         return f"{done}/{self.total}"
 
     def _progress(self, cell: Cell, record: dict, seconds: float = 0.0) -> None:
@@ -462,7 +509,7 @@ class Runner:
             text += f": {record['error']}"
         counts = count_statuses({n: {"status": s} for n, s in self.outcomes.items()})
         failed = counts.get("failed", 0) + counts.get("blocked", 0)
-        left = self.total - self.done_before - sum(counts.get(s, 0) for s in ("finished", "failed", "blocked"))
+        left = self.total - self.done_before - sum(counts.get(s, 0) for s in ("finished", "failed", "blocked", "skipped"))
         if self.finished_now and left > 0:
             eta = self.seconds_now / self.finished_now * left / self.parallel
             text += f" | {left} left, about {eta / 60:.0f} min"

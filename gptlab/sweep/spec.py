@@ -14,16 +14,19 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
+from gptlab import selection
 from gptlab.errors import Preempted, UserError
 
 
 REPO = pathlib.Path(__file__).resolve().parents[2]  # gptlab/sweep/spec.py -> the repository
 EXPERIMENTS = ("pretrain", "finetune")
 SPEC_KEYS = {"name", "description", "metric", "stages", "report", "study"}
-STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label"}
+STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label", "choose"}
+CHOOSE_KEYS = {"key", "on_seed", "metric"}  # a stage's dynamic choice (gptlab/sweep/__init__.py)
 VARIANT_RESERVED = ("label", "config")
 REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
-STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending", "foreign")
+# skipped: a cell of a choosing stage at a value its group did not choose (never run)
+STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending", "foreign", "skipped")
 FRESH = "choose a new --workdir to start fresh, or delete {dir} to discard what it holds"
 
 
@@ -48,6 +51,14 @@ class Cell:
     variant: dict  # the variant's own overrides (without label/config)
     factors: dict  # the grid's values for this cell (the ablated factors)
     depends_on: Optional[str] = None  # the cell whose workdir is finetune.init_from
+    # A choosing stage's cells: {"key", "on_seed", "metric", "group"}; the group is the cells that share every
+    # setting but `key` and the seed. Not part of the fingerprint: the choice decides whether a cell runs, not how.
+    choice: Optional[dict] = None
+
+    @property
+    def waits_for_choice(self) -> bool:
+        """Runs only at its group's chosen value, once the `on_seed` cells have finished."""
+        return self.choice is not None and self.seed != self.choice["on_seed"]
 
     @property
     def fingerprint(self) -> str:
@@ -69,7 +80,8 @@ class Cell:
     def to_json(self) -> dict:
         return {"name": self.name, "stage": self.stage, "experiment": self.experiment, "config": self.config,
                 "overrides": self.overrides, "seed": self.seed, "label": self.label, "variant": self.variant,
-                "factors": self.factors, "depends_on": self.depends_on, "fingerprint": self.fingerprint}
+                "factors": self.factors, "depends_on": self.depends_on, "fingerprint": self.fingerprint,
+                **({"choice": self.choice} if self.choice else {})}
 
 
 @dataclasses.dataclass
@@ -230,6 +242,7 @@ def _expand_stage(stage: dict, where: str, earlier: dict, cli_overrides: dict, u
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise UserError(f"{where}: grid[{key!r}] must be a non-empty list of values")
+    choose = _check_choose(stage.get("choose"), grid, seeds, where)
     upstream = None
     if stage.get("init_from") is not None:
         upstream = earlier.get(stage["init_from"])
@@ -272,9 +285,34 @@ def _expand_stage(stage: dict, where: str, earlier: dict, cli_overrides: dict, u
                             label=label, variant=own, factors=factors)
                 if upstream is not None:
                     cell = dataclasses.replace(cell, depends_on=_match_upstream(cell, upstream, where).name)
+                if choose is not None:
+                    group = {"variant": own, **{k: v for k, v in factors.items() if k != choose["key"]}}
+                    cell = dataclasses.replace(cell, choice={
+                        **choose, "group": stage["name"] + ":" + json.dumps(group, sort_keys=True, default=repr)})
                 build_config(cell, init_from="<checked>")  # every field exists and has the right type
                 cells.append(cell)
     return cells
+
+
+def _check_choose(choose, grid: dict, seeds: list, where: str):
+    """A stage's `choose` ({"key": a grid field, "on_seed": one of its seeds, "metric": a validation metric}),
+    checked; None when the stage sets none."""
+    if choose is None:
+        return None
+    _check_keys(choose, CHOOSE_KEYS, f"{where}, choose")
+    key, on_seed, metric = choose.get("key"), choose.get("on_seed", seeds[0]), choose.get("metric", "eval_loss")
+    if key not in grid:
+        raise UserError(f"{where}: choose key={key!r} is not one of the stage's grid fields {sorted(grid)}: "
+                        "choose among the values of a gridded field")
+    if on_seed not in seeds:
+        raise UserError(f"{where}: choose on_seed={on_seed!r} is not one of the stage's seeds {seeds}")
+    if not isinstance(metric, str):
+        raise UserError(f"{where}: choose metric={metric!r} must name a validation metric, e.g. eval_loss")
+    try:
+        selection.check_validation_metric(metric, f"{where}: choose metric")
+    except UserError as e:
+        raise UserError(str(e)) from None
+    return {"key": key, "on_seed": on_seed, "metric": metric}
 
 
 def _normalise_config(spec: str) -> str:

@@ -13,7 +13,8 @@ from gptlab import results
 from gptlab.errors import UserError
 
 
-from gptlab.sweep.spec import FRESH, STATUSES, Cell, Sweep, build_config, cell_from_json, run_dir
+from gptlab import selection
+from gptlab.sweep.spec import FRESH, STATUSES, Cell, Sweep, build_config, cell_from_json, run_dir, value_text
 
 def write_json(path: pathlib.Path, obj) -> None:
     files.write_json_atomic(path, obj, default=repr)
@@ -188,20 +189,107 @@ def load_stored(workdir) -> Sweep:
                  stored.get("report") or {}, cells, stored.get("source", ""), stored.get("study"))
 
 
+# -- choosing stages: one seed over the grid, then the other seeds at the chosen value -----------------
+
+TERMINAL = ("finished", "failed", "blocked")  # an on_seed cell in none of these may still change the choice
+
+
+def _value_key(value):
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value_text(value)
+
+
+def choice_score(result: dict, metric: str):
+    """The validation `metric` a choice reads from a result.json: its best checkpoint's (`selection`)."""
+    validation = (result.get("selection") or {}).get("validation") or {}
+    value = validation.get(metric, result.get(metric))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def group_choice(workdir, sweep: Sweep, group: str, states: dict) -> dict:
+    """The choice of one group of a choosing stage, from the stored result.json files of its on_seed cells.
+
+    {"stage", "key", "metric", "on_seed", "values", "scores" ([{"value", "score"}] of the finished on_seed
+    cells), "waiting_on" (on_seed cells not yet finished, failed or blocked), "decided", "chosen" (None until
+    decided, or when none finished), "at_edge" (the chosen value is the grid's smallest or largest)}.
+    """
+    cells = [c for c in sweep.cells if c.choice is not None and c.choice["group"] == group]
+    first = cells[0].choice
+    key, on_seed, metric = first["key"], first["on_seed"], first["metric"]
+    values, scores, waiting = [], {}, []
+    for cell in cells:
+        value = cell.factors[key]
+        if value not in values:
+            values.append(value)
+        if cell.seed != on_seed:
+            continue
+        status = states[cell.name]["status"]
+        if status == "finished":
+            result, _ = finished_result(workdir, cell)
+            score = choice_score(result, metric) if result is not None else None
+            if score is not None:
+                scores[_value_key(value)] = (value, score)
+        elif status not in TERMINAL:
+            waiting.append(cell.name)
+    decided = not waiting
+    chosen = None
+    if decided:
+        best = selection.choose_on_validation({k: [s] for k, (_, s) in scores.items()}, metric,
+                                              f"the choice of {key} in stage {cells[0].stage}")
+        chosen = None if best is None else scores[best][0]
+    ordered = sorted(values, key=_value_key) if all(isinstance(v, (int, float)) for v in values) else values
+    return {"group": group, "stage": cells[0].stage, "key": key, "metric": metric, "on_seed": on_seed,
+            "values": values, "scores": [{"value": v, "score": s} for v, s in scores.values()],
+            "waiting_on": waiting, "decided": decided, "chosen": chosen,
+            "at_edge": chosen is not None and len(values) > 1 and chosen in (ordered[0], ordered[-1])}
+
+
+def gate(cell: Cell, choice: dict, state: dict) -> dict:
+    """`state` of a cell that waits for its group's choice, as the choice makes it: skipped at a value not
+    chosen, blocked when no on_seed cell finished, else as it was (a finished cell stays finished)."""
+    if not cell.waits_for_choice or not choice["decided"] or state["status"] in ("finished", "foreign", "running"):
+        return state
+    if choice["chosen"] is None:
+        return {**state, "status": "blocked", "error": f"no cell of seed {choice['on_seed']} finished with "
+                                                       f"{choice['metric']} to choose {choice['key']} on"}
+    if _value_key(cell.factors[choice["key"]]) != _value_key(choice["chosen"]):
+        return {**state, "status": "skipped", "error": None}
+    return state
+
+
 def collect(workdir, sweep: Sweep) -> dict:
-    """Rewrites DIR/results.jsonl (finished cells, in sweep order) and DIR/status.json; returns the states."""
+    """Rewrites DIR/results.jsonl (finished cells, in sweep order), DIR/status.json and, for a sweep with
+    choosing stages, DIR/choices.json (every group's choice, recomputed from the stored results); returns
+    the states."""
     workdir = pathlib.Path(workdir)
-    states, lines = {}, []
+    states, stored = {}, {}
     for cell in sweep.cells:
-        states[cell.name], result = _cell_state(workdir, cell)
-        state = states[cell.name]
+        states[cell.name], stored[cell.name] = _cell_state(workdir, cell)
+    choices = {}
+    for cell in sweep.cells:
+        if cell.choice is not None and cell.choice["group"] not in choices:
+            choices[cell.choice["group"]] = group_choice(workdir, sweep, cell.choice["group"], states)
+    lines = []
+    for cell in sweep.cells:
+        choice = choices.get((cell.choice or {}).get("group"))
+        if choice is not None:
+            states[cell.name] = gate(cell, choice, states[cell.name])
+        result, state = stored[cell.name], states[cell.name]
         if result is not None:
-            lines.append(json.dumps({"cell": cell.name, "stage": cell.stage, "label": cell.label,
-                                     "variant": cell.variant, "factors": cell.factors, "seed": cell.seed,
-                                     "workdir": f"runs/{cell.name}", "cell_seconds": state.get("seconds"),
-                                     "result": result}, default=repr))
+            record = {"cell": cell.name, "stage": cell.stage, "label": cell.label, "variant": cell.variant,
+                      "factors": cell.factors, "seed": cell.seed, "workdir": f"runs/{cell.name}",
+                      "cell_seconds": state.get("seconds")}
+            if choice is not None:  # whether this cell is at its group's chosen value (None: not decided yet)
+                record["choice"] = {"key": choice["key"], "group": choice["group"], "on_seed": choice["on_seed"],
+                                    "chosen": None if choice["chosen"] is None else
+                                    _value_key(cell.factors[choice["key"]]) == _value_key(choice["chosen"]),
+                                    "at_edge": choice["at_edge"]}
+            lines.append(json.dumps({**record, "result": result}, default=repr))
     files.write_atomic(workdir / "results.jsonl", "".join(line + "\n" for line in lines))
-    write_json(workdir / "status.json", {"sweep": sweep.name, "counts": count_statuses(states), "cells": states})
+    status = {"sweep": sweep.name, "counts": count_statuses(states), "cells": states}
+    if choices:
+        write_json(workdir / "choices.json", {"sweep": sweep.name, "choices": list(choices.values())})
+        status["choices"] = {g: c["chosen"] for g, c in choices.items() if c["decided"]}
+    write_json(workdir / "status.json", status)
     return states
 
 
