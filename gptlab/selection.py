@@ -133,7 +133,11 @@ class EarlyStopping:
         return False
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # min_delta is the config's (train.early_stopping_min_delta); reference is state only when it is set
+        stored = {k: v for k, v in dataclasses.asdict(self).items() if k != "min_delta"}
+        if not self.min_delta:
+            del stored["reference"]  # then it is always best_value
+        return stored
 
     @classmethod
     def from_json(cls, stored: dict, metric: str, patience: int, min_delta: float = 0.0) -> "EarlyStopping":

@@ -267,3 +267,34 @@ def test_report_table_shows_the_validation_choice_and_its_test_metric(tmp_path):
 def test_an_evaluation_only_run_is_scored_on_test(pretrained, data_dir, tmp_path):
     final = finetuned(data_dir, pretrained, "lm", tmp_path, train__num_steps=0, train__early_stopping_patience=0)
     assert final["selection"]["best_step"] == 0 and "test_loss" in final["selection"]["test"]
+
+
+def test_min_delta_stops_a_run_that_creeps_down_and_keeps_its_best_checkpoint():
+    stopping = selection.EarlyStopping("eval_loss", patience=2, min_delta=0.01)
+    # 2.0 -> 1.9 is real; then it creeps down by 0.004 an evaluation: two evaluations later it has converged
+    for step, value in [(10, 2.0), (20, 1.9), (30, 1.896), (40, 1.892)]:
+        stopping.update(step, {"eval_loss": value})
+    assert stopping.stopped and (stopping.best_step, stopping.best_value) == (40, 1.892)
+    plain = selection.EarlyStopping("eval_loss", patience=2)  # min_delta 0: every improvement resets patience
+    for step, value in [(10, 2.0), (20, 1.9), (30, 1.896), (40, 1.892)]:
+        plain.update(step, {"eval_loss": value})
+    assert not plain.stopped and "reference" not in plain.to_json()
+    # resumed from its checkpoint's record, it counts from the same reference
+    partway = selection.EarlyStopping("eval_accuracy", patience=2, min_delta=0.01)
+    partway.update(1, {"eval_accuracy": 0.5})
+    partway.update(2, {"eval_accuracy": 0.505})
+    resumed = selection.EarlyStopping.from_json(partway.to_json(), "eval_accuracy", 2, 0.01)
+    assert resumed.reference == 0.5 and resumed.best_value == 0.505 and resumed.evals_since_best == 1
+    resumed.update(3, {"eval_accuracy": 0.509})
+    assert resumed.stopped
+
+
+def test_result_says_whether_early_stopping_or_the_budget_ended_the_run(make_config, tmp_path, crafted_eval):
+    assert train.train_and_evaluate(es_config(make_config, 18), tmp_path / "stopped")["selection"]["stopped_by"] \
+        == "early_stopping"
+    crafted_eval[0].offset = 0
+    crafted_eval[1].clear()
+    final = train.train_and_evaluate(es_config(make_config, 9, train__early_stopping_min_delta=0.0), tmp_path / "cap")
+    assert final["selection"]["stopped_by"] == "budget" and not final["selection"]["stopped_early"]
+    stored = json.loads((tmp_path / "cap" / "result.json").read_text())["selection"]
+    assert stored["stopped_by"] == "budget"
