@@ -117,3 +117,17 @@ def test_a_choice_reads_accuracy_as_higher_is_better_and_bad_choose_specs_are_on
                           ({"key": "optimizer.learning_rate", "by": 1}, "unknown key 'by'")]:
         with pytest.raises(UserError, match=words):
             sweep_lib.expand(spec(choose=choose), "test", {})
+
+
+def test_cells_waiting_for_a_choice_are_not_blocked_once_their_seed_0_cells_have_just_finished(tmp_path):
+    # Cells run as processes: the last seed-0 cell is reaped after the scheduling pass, with nothing running
+    # and only the cells waiting for the choice pending. They are startable (the next pass decides), not blocked.
+    sweep = sweep_lib.expand(spec(), "test", {})
+    runner = sweep_lib.Runner(sweep, tmp_path, log=lambda message: None)
+    waiting = [c for c in sweep.cells if c.waits_for_choice]
+    states = {c.name: {"status": "finished" if not c.waits_for_choice else "pending"} for c in sweep.cells}
+    assert runner._startable(waiting, states, running=())
+    seed0 = [c for c in sweep.cells if not c.waits_for_choice]
+    assert runner._startable(waiting, {**states, seed0[0].name: {"status": "pending"}}, running=[seed0[0].name])
+    # an on_seed cell neither finished nor to be run (e.g. foreign): nothing can start
+    assert not runner._startable(waiting, {**states, **{c.name: {"status": "foreign"} for c in seed0}}, running=())

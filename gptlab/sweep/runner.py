@@ -19,8 +19,9 @@ from gptlab.errors import Preempted, UserError
 
 
 from gptlab.sweep.spec import REPO, Cell, Sweep, SweepInterrupted, build_config, cell_from_json, counts_text, run_dir
-from gptlab.sweep.store import (cell_state, check_workdir, collect, count_statuses, finished_result, first_error_only,
-                                gate, group_choice, has_checkpoint, quote_arg, read_json, write_json, write_sweep_json)
+from gptlab.sweep.store import (TERMINAL, cell_state, check_workdir, collect, count_statuses, finished_result,
+                                first_error_only, gate, group_choice, has_checkpoint, quote_arg, read_json, write_json,
+                                write_sweep_json)
 
 EXECUTORS = ("local", "submitit_local", "slurm")  # local: processes of this machine, without submitit
 SUBMITIT_DEFAULTS = {"timeout_min": 24 * 60}  # submitit's own default (5 minutes locally) would stop long cells
@@ -346,8 +347,9 @@ class Runner:
     def _startable(self, pending, states, running=()) -> bool:
         names = {c.name for c in pending} | set(running)
         for c in pending:
-            if c.waits_for_choice:  # waits on its group's on_seed cells, which are still to run
-                if any(o.name in names for o in self._on_seed_cells(c)):
+            if c.waits_for_choice:  # waits on its group's on_seed cells: still to run, or just settled (decidable)
+                on_seed = self._on_seed_cells(c)
+                if any(o.name in names for o in on_seed) or all(states[o.name]["status"] in TERMINAL for o in on_seed):
                     return True
                 continue
             if (not c.depends_on or states[c.depends_on]["status"] == "finished" or c.depends_on in names
