@@ -203,9 +203,11 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
                 progress.observe(record)
             progress.update(step)
             if stopping.stopped:
-                log(f"early stopping at step {step}: {stopping.metric} has not improved on "
-                    f"{stopping.best_value:.4f} (step {stopping.best_step}) for {stopping.evals_since_best} "
-                    f"evaluations (train.early_stopping_patience={stopping.patience})")
+                by = (f" by more than train.early_stopping_min_delta={stopping.min_delta:g} on {stopping.reference:.4f}"
+                      if stopping.min_delta else "")
+                log(f"early stopping at step {step}: {stopping.metric} has not improved{by} for "
+                    f"{stopping.evals_since_best} evaluations (train.early_stopping_patience={stopping.patience}); "
+                    f"best {stopping.best_value:.4f} at step {stopping.best_step}")
             if save_now or new_best or stopping.stopped:
                 if not save_now:  # an unscheduled save: first the checks a scheduled one gets
                     fetched = jax.device_get(pending)
