@@ -32,12 +32,14 @@ class StandIn:
     """train.train_and_evaluate's stand-in: a result.json of the cell's config; loss minimal at best_rate."""
 
     def __init__(self):
-        self.ran, self.preempt = [], None
+        self.ran, self.preempt, self.fail = [], None, None
 
     def __call__(self, config, workdir):
         lr, fraction, seed = config.optimizer.learning_rate, config.data.train_fraction, config.seed
         if self.preempt is not None and (seed, lr) == self.preempt:
             raise Preempted(2, workdir)
+        if self.fail is not None and (seed, fraction) == self.fail:
+            raise UserError("a stand-in failure")
         self.ran.append((fraction, lr, seed))
         loss = 2.0 + (math.log10(lr) - math.log10(best_rate(fraction))) ** 2 + 0.01 * seed
         stored = json.loads(config.to_json_best_effort())
@@ -131,3 +133,16 @@ def test_cells_waiting_for_a_choice_are_not_blocked_once_their_seed_0_cells_have
     assert runner._startable(waiting, {**states, seed0[0].name: {"status": "pending"}}, running=[seed0[0].name])
     # an on_seed cell neither finished nor to be run (e.g. foreign): nothing can start
     assert not runner._startable(waiting, {**states, **{c.name: {"status": "foreign"} for c in seed0}}, running=())
+
+
+def test_when_every_seed_0_cell_of_a_group_fails_its_other_seeds_are_blocked_then_run_on_a_rerun(stand_in, tmp_path):
+    sweep = sweep_lib.expand(spec(), "test", {})
+    stand_in.fail = (0, 0.5)  # every seed-0 cell at half the data fails: nothing to choose on
+    states = run(tmp_path, sweep)
+    blocked = {n for n, s in states.items() if s["status"] == "blocked"}
+    assert len(blocked) == 6 and all("train_fraction=0.5" in n and not n.endswith("seed0") for n in blocked)
+    assert "to choose optimizer.learning_rate on" in states[sorted(blocked)[0]]["error"]
+    stand_in.fail, stand_in.ran = None, []
+    states = run(tmp_path, sweep)  # the failed cells are retried, then the blocked ones run at the choice
+    assert sorted(stand_in.ran) == sorted([(0.5, lr, 0) for lr in RATES] + [(0.5, 3e-3, 1), (0.5, 3e-3, 2)])
+    assert sweep_lib.count_statuses(states) == {"finished": 10, "skipped": 8}

@@ -20,8 +20,8 @@ from gptlab.errors import Preempted, UserError
 
 from gptlab.sweep.spec import REPO, Cell, Sweep, SweepInterrupted, build_config, cell_from_json, counts_text, run_dir
 from gptlab.sweep.store import (TERMINAL, cell_state, check_workdir, collect, count_statuses, finished_result,
-                                first_error_only, gate, group_choice, has_checkpoint, quote_arg, read_json, write_json,
-                                write_sweep_json)
+                                first_error_only, gate, group_choice, has_checkpoint, quote_arg, read_json, verdict,
+                                write_json, write_sweep_json)
 
 EXECUTORS = ("local", "submitit_local", "slurm")  # local: processes of this machine, without submitit
 SUBMITIT_DEFAULTS = {"timeout_min": 24 * 60}  # submitit's own default (5 minutes locally) would stop long cells
@@ -300,10 +300,9 @@ class Runner:
                         choice = self._choice(cell, states, pending)
                         if not choice["decided"]:
                             continue
-                        gated = gate(cell, choice, states[cell.name])
-                        if gated["status"] in ("skipped", "blocked"):
+                        if verdict(cell, choice) in ("skip", "block"):
                             pending.remove(cell)
-                            states[cell.name] = gated
+                            states[cell.name] = gated = gate(cell, choice, {**states[cell.name], "status": "pending"})
                             if gated["status"] == "blocked":
                                 self._record(cell, {"status": "blocked", "error": gated["error"]})
                             else:  # not recorded in the cell's files: a later choice (a rerun) recomputes it

@@ -243,15 +243,28 @@ def group_choice(workdir, sweep: Sweep, group: str, states: dict) -> dict:
             "at_edge": chosen is not None and len(values) > 1 and chosen in (ordered[0], ordered[-1])}
 
 
-def gate(cell: Cell, choice: dict, state: dict) -> dict:
-    """`state` of a cell that waits for its group's choice, as the choice makes it: skipped at a value not
-    chosen, blocked when no on_seed cell finished, else as it was (a finished cell stays finished)."""
-    if not cell.waits_for_choice or not choice["decided"] or state["status"] in ("finished", "foreign", "running"):
-        return state
+def verdict(cell: Cell, choice: dict) -> str:
+    """What its group's choice means for a cell: "run" (not waiting, or at the chosen value), "wait" (not
+    decided yet), "skip" (another value was chosen) or "block" (no on_seed cell finished to choose on)."""
+    if not cell.waits_for_choice:
+        return "run"
+    if not choice["decided"]:
+        return "wait"
     if choice["chosen"] is None:
+        return "block"
+    return "run" if _value_key(cell.factors[choice["key"]]) == _value_key(choice["chosen"]) else "skip"
+
+
+def gate(cell: Cell, choice: dict, state: dict) -> dict:
+    """`state` of a cell as its group's choice makes it: skipped at a value not chosen, blocked when no on_seed
+    cell finished, else as it was (a finished cell stays finished)."""
+    if state["status"] in ("finished", "foreign", "running"):
+        return state
+    what = verdict(cell, choice)
+    if what == "block":
         return {**state, "status": "blocked", "error": f"no cell of seed {choice['on_seed']} finished with "
                                                        f"{choice['metric']} to choose {choice['key']} on"}
-    if _value_key(cell.factors[choice["key"]]) != _value_key(choice["chosen"]):
+    if what == "skip":
         return {**state, "status": "skipped", "error": None}
     return state
 
