@@ -81,6 +81,8 @@ def test_the_choice_is_made_on_one_seed_and_the_other_seeds_run_only_at_it(stand
                                             == best_rate(line["factors"]["data.train_fraction"])) for line in lines)
     status = json.loads((tmp_path / "status.json").read_text())
     assert sorted(status["choices"].values()) == [3e-3, 1e-2]
+    plan = {cell.name: state["status"] for cell, state in sweep_lib.Runner(sweep, tmp_path).plan()}
+    assert sorted(plan.values()).count("skipped") == 8  # what --dry_run lists
     # A rerun runs nothing: the skipped cells stay skipped.
     stand_in.ran.clear()
     assert sweep_lib.count_statuses(run(tmp_path, sweep)) == {"finished": 10, "skipped": 8}

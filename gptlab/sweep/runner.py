@@ -211,8 +211,18 @@ class Runner:
         return [c for c in self.sweep.cells if c.name in wanted]
 
     def plan(self, only: Optional[str] = None) -> list:
-        """(cell, state) for the selected cells: what a run would do."""
-        return [(cell, cell_state(self.workdir, cell)) for cell in self._selected(only)]
+        """(cell, state) for the selected cells: what a run would do (a cell its group's choice passed over: skipped)."""
+        cells = self._selected(only)
+        states = {c.name: cell_state(self.workdir, c) for c in (self.sweep.cells if any(c.choice for c in cells)
+                                                                 else cells)}
+        choices = {}
+        for cell in cells:
+            if cell.choice is not None:
+                group = cell.choice["group"]
+                if group not in choices:
+                    choices[group] = group_choice(self.workdir, self.sweep, group, states)
+                states[cell.name] = gate(cell, choices[group], states[cell.name])
+        return [(cell, states[cell.name]) for cell in cells]
 
     def _run_locked(self, only) -> dict:
         cells = self._selected(only)
