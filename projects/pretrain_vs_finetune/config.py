@@ -43,7 +43,7 @@ Presets:
          factors of 4, three cells at a time. Left to the GPU preset: models of 10M-127M
          parameters, a third seed, six data fractions.
   tiny   the whole pipeline at test size (1-layer models, two learning rates, 49 cells run and 13
-         skipped by the learning-rate choice): about 12 minutes on 2 cores; its numbers mean
+         skipped by the learning-rate choice): 17 minutes on 2 busy cores; its numbers mean
          nothing, it checks that everything runs.
   gpu    one GPU: 6-18 layers, 384-768 wide, context 256 (10.6M-127M non-embedding
          parameters), three seeds, the same study at GPU scale.
@@ -120,7 +120,7 @@ PRESETS = {
         finetune_steps=3000, scratch_steps=12000, scratch_eval_every=200,
         eval_every=100, eval_batches=20, test_batches=64, breadth_batches=64),
     # Test-sized (tests/test_study.py runs it end to end): 1-layer models, two learning rates (the dynamic stage
-    # still chooses), 49 cells run and 13 skipped, about 12 minutes on 2 cores.
+    # still chooses), 49 cells run and 13 skipped: 17 minutes on 2 cores shared with other work (load 13-15).
     "tiny": dict(
         sizes={"1x8": dict(n_layer=1, n_head=1, n_embd=8), "1x16": dict(n_layer=1, n_head=2, n_embd=16)},
         task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
