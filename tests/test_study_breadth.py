@@ -2,10 +2,8 @@
 pretraining seeds, depth against breadth, Holm over the paired table, and cells that hit their cap."""
 import json
 import math
-import pathlib
 
 import numpy as np
-import pytest
 
 from gptlab import stats
 from projects.pretrain_vs_finetune import analysis

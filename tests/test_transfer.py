@@ -169,6 +169,9 @@ def test_censored_fit_without_bounds_is_least_squares():
                                     [o.value for o in obs])
     assert (fit.alpha, fit.beta) == pytest.approx((ols.alpha, ols.beta), abs=1e-4)
     assert fit.k == pytest.approx(ols.k, rel=1e-3)
+    residual = np.log([o.value for o in obs]) - np.log(ols.predict([o.fine_tuned_tokens for o in obs],
+                                                                   [o.params for o in obs]))
+    assert fit.sigma == pytest.approx(math.sqrt(np.mean(residual ** 2)), rel=1e-3)  # ML: RSS / n, not n - 3
     assert fit.n_exact == 60 and fit.n_lower == fit.n_upper == 0
 
 
@@ -189,6 +192,32 @@ def test_censored_fit_recovers_the_law_where_survivors_only_is_biased():
     assert ols.alpha < alpha - 0.04 and ols.beta < beta - 0.07
     assert not ols.alpha_interval[0] < alpha < ols.alpha_interval[1]
     assert not ols.beta_interval[0] < beta < ols.beta_interval[1]
+
+
+def test_censored_fit_is_the_maximum_of_an_independently_written_likelihood():
+    """scipy.stats' normal log pdf, log sf and log cdf, maximised by Nelder-Mead (no gradient): the same optimum."""
+    obs = _tobit_data(80, ceiling=1e5, seed=3)
+    obs += [transfer.Observation(2e3, 1e4, "<", 50.0), transfer.Observation(5e3, 4e4, "<", 3e3)]  # upper bounds
+    x = np.array([[1.0, math.log(o.fine_tuned_tokens), math.log(o.params)] for o in obs])
+    y = np.log([o.value for o in obs])
+    kind = np.array([o.kind for o in obs])
+
+    def log_likelihood(log_k, alpha, beta, sigma):
+        mu = x @ np.array([log_k, alpha, beta])
+        return (stats.norm.logpdf(y[kind == "="], mu[kind == "="], sigma).sum()
+                + stats.norm.logsf(y[kind == ">"], mu[kind == ">"], sigma).sum()
+                + stats.norm.logcdf(y[kind == "<"], mu[kind == "<"], sigma).sum())
+
+    fit = transfer.fit_censored_transfer_law(obs)
+    assert fit.n_upper == 2 and fit.n_lower > 10
+    ours = log_likelihood(math.log(fit.k), fit.alpha, fit.beta, fit.sigma)
+    assert fit.log_likelihood == pytest.approx(ours, rel=1e-9)
+    from scipy import optimize
+    best = optimize.minimize(lambda t: -log_likelihood(t[0], t[1], t[2], math.exp(t[3])),
+                             [math.log(fit.k) + 0.3, fit.alpha - 0.1, fit.beta + 0.1, math.log(fit.sigma) + 0.2],
+                             method="Nelder-Mead", options=dict(xatol=1e-8, fatol=1e-10, maxiter=20_000))
+    assert ours >= -best.fun - 1e-6
+    assert (fit.alpha, fit.beta) == pytest.approx((best.x[1], best.x[2]), abs=1e-3)
 
 
 def test_censored_observations_say_what_each_point_is():

@@ -62,7 +62,8 @@ def compact(line: dict) -> dict:
         "device": r.get("device"),
         # Newer cells only (absent in older results): the breadth measurement and the examples scored on test.
         **({"breadth": r["breadth"]} if r.get("breadth") else {}),
-        **({"test_examples": sel["test_examples"]} if sel.get("test_examples") else {}),
+        **({"test_examples": sel.get("test_examples") or r.get("test_examples")}
+           if sel.get("test_examples") or r.get("test_examples") else {}),
     }
 
 

@@ -32,7 +32,8 @@ class Figures:
 
     def _strategy_style(self, label, labels):
         k = labels.index(label)
-        return dict(color=STRATEGY_COLOURS[k % len(STRATEGY_COLOURS)], marker=STRATEGY_MARKERS[k % len(STRATEGY_MARKERS)])
+        return dict(color=STRATEGY_COLOURS[k % len(STRATEGY_COLOURS)],
+                    marker=STRATEGY_MARKERS[k % len(STRATEGY_MARKERS)])
 
     def _efficiency_figure(self, plt, out):
         rows = self.efficiency()
@@ -76,7 +77,6 @@ class Figures:
 
     def _transfer_figure(self, plt, out):
         points = self.transfer_points()
-        usable = [(s, n, p) for s, n, _, p in points if p.censored is None and (p.transferred_tokens or 0) > 0]
         if not points:
             return None
         fit, _, _ = self.censored_fit(points)
@@ -86,8 +86,7 @@ class Figures:
         for size in self.sizes:
             style = self._size_style(size)
             pts = [(p.fine_tuned_tokens, p.transferred_tokens, boot["d_t"].get((size, f)))
-                   for s, _, f, p in ((s, n, f, p) for s, n, f, p in points) if s == size and p.censored is None
-                   and (p.transferred_tokens or 0) > 0]
+                   for s, _, f, p in points if s == size and p.censored is None and (p.transferred_tokens or 0) > 0]
             n = self.non_embedding(size)
             for s, n_, f, p in points:
                 if s == size:

@@ -2,8 +2,8 @@
 
 `write_study(DIR)` collects a sweep workdir's results into DIR/study/ (or reads a study directory's
 results.jsonl and study.json alone) and writes report.md, report.tex (report.pdf where pdflatex is
-installed), figures/*.png with their CSVs and table_*.csv. The numbers come from analysis.py; tabulate.py lays out the tables and conclusions, figures.py draws, and
-document.py writes the documents.
+installed), figures/*.png with their CSVs and table_*.csv. The numbers come from analysis.py;
+tabulate.py lays out the tables and conclusions, figures.py draws, and document.py writes the documents.
 """
 import json
 import pathlib
@@ -16,7 +16,7 @@ from gptlab import sweep as sweep_lib
 from gptlab import tables as table_lib
 from gptlab.errors import UserError
 from projects.pretrain_vs_finetune import analysis
-from projects.pretrain_vs_finetune.analysis import compact, pareto  # noqa: F401 (pareto: the report's API)
+from projects.pretrain_vs_finetune.analysis import compact, pareto  # noqa: F401 (tests call report.pareto)
 from projects.pretrain_vs_finetune.document import Document
 from projects.pretrain_vs_finetune.figures import Figures
 from projects.pretrain_vs_finetune.tabulate import Tables

@@ -23,7 +23,8 @@ class Tables:
             frac_tokens[fraction] = ch.mean_of("train_data_tokens")
             i = ch.interval("test_loss")
             rows.append([size, fmt_int(self.non_embedding(size)), "fine-tuned" if arm == "finetuned" else "scratch",
-                         fmt_fraction(fraction), fmt_int(ch.mean_of("train_data_tokens")), fmt_interval(i), str(i.n) if i else "0",
+                         fmt_fraction(fraction), fmt_int(ch.mean_of("train_data_tokens")), fmt_interval(i),
+                         str(i.n) if i else "0",
                          ch.lr_text, _fmt_steps(ch)])
         for size in self.sizes:
             z = self.zero_shot(size)
@@ -48,8 +49,8 @@ class Tables:
             measured = boot["d_t_measured"].get((size, fraction), 0)
             ci_text = "—" if ci is None else (f"[{fmt_int(ci[0])}, {fmt_int(ci[1])}]" + (
                 f" ({measured} of {boot['replicates']})" if measured < boot["replicates"] else ""))
-            rows.append([size, fmt_int(n), fmt_fraction(fraction), fmt_int(p.fine_tuned_tokens), f"{p.loss:.4f}", de, dt,
-                         ci_text, share, _reads(p)])
+            rows.append([size, fmt_int(n), fmt_fraction(fraction), fmt_int(p.fine_tuned_tokens), f"{p.loss:.4f}", de,
+                         dt, ci_text, share, _reads(p)])
         t["transfer"] = (["size", "N", "fraction", "D_F", "fine-tuned test loss", "D_E", "D_T", "D_T 95% bootstrap",
                           "D_T / D_E", "censored fit reads"], rows)
         t["fit"] = self._fit_table(points, boot)

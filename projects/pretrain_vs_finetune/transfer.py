@@ -236,7 +236,8 @@ def fit_censored_transfer_law(observations: Sequence[Observation]) -> CensoredFi
         coef, log_sigma = theta[:3], theta[3]
         sigma = math.exp(log_sigma)
         z = (y - design @ coef) / sigma
-        value = np.sum(-0.5 * z[eq] ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)) + np.sum(special.log_ndtr(sign[~eq] * z[~eq]))
+        value = (np.sum(-0.5 * z[eq] ** 2 - log_sigma - 0.5 * math.log(2 * math.pi))
+                 + np.sum(special.log_ndtr(sign[~eq] * z[~eq])))
         # d/dz: exact -z; bounds sign * pdf/cdf of (sign z); and dz/dcoef = -design / sigma, dz/dlog_sigma = -z.
         dz = np.empty_like(z)
         dz[eq] = -z[eq]
