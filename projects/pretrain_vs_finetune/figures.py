@@ -39,7 +39,7 @@ class Figures:
         rows = self.efficiency()
         if not rows:
             return None
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(6.4, 5.2))
         csv_rows = []
         for size in self.sizes:
             style = self._size_style(size)
@@ -68,7 +68,7 @@ class Figures:
         _plain_log_ticks(ax.yaxis)
         ax.set_title("Data efficiency: fine-tuned (solid) vs scratch (dashed);\ndotted: pretrained, no fine-tuning")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(ncol=3, fontsize=6.5)
+        ax.legend(ncol=3, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: no data hidden
         fig.tight_layout()
         return self._save(fig, plt, out, "data_efficiency", csv_rows,
                           ["size", "arm", "fraction", "D_F_tokens", "test_loss_mean", "ci_low", "ci_high", "seeds"],

@@ -270,7 +270,9 @@ class Tables:
         """What limits the conclusions, from the results themselves."""
         out = []
         capped, count, total = self.capped_cells()
-        if total:
+        if total and not count:
+            out.append(f"None of the {total} scratch and fine-tuning cells ended at its step cap while still improving.")
+        elif total:
             out.append(f"{count} of {total} scratch and fine-tuning cells ({100 * count / total:.0f}%) ended at their "
                        "step cap while still improving (listed in part 1; the goal is at most 10%): their best "
                        "checkpoint is the last, so those losses are upper bounds on what the arm reaches.")
