@@ -127,13 +127,14 @@ class Document:
         out = [r"\documentclass[10pt]{article}", r"\usepackage[margin=2cm,landscape]{geometry}",
                r"\usepackage[T1]{fontenc}", r"\usepackage{booktabs}", r"\usepackage{graphicx}", r"\begin{document}",
                rf"\section*{{{tex_escape(p['name'])}: how much is pretraining worth?}}",
+               r"\small",  # the first page holds the setup, the conclusions, what did not hold and the caveats
                r"\paragraph{Setup} " + tex_escape(p.get("description", "")) + " "
                + tex_escape(f"Made by {p['command']}; code version {p['commits']}; {p['cells']} cells. Test-split "
                             "scores of best checkpoints chosen on validation; learning rates chosen on validation; "
                             "95% t-intervals over seeds; paired comparisons Holm-corrected; the transfer law's "
                             "intervals from a bootstrap over seeds.") + r"\par"]
         out += items("Conclusions", conclusions) + items("What did not hold", failed)
-        out += items("Caveats", self.caveats()) + [r"\clearpage"]
+        out += items("Caveats", self.caveats()) + [r"\normalsize", r"\clearpage"]
         for key in ("efficiency", "capped", "transfer", "fit", "tasks", "gain", "cost", "paired", "breadth"):
             header, rows = t[key]
             if key == "capped":

@@ -36,6 +36,7 @@ class Tables:
 
         points = self.transfer_points()
         boot = self.bootstrap()
+        seeds = {(s, f): len(ch.cells) for s, arm, f, ch in self.efficiency() if arm == "finetuned"}
         rows = []
         for size, n, fraction, p in points:
             if p.censored == "above":
@@ -50,9 +51,9 @@ class Tables:
             ci_text = "—" if ci is None else (f"[{fmt_int(ci[0])}, {fmt_int(ci[1])}]" + (
                 f" ({measured} of {boot['replicates']})" if measured < boot["replicates"] else ""))
             rows.append([size, fmt_int(n), fmt_fraction(fraction), fmt_int(p.fine_tuned_tokens), f"{p.loss:.4f}", de,
-                         dt, ci_text, share, _reads(p)])
+                         dt, ci_text, share, _reads(p), str(seeds.get((size, fraction), 0))])
         t["transfer"] = (["size", "N", "fraction", "D_F", "fine-tuned test loss", "D_E", "D_T", "D_T 95% bootstrap",
-                          "D_T / D_E", "censored fit reads"], rows)
+                          "D_T / D_E", "censored fit reads", "seeds"], rows)
         t["fit"] = self._fit_table(points, boot)
 
         table = self.task_table()
