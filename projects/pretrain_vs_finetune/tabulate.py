@@ -142,8 +142,8 @@ class Tables:
         rows.append(["points: measured / lower bounds / upper bounds", f"{ols.n} / 0 / 0" if ols else "—",
                      f"{cens.n_exact} / {cens.n_lower} / {cens.n_upper}" if cens else "—",
                      f"{every.n_exact} / {every.n_lower} / {every.n_upper}" if every else "—", "—"])
-        rows.append(["points not in the likelihood", f"{len(points) - ols.n} (every bound, and D_T <= 0)" if ols
-                     else "—", _notes_text(notes), _notes_text(every_notes), "—"])
+        rows.append(["D_T <= 0, and bounds that say only D_T > 0", f"{len(points) - ols.n} left out with every bound"
+                     if ols else "—", _notes_text(notes), _notes_text(every_notes), "—"])
         rows.append(["R^2", f"{ols.r_squared:.3f}" if ols else "—", "—", "—", "—"])
         if ols is None or cens is None:
             rows.append(["not made", ols_why or "—", cens_why or "—", "—", "—"])
@@ -234,6 +234,14 @@ class Tables:
                                                       "both down." if round(ols.alpha, 2) < round(fit.alpha, 2)
                                                       and round(ols.beta, 2) < round(fit.beta, 2)
                                                       else ".") if ols else "."))
+        bounds = [(p.fine_tuned_tokens, n, p.bound - p.fine_tuned_tokens) for _, n, _, p in points
+                  if p.censored == "above" and p.bound > p.fine_tuned_tokens and n]
+        if bounds:
+            def above(f):
+                return sum(1 for d, n, b in bounds if float(f.predict(d, n)) > b)
+            lines.append(f"The censored fit agrees with {above(fit)} of the {len(bounds)} informative lower bounds on D_T "
+                         "(its prediction lies above the bound)" + (f"; the least-squares fit with {above(ols)}"
+                                                                     if ols else "") + ".")
         for name, interval, of in (("alpha", a, "D_F"), ("beta", b, "N")):
             if interval[0] <= 0 <= interval[1]:
                 failed.append(f"the transfer law's {name}: its bootstrap interval [{interval[0]:.2f}, "
