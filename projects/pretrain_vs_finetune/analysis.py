@@ -9,7 +9,13 @@ The parts (the config's `study` section names the stages of each):
 4. cost against quality: trainable parameters, optimizer state, step time, peak memory,
    time to the best checkpoint, and the Pareto front;
 5. statistics: means with 95% t-intervals over seeds (gptlab/stats.py), paired differences
-   for the comparisons the conclusions rest on; the conclusions say which held.
+   for the comparisons the conclusions rest on, Holm-corrected as one family; the conclusions
+   say which held;
+6. breadth against depth: what fine-tuning costs the general model (bits per byte on the
+   pretraining corpus's validation split, after - before) against what it gains on the task.
+
+The transfer law is fitted twice: least squares on the measured points (the old fit) and a
+censored likelihood on every point (transfer.py), with intervals from a bootstrap over seeds.
 
 Choices read validation only: the learning rate of every (arm, size, fraction) is the grid
 value with the best mean validation selection metric over seeds; everything reported is the
@@ -31,6 +37,10 @@ PAPER = {"alpha": 0.18, "beta": 0.38}  # Hernandez et al. 2021, text -> Python, 
 TASK_METRIC = {"lm": "test_loss", "sft": "test_loss", "classify": "test_accuracy"}  # what comparisons read
 TASK_EXTRA = {"classify": ("test_macro_f1",)}  # shown beside it in the tasks table
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # Holm's family-wise error
+BOOTSTRAP_REPLICATES = 400  # resamples of the seeds behind the transfer fit
+BOOTSTRAP_SEED = 0  # fixed, so the report is reproducible
+CLASSIFY_CHANCE = 1 / 8  # classify: 8 packages (gptlab/data/held_out.py PACKAGES)
 
 
 def compact(line: dict) -> dict:
@@ -50,6 +60,10 @@ def compact(line: dict) -> dict:
         "tokens_per_sec": timing.get("tokens_per_sec"),
         "commit": (r.get("git") or {}).get("commit"), "dirty": (r.get("git") or {}).get("dirty"),
         "device": r.get("device"),
+        # Newer cells only (absent in older results): the breadth measurement and the examples scored on test.
+        **({"breadth": r["breadth"]} if r.get("breadth") else {}),
+        **({"test_examples": sel.get("test_examples") or r.get("test_examples")}
+           if sel.get("test_examples") or r.get("test_examples") else {}),
     }
 
 
@@ -67,6 +81,16 @@ class Choice:
         """The chosen rate; "(edge)" when a grid of 3+ rates has it at either end: the best may lie outside."""
         edge = len(self.grid) > 2 and self.learning_rate in (min(self.grid), max(self.grid))
         return fmt_lr(self.learning_rate) + (" (edge)" if edge else "")
+
+    def breadth_values(self) -> dict:
+        """seed -> after - before bits per byte on the pretraining corpus (the general ability lost)."""
+        out = {}
+        for c in self.cells:
+            b = c.get("breadth") or {}
+            before, after = (b.get("before") or {}).get("bits_per_byte"), (b.get("after") or {}).get("bits_per_byte")
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+                out[c["seed"]] = float(after) - float(before)
+        return out
 
     def values(self, metric: str) -> dict:
         """seed -> the best checkpoint's test `metric` (validation metrics are `eval_*`)."""
@@ -98,6 +122,24 @@ class Study:
         self.select = spec.get("select", "optimizer.learning_rate")
         self.sizes = list(spec["sizes"])
         self.tasks = list(spec["tasks"])
+        self._memo = {}
+
+    def _cached(self, key, make):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def pretrain_seeds(self) -> list:
+        """The pretraining seeds: the config's `pretrain_seeds`, else the seeds of the pretraining cells."""
+        if self.spec.get("pretrain_seeds"):
+            return sorted(self.spec["pretrain_seeds"])
+        seeds = {c["seed"] for roles in self.spec["sizes"].values() for c in self.by_stage.get(roles["pretrain"], [])}
+        return sorted(seeds) or [0]
+
+    def pretrain_seed_of(self, seed: int) -> int:
+        """The pretraining seed a fine-tuning seed starts from: seed s uses the (s mod n)-th pretraining seed."""
+        seeds = self.pretrain_seeds()
+        return seeds[seed % len(seeds)]
 
     # -- choosing on validation --
 
@@ -120,6 +162,9 @@ class Study:
 
     def efficiency(self) -> list:
         """[(size, arm, fraction, Choice)] for scratch and fine-tuned, and the zero-shot per size."""
+        return self._cached("efficiency", self._efficiency)
+
+    def _efficiency(self) -> list:
         rows = []
         for size, roles in self.spec["sizes"].items():
             for arm in ("scratch", "finetuned"):
@@ -150,25 +195,85 @@ class Study:
 
     # -- part 2: effective data transferred --
 
-    def transfer_points(self) -> list:
-        """[(size, N, fraction, EffectiveData)]: each fine-tuned mean read off its size's mean scratch curve."""
+    def transfer_points(self, draw: Optional[list] = None) -> list:
+        """[(size, N, fraction, EffectiveData)]: each fine-tuned mean read off its size's mean scratch curve.
+
+        `draw` (a bootstrap resample: seeds, repeats allowed) averages over those seeds instead of all."""
+        if draw is None:
+            return self._cached("points", lambda: self.transfer_points([]))
         points = []
         rows = self.efficiency()
         for size in self.sizes:
-            scratch = [(ch.mean_of("train_data_tokens"), ch.interval("test_loss")) for s, arm, _, ch in rows
+            scratch = [(ch.mean_of("train_data_tokens"), _mean(ch, draw)) for s, arm, _, ch in rows
                        if s == size and arm == "scratch"]
-            scratch = [(d, i.mean) for d, i in scratch if d and i is not None]
+            scratch = [(d, m) for d, m in scratch if d and m is not None]
             if len(scratch) < 2:
                 continue
             n = self.non_embedding(size)
             for s, arm, fraction, ch in rows:
-                interval = ch.interval("test_loss")
-                if s != size or arm != "finetuned" or interval is None or not ch.mean_of("train_data_tokens"):
+                mean = _mean(ch, draw)
+                if s != size or arm != "finetuned" or mean is None or not ch.mean_of("train_data_tokens"):
                     continue
                 point = transfer.effective_data([d for d, _ in scratch], [l for _, l in scratch],
-                                                ch.mean_of("train_data_tokens"), interval.mean)
+                                                ch.mean_of("train_data_tokens"), mean)
                 points.append((size, n, fraction, point))
         return points
+
+    def censored_fit(self, points, keep_nonpositive: bool = False) -> tuple:
+        """(CensoredFit or None, {what was done with which points: count}, why not).
+
+        The report's fit leaves out points that say D_T <= 0 and counts them: a law of positive D_T has no
+        room for them, and entering them as bounds at any c > 0 makes the fit depend on the arbitrary log c
+        (keep_nonpositive=True: at one token, shown beside it as the sensitivity check)."""
+        chosen = [(p, n) for _, n, _, p in points if n and (keep_nonpositive or not _nonpositive(p))]
+        dropped = len(points) - len(chosen)
+        observations, notes = transfer.censored_observations([p for p, _ in chosen], [n for _, n in chosen])
+        if dropped:
+            notes = {**notes, "with D_T <= 0 left out": dropped}
+        try:
+            return transfer.fit_censored_transfer_law(observations), notes, None
+        except ValueError as e:
+            return None, notes, str(e)
+
+    def bootstrap(self) -> dict:
+        """Percentile intervals of both fits' exponents and of every D_T over seed resamples (cached)."""
+        return self._cached("bootstrap", self._bootstrap)
+
+    def _bootstrap(self) -> dict:
+        """Each replicate draws pretraining seeds with replacement and, within each, its fine-tuning seeds; the same
+        draw averages the scratch curves and the fine-tuned points (the seed fixes both cells' data order), and the
+        learning rates stay those chosen on all seeds."""
+        seeds = sorted({c["seed"] for *_, ch in self.efficiency() for c in ch.cells})
+        clusters = {}
+        for s in seeds:
+            clusters.setdefault(self.pretrain_seed_of(s), []).append(s)
+        groups = list(clusters.values())
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        draws = {"censored": [], "ols": []}
+        d_t, failed, done = {}, {"censored": 0, "ols": 0}, {}
+        for _ in range(BOOTSTRAP_REPLICATES if len(seeds) > 1 else 0):
+            draw = [s for g in rng.choice(len(groups), len(groups)) for s in rng.choice(groups[g], len(groups[g]))]
+            key = tuple(sorted(int(s) for s in draw))  # the means depend only on the multiset: fit each once
+            if key not in done:
+                points = self.transfer_points(list(key))
+                done[key] = (points, self.censored_fit(points, keep_nonpositive=False)[0], self.transfer_fit(points)[0])
+            points, fit, ols = done[key]
+            for size, _, fraction, p in points:
+                if p.censored is None:
+                    d_t.setdefault((size, fraction), []).append(p.transferred_tokens)
+            for key, f in (("censored", fit), ("ols", ols)):
+                if f is None:
+                    failed[key] += 1
+                else:
+                    draws[key].append((f.alpha, f.beta))
+        out = {"replicates": BOOTSTRAP_REPLICATES if len(seeds) > 1 else 0, "failed": failed,
+               "clusters": len(groups), "seeds": len(seeds), "distinct": len(done),
+               "d_t": {k: transfer.percentile_interval(v, CONFIDENCE) for k, v in d_t.items()},
+               "d_t_measured": {k: len(v) for k, v in d_t.items()}}
+        for key, values in draws.items():
+            out[key] = {name: transfer.percentile_interval([v[i] for v in values], CONFIDENCE)
+                        for i, name in enumerate(("alpha", "beta"))}
+        return out
 
     def transfer_fit(self, points) -> tuple:
         """(TransferFit or None, why not) over the uncensored points with D_T > 0."""
@@ -216,6 +321,18 @@ class Study:
 
     # -- part 5: paired differences --
 
+    def tested_comparisons(self) -> list:
+        """[(family, what, Interval, metric, p, Holm-adjusted p, holds after Holm)] over every paired comparison."""
+        def make():
+            rows = self.comparisons()
+            p = [stats.paired_p_value(*self._pair_values(family, what, metric)) for family, what, _, metric in rows]
+            adjusted, reject = stats.holm(p, ALPHA)
+            return [(*row, pv, a, r) for row, pv, a, r in zip(rows, p, adjusted, reject)]
+        return self._cached("tested", make)
+
+    def _pair_values(self, family: str, what: str, metric: str) -> tuple:
+        return self._memo.get(("pair", family, what), ({}, {}))
+
     def comparisons(self) -> list:
         """[(family, what, a - b Interval, metric)] for the comparisons the conclusions rest on."""
         out = []
@@ -224,6 +341,8 @@ class Study:
             for fraction in self.spec["fractions"]:
                 ft, sc = rows.get((size, "finetuned", fraction)), rows.get((size, "scratch", fraction))
                 if ft and sc and set(ft.values("test_loss")) & set(sc.values("test_loss")):
+                    self._memo[("pair", "fine-tuned vs scratch", f"{size}, fraction {fmt_fraction(fraction)}")] = (
+                        ft.values("test_loss"), sc.values("test_loss"))
                     out.append(("fine-tuned vs scratch", f"{size}, fraction {fmt_fraction(fraction)}",
                                 stats.paired_difference(ft.values("test_loss"), sc.values("test_loss"), CONFIDENCE),
                                 "test_loss"))
@@ -236,10 +355,55 @@ class Study:
                 arms = table[task]["arms"]
                 for a, b in pairs:
                     if a in arms and b in arms and set(arms[a].values(metric)) & set(arms[b].values(metric)):
+                        self._memo[("pair", family, f"{a} - {b}, {task}")] = (arms[a].values(metric),
+                                                                             arms[b].values(metric))
                         out.append((family, f"{a} - {b}, {task}",
                                     stats.paired_difference(arms[a].values(metric), arms[b].values(metric),
                                                                CONFIDENCE), metric))
         return out
+
+    # -- part 6: breadth against depth --
+
+    def depth_breadth(self) -> list:
+        """[(strategy, task, size, fraction, depth Interval, forgetting Interval, tokens scored)] for every fine-tuning
+        arm whose cells measured breadth. Depth: the test gain over the untouched pretrained model (loss: zero - arm;
+        accuracy: arm - zero), per seed; forgetting: after - before bits per byte on the pretraining corpus."""
+        rows = []
+        arms = [("full", "lm", size, fraction, ch) for size, arm, fraction, ch in self.efficiency()
+                if arm == "finetuned"]
+        table = self.task_table()
+        for task in self.tasks:
+            for label, ch in table[task]["arms"].items():
+                if not (task == "lm" and ch.stage in {r["finetuned"] for r in self.spec["sizes"].values()}):
+                    arms.append((label, task, self.spec["task_size"], None, ch))
+        for label, task, size, fraction, ch in arms:
+            forgetting = ch.breadth_values()
+            if not forgetting:
+                continue
+            metric = TASK_METRIC[task]
+            zero = self.zero_shot(size) if task == "lm" else table[task]["zero"]
+            z = zero.interval(metric) if zero else None
+            sign = 1.0 if selection.higher_is_better(metric) else -1.0
+            depth = ({s: sign * (v - z.mean) for s, v in ch.values(metric).items()} if z else {})
+            tokens = [(c.get("breadth") or {}).get("tokens") for c in ch.cells]
+            tokens = [t for t in tokens if isinstance(t, (int, float))]
+            rows.append((label, task, size, fraction,
+                         stats.t_interval(list(depth.values()), CONFIDENCE) if depth else None,
+                         stats.t_interval(list(forgetting.values()), CONFIDENCE), int(max(tokens)) if tokens else None))
+        return rows
+
+    def capped_cells(self) -> tuple:
+        """([(stage, fraction, learning rate, [seeds])] of cells that ended at their step cap while still improving,
+        count, cells counted): pretraining runs a fixed schedule and is not counted."""
+        pretrain = {roles["pretrain"] for roles in self.spec["sizes"].values()}
+        counted = [c for c in self.records if c["stage"] not in pretrain]
+        groups = {}
+        for c in counted:
+            if c.get("hit_budget"):
+                key = (c["stage"], c["factors"].get(FRACTION), c["factors"].get(self.select))
+                groups.setdefault(key, []).append(c["seed"])
+        rows = [(stage, f, lr, sorted(seeds)) for (stage, f, lr), seeds in groups.items()]
+        return rows, sum(len(r[3]) for r in rows), len(counted)
 
     def leak_warnings(self) -> list:
         """Stages whose validation loss is under half their test loss: validation may overlap training."""
@@ -304,6 +468,23 @@ class Study:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _mean(choice: Choice, draw: list) -> Optional[float]:
+    """The mean test loss over all seeds (draw empty: the interval's mean) or over a bootstrap draw of seeds."""
+    if not draw:
+        interval = choice.interval("test_loss")
+        return interval.mean if interval else None
+    values = choice.values("test_loss")
+    drawn = [values[s] for s in draw if s in values]
+    return float(np.mean(drawn)) if drawn else None
+
+
+def _nonpositive(p) -> bool:
+    """A point that says D_T <= 0: measured so, or worse than every scratch run with as much data."""
+    if p.censored is None:
+        return p.transferred_tokens <= 0
+    return p.censored == "below" and p.bound <= p.fine_tuned_tokens
 
 
 def pareto(points: dict) -> set:

@@ -7,18 +7,24 @@
   worth D_T = D_E - D_F tokens. `effective_data` reads D_E by interpolating the
   scratch curve linearly in (log tokens, log loss). `fit_transfer_law` fits
   D_T = k * D_F**alpha * N**beta by least squares in log space, with standard
-  errors and t-intervals for each exponent.
+  errors and t-intervals for each exponent, on the uncensored points with D_T > 0 only.
+- **The censored fit** (`fit_censored_transfer_law`): the same law by maximum likelihood
+  with normal noise on log D_T (a Tobit model), keeping every point: a measured D_T is a
+  density term, a bound a survival (or distribution) term of the normal.
 
 Points outside the scratch curve are never extrapolated: a fine-tuned loss below
 the best scratch loss only says D_E > the largest scratch D (a lower bound), one
-above the worst scratch loss only says D_E < the smallest (an upper bound). Both are
-returned as censored and left out of the fit; the report says how many there were.
+above the worst scratch loss only says D_E < the smallest (an upper bound). The least-
+squares fit leaves both out; `censored_observations` turns every point into what the
+censored fit reads (see there for D_T <= 0).
 """
 import dataclasses
 import math
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy import optimize
+from scipy import special
 from scipy import stats
 
 
@@ -129,3 +135,137 @@ def fit_transfer_law(fine_tuned_tokens: Sequence[float], params: Sequence[float]
                        alpha_interval=(float(coef[1] - t * se[1]), float(coef[1] + t * se[1])),
                        beta_interval=(float(coef[2] - t * se[2]), float(coef[2] + t * se[2])),
                        n=int(y.size), r_squared=r2)
+
+
+# Where D_T <= 0 is bounded on the log scale: one token, the smallest amount of data there is.
+ONE_TOKEN = 1.0
+AT_ONE_TOKEN = "with D_T <= 0 entered as D_T < 1 token"
+UNINFORMATIVE = "lower bounds D_T > 0 (no information)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What the censored fit reads of one point: log D_T is `kind` ("=", ">" or "<") log `value`."""
+    fine_tuned_tokens: float
+    params: float
+    kind: str
+    value: float
+
+
+def censored_observations(points: Sequence, params: Sequence[float]) -> tuple:
+    """([Observation], {why: count}) for EffectiveData points and each one's N.
+
+    - D_E read inside the curve and D_T > 0: an exact log D_T.
+    - D_E > bound (the fine-tuned model beats every scratch run): D_T > bound - D_F, a lower
+      bound; when bound - D_F <= 0 it says only D_T > 0, which a law of positive D_T always
+      meets: it adds nothing to the likelihood and is counted as uninformative.
+    - D_T <= 0 measured, or D_E < bound with bound - D_F <= 0 (no better than scratch with the same
+      data): pretraining's worth is below what the scratch curve resolves. A log-normal D_T cannot
+      be <= 0, so the point enters as censored from above at ONE_TOKEN (log D_T < 0): the least
+      data there is, the tightest bound that stays finite. The report also shows the fit without them.
+    - D_E < bound with bound - D_F > 0: D_T < bound - D_F, an upper bound.
+    """
+    out, notes = [], {}
+    for p, n in zip(points, params):
+        d_f = p.fine_tuned_tokens
+        if p.censored is None:
+            d_t = p.transferred_tokens
+            obs = Observation(d_f, n, "=", d_t) if d_t > 0 else Observation(d_f, n, "<", ONE_TOKEN)
+            if d_t <= 0:
+                notes[AT_ONE_TOKEN] = notes.get(AT_ONE_TOKEN, 0) + 1
+        elif p.censored == "above":
+            if p.bound - d_f <= 0:
+                notes[UNINFORMATIVE] = notes.get(UNINFORMATIVE, 0) + 1
+                obs = None
+            else:
+                obs = Observation(d_f, n, ">", p.bound - d_f)
+        else:
+            bound = p.bound - d_f
+            obs = Observation(d_f, n, "<", bound if bound > 0 else ONE_TOKEN)
+            if bound <= 0:
+                notes[AT_ONE_TOKEN] = notes.get(AT_ONE_TOKEN, 0) + 1
+        if obs is not None:
+            out.append(obs)
+    return out, notes
+
+
+@dataclasses.dataclass(frozen=True)
+class CensoredFit:
+    """D_T = k * D_F**alpha * N**beta with log-normal noise sigma, by censored maximum likelihood."""
+    k: float
+    alpha: float
+    beta: float
+    sigma: float
+    n_exact: int
+    n_lower: int
+    n_upper: int
+    log_likelihood: float
+
+    @property
+    def n(self) -> int:
+        return self.n_exact + self.n_lower + self.n_upper
+
+    def predict(self, fine_tuned_tokens, params):
+        return self.k * np.asarray(fine_tuned_tokens, float) ** self.alpha * np.asarray(params, float) ** self.beta
+
+
+def fit_censored_transfer_law(observations: Sequence[Observation]) -> CensoredFit:
+    """Maximum likelihood of log D_T ~ Normal(log k + alpha log D_F + beta log N, sigma^2), bounds censored.
+
+    Exact points add log pdf, lower bounds log sf, upper bounds log cdf of the normal (log_ndtr:
+    stable far in the tails). Needs 2+ sizes and 3+ exact points (a likelihood of bounds
+    alone has no finite maximum). The log D_F and log N columns are centred so the optimiser
+    sees a well-conditioned problem; L-BFGS-B from the exact points' least squares."""
+    obs = list(observations)
+    if len({o.params for o in obs}) < 2:
+        raise ValueError("the censored fit needs at least two model sizes to determine beta")
+    exact = [o for o in obs if o.kind == "="]
+    if len(exact) < 3:
+        raise ValueError(f"the censored fit needs at least 3 measured D_T (not bounds), got {len(exact)}")
+    x = np.array([[math.log(o.fine_tuned_tokens), math.log(o.params)] for o in obs])
+    y = np.log([o.value for o in obs])
+    kinds = np.array([o.kind for o in obs])
+    centre = x.mean(axis=0)
+    design = np.column_stack([np.ones(len(obs)), x - centre])
+    eq, lo, hi = kinds == "=", kinds == ">", kinds == "<"
+
+    sign = np.where(lo, -1.0, 1.0)  # a lower bound's log sf(z) is log cdf(-z)
+
+    def negative_log_likelihood(theta):
+        """Its value and gradient (analytic: the optimiser runs once per bootstrap replicate)."""
+        coef, log_sigma = theta[:3], theta[3]
+        sigma = math.exp(log_sigma)
+        z = (y - design @ coef) / sigma
+        value = (np.sum(-0.5 * z[eq] ** 2 - log_sigma - 0.5 * math.log(2 * math.pi))
+                 + np.sum(special.log_ndtr(sign[~eq] * z[~eq])))
+        # d/dz: exact -z; bounds sign * pdf/cdf of (sign z); and dz/dcoef = -design / sigma, dz/dlog_sigma = -z.
+        dz = np.empty_like(z)
+        dz[eq] = -z[eq]
+        u = sign[~eq] * z[~eq]
+        dz[~eq] = sign[~eq] * np.exp(-0.5 * u ** 2 - 0.5 * math.log(2 * math.pi) - special.log_ndtr(u))
+        grad_coef = -(dz @ design) / sigma
+        grad_log_sigma = -float(dz @ z) - float(eq.sum())
+        return -value, -np.concatenate([grad_coef, [grad_log_sigma]])
+
+    start, *_ = np.linalg.lstsq(design[eq], y[eq], rcond=None)
+    spread = float(np.std(y[eq] - design[eq] @ start)) or 0.1
+    theta0 = np.concatenate([start, [math.log(max(spread, 0.05))]])
+    # sigma is kept in [e^-6, e^4]: a few exact points can otherwise drive it to zero.
+    bounds = [(None, None)] * 3 + [(-6.0, 4.0)]
+    result = optimize.minimize(negative_log_likelihood, theta0, jac=True, method="TNC", bounds=bounds)
+    if not np.all(np.isfinite(result.x)):
+        raise ValueError(f"the censored fit did not converge: {result.message}")
+    b0, alpha, beta = result.x[:3]
+    log_k = b0 - alpha * centre[0] - beta * centre[1]
+    return CensoredFit(k=float(math.exp(log_k)), alpha=float(alpha), beta=float(beta),
+                       sigma=float(math.exp(result.x[3])), n_exact=int(eq.sum()), n_lower=int(lo.sum()),
+                       n_upper=int(hi.sum()), log_likelihood=float(-result.fun))
+
+
+def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tuple:
+    """The bootstrap's two-sided percentile interval of `values` (finite ones)."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return (math.nan, math.nan)
+    tail = 100 * (1 - confidence) / 2
+    return (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail)))
