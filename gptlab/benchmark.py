@@ -216,7 +216,7 @@ class TimedSteps:
 def synthetic_experiment(config, log=print) -> tuple:
     """(experiment, parallel): the config resolved and assembled as training does it, on synthetic tokens.
 
-    For tools that swap a piece of the experiment before compiling (`tools/loss_ab.py`).
+    For tools that swap a piece of the experiment before compiling (`dev/loss_ab.py`).
     """
     perf.start_cpu_devices(config)
     experiment_lib.check_train_config(config)
@@ -230,7 +230,7 @@ def synthetic_train_step(config, log=print) -> tuple:
     """(parallel, state, train_step, batches): the config's compiled train step on synthetic tokens.
 
     Resolved and compiled as training does it, for tools and tests that time or compare the step
-    itself (`tools/compile_options_ab.py`); `run` builds the same around its memory measurement.
+    itself (`dev/compile_options_ab.py`); `run` builds the same around its memory measurement.
     """
     exp, parallel = synthetic_experiment(config, log)
     state, train_step, _ = experiment_lib.init_and_compile(config, exp, parallel, log)

@@ -155,7 +155,7 @@ def choose_prefetch(platform_name: str) -> tuple:
 # The automatic `parallel.cpu_reuse_memory` keeps freed memory only for a train step whose temporaries
 # (its compiled `memory_analysis().temp_size_in_bytes`, per device) are at most this, where glibc's
 # tcache is on (`heap.tcache_off()` is False: imported as a library, not restarted by `python -m
-# experiments.NAME`). Measured with the tcache on, on a 2-core Intel Xeon with tools/step_memory.py
+# experiments.NAME`). Measured with the tcache on, on a 2-core Intel Xeon with dev/step_memory.py
 # (README "Speed"): at 69 MB (the `small` preset) the heap settled within 21 steps; at 615 MB (the baby
 # GPT) it grew by a whole block every few steps; at 3.5 GB (`shakespeare_char`) by 7 GB a step until
 # the process was killed. With the tcache off freed blocks merge and the heap settles; the limit is
@@ -414,7 +414,7 @@ PEAK_MIN_SECONDS = 2.0  # how long each matmul size is sampled for the cached CP
 # on a machine. oneDNN is measured only where training uses it: on a 2-core AMD EPYC (Zen 3) processes that
 # compiled and ran its matmuls aborted at random when an executable was destroyed (SIGABRT in XLA's
 # OneDnnFusionThunk destructor): 5 of 100 with the persistent compilation cache on, 2 of 100 with the
-# executables kept out of it, 0 of 150 measuring XLA's matmuls only (tools/stress_peak.py, 2026-12-07).
+# executables kept out of it, 0 of 150 measuring XLA's matmuls only (dev/stress_peak.py, 2026-12-07).
 # An optional measurement must never end a run.
 PEAK_MATMUL_OPTIONS = {"xla": {"xla_cpu_use_onednn": False}, "onednn": CPU_MATMUL_OPTIONS["onednn"]}
 

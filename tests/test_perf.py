@@ -363,7 +363,7 @@ def test_bad_profile_steps_are_user_errors(make_config, tmp_path, steps):
 
 
 def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, tmp_path):
-    # tools/step_kernels.py reads the kernels back from the trace without TensorBoard (a bare GPU
+    # dev/step_kernels.py reads the kernels back from the trace without TensorBoard (a bare GPU
     # machine has none): a line per kernel with its time a step, and the trace kept.
     import glob
     import re
@@ -379,15 +379,15 @@ def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, t
 
 
 def _tool(name):
-    """A script of tools/ as a dict of its globals (it is not a package)."""
+    """A script of dev/ as a dict of its globals (it is not a package)."""
     import runpy
 
-    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", name))
+    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "dev", name))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
 def test_fused_cross_entropy_equals_optax_in_value_and_gradient(dtype, tolerance):
-    # tools/loss_ab.py's fused variant computes the logits' gradient in the forward pass; a GPU
+    # dev/loss_ab.py's fused variant computes the logits' gradient in the forward pass; a GPU
     # measurement of it means something only if it is the same loss with the same gradient.
     import jax.numpy as jnp
     import numpy as np
@@ -420,7 +420,7 @@ def test_loss_ab_tool_times_each_variant_after_checking_they_agree(capsys):
 
 
 def test_step_breakdown_puts_each_xla_op_in_its_component():
-    # tools/step_breakdown.py compares gptlab's step with PyTorch's by component: an op filed under
+    # dev/step_breakdown.py compares gptlab's step with PyTorch's by component: an op filed under
     # the wrong one would point the next speed work at the wrong place.
     component = _tool("step_breakdown.py")["xla_component"]
     cases = {
@@ -455,7 +455,7 @@ def test_step_breakdown_tool_prints_both_steps_by_component(capsys):
 
 
 def test_step_memory_tool_prints_each_steps_faults_and_resident_memory(capsys):
-    # tools/step_memory.py is how the README's cpu_reuse_memory figures were measured.
+    # dev/step_memory.py is how the README's cpu_reuse_memory figures were measured.
     import re
 
     _tool("step_memory.py")["main"]("tiny", 3, "off")

@@ -1,6 +1,6 @@
 """The language-model loss computed three ways in a preset's real train step, timed in ONE process.
 
-    python tools/loss_ab.py PRESET [BLOCKS] [STEPS_PER_BLOCK]      # e.g. gpt2_124m on a GPU (check 4 of gpu_checks.sh)
+    python dev/loss_ab.py PRESET [BLOCKS] [STEPS_PER_BLOCK]      # e.g. gpt2_124m on a GPU (check 4 of gpu_checks.sh)
 
 For a GPU loan: on an H200 about a fifth of gpt2_124m's step is passes over the 32x1024x50304
 logits (docs/speed.md, "GPU"). Each variant below is a loss function in place of `steps_lib.lm_loss_fn`,
@@ -17,7 +17,7 @@ block), so a slow moment slows all alike. Prints each variant's first loss and h
 is from optax's (relative to the largest; both must agree to the compute dtype's rounding), its median step time, tokens/s and MFU, and per block the first
 variant's step time over its own (above 1: faster than `optax`). Nothing here changes training:
 a variant that wins on a GPU becomes a config choice only with its measurement.
-On a CPU (to check the tool itself): `python tools/loss_ab.py tiny 2 2`.
+On a CPU (to check the tool itself): `python dev/loss_ab.py tiny 2 2`.
 """
 import dataclasses
 import os

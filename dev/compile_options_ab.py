@@ -1,7 +1,7 @@
 """gptlab's real train step compiled with several sets of XLA compile options, timed in ONE process.
 
-    python tools/compile_options_ab.py baby|small [BLOCKS] [STEPS_PER_BLOCK]
-    VARIANTS='{"xla": {"xla_cpu_use_onednn": false}}' python tools/compile_options_ab.py baby
+    python dev/compile_options_ab.py baby|small [BLOCKS] [STEPS_PER_BLOCK]
+    VARIANTS='{"xla": {"xla_cpu_use_onednn": false}}' python dev/compile_options_ab.py baby
 
 Separate benchmark processes on a shared VM drift by 20-45% within minutes; here every variant
 runs on the same state and batches, in alternating blocks (the order reversed every other block),

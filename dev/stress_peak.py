@@ -1,7 +1,7 @@
 """Fresh processes that each measure the CPU peak and take a tiny train step; counts the aborts.
 
-    python tools/stress_peak.py [PROCESSES] [PARALLEL]      # default 50 processes, 2 at a time
-    STRESS_LIBRARIES=xla,onednn STRESS_CACHE_GUARD=0 python tools/stress_peak.py   # the peak as it was measured
+    python dev/stress_peak.py [PROCESSES] [PARALLEL]      # default 50 processes, 2 at a time
+    STRESS_LIBRARIES=xla,onednn STRESS_CACHE_GUARD=0 python dev/stress_peak.py   # the peak as it was measured
 
 By default the peak is measured as gptlab measures it (`perf.peak_matmul_libraries()`: oneDNN only where
 the training defaults use it, and never offered to the persistent cache). STRESS_LIBRARIES forces the

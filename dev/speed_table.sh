@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed tables of docs/speed.md, measured in one go on an idle CPU machine (about 20 minutes on 2 cores):
 #
-#     bash tools/speed_table.sh [OUT_DIR]        # default /tmp/gptlab_speed; prints Markdown tables
+#     bash dev/speed_table.sh [OUT_DIR]        # default /tmp/gptlab_speed; prints Markdown tables
 #
 # For nanoGPT's baby GPT (synthetic tokens) and the `small` preset (real pipeline): gptlab with
 # its defaults (automatic choices, gptlab/perf.py), then with each automatic choice switched
