@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import step_breakdown  # noqa: E402
 from gptlab import benchmark, perf  # noqa: E402
+from gptlab import peak as peak_lib  # noqa: E402
 
 
 def main(shape="baby", blocks=6, per_block=3):
@@ -29,7 +30,7 @@ def main(shape="baby", blocks=6, per_block=3):
     if shape == "baby":
         config.model.dtype = os.environ.get("DTYPE", "float32")
     variants = json.loads(os.environ.get("VARIANTS") or json.dumps(
-        {"xla": perf.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
+        {"xla": peak_lib.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
     par, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))
     import jax
 

@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from gptlab import benchmark, perf  # noqa: E402
+from gptlab import benchmark  # noqa: E402
+from gptlab import peak as peak_lib  # noqa: E402
 from gptlab import experiment as experiment_lib
 from gptlab import steps as steps_lib
 
@@ -122,7 +123,7 @@ def main(preset="gpt2_124m", blocks=4, per_block=5):
         for name in (VARIANTS if block % 2 == 0 else VARIANTS[::-1]):
             medians[name].append(float(np.median([step(name) for _ in range(per_block)])))
     tokens = config.data.batch_size * experiment_lib.resolve_seq_len(config)
-    peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
+    peak, peak_source = peak_lib.total_peak_tflops(config.train.peak_tflops)
     first = np.array(medians[VARIANTS[0]])
     print(f"{preset} on {jax.devices()[0].device_kind}, {tokens} tokens a step, peak {peak:.3g} TFLOP/s ({peak_source})")
     for name, times in medians.items():

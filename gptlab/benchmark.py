@@ -26,6 +26,7 @@ import numpy as np
 
 from gptlab import heap
 from gptlab import parallel as parallel_lib
+from gptlab import peak as peak_lib
 from gptlab import perf
 from gptlab import experiment as experiment_lib
 from gptlab.data import pipeline
@@ -452,7 +453,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         auto["parallel.cpu_reuse_memory"] = perf.reuse_memory_choice()
     tokens_per_step = config.data.batch_size * seq_len
     result = summary(jax_steps.times, tokens_per_step)
-    peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
+    peak, peak_source = peak_lib.total_peak_tflops(config.train.peak_tflops)
     model_tflops = result["tokens_per_s"] * exp.flops_per_token / 1e12
     device = jax.devices()[0]
     result = {

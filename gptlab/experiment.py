@@ -17,6 +17,7 @@ from gptlab import dense_backward
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
+from gptlab import profiling
 from gptlab import perf
 from gptlab import selection as selection_lib
 from gptlab.data import pipeline
@@ -64,7 +65,7 @@ def check_train_config(config) -> None:
     if config.seed < 0:
         raise UserError(f"seed={config.seed} must be non-negative")
     resolve_seq_len(config)
-    perf.StepProfiler(tuple(train.get("profile_steps") or ()), "")  # validates train.profile_steps
+    profiling.StepProfiler(tuple(train.get("profile_steps") or ()), "")  # validates train.profile_steps
     optim.learning_rate_schedule(config.optimizer, train.num_steps)  # validates the schedule's fields
     if config.optimizer.weight_decay < 0:
         raise UserError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be non-negative")
