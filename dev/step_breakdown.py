@@ -149,11 +149,11 @@ def main(shapes="baby", steps=4):
         sys.exit(f"step_breakdown.py: the PyTorch peer failed:\n{child.stderr[-2000:]}")
     torch_wall, torch_times = json.loads(child.stdout.strip().splitlines()[-1])
     wall, times = gptlab_breakdown(shapes, steps)
+    from gptlab import tables  # after gptlab_breakdown, as every gptlab import here
     print(f"{shapes}: a step's time by component, ms ({steps} steps under each profiler; gptlab per device thread)")
-    print("| component | gptlab | nanoGPT-style peer |\n| --- | --- | --- |")
-    for component in COMPONENTS:
-        print(f"| {component} | {times[component] * 1e3:.0f} | {torch_times[component] * 1e3:.0f} |")
-    print(f"| **wall time a step** | **{wall * 1e3:.0f}** | **{torch_wall * 1e3:.0f}** |")
+    rows = [[component, f"{times[component] * 1e3:.0f}", f"{torch_times[component] * 1e3:.0f}"] for component in COMPONENTS]
+    rows.append(["**wall time a step**", f"**{wall * 1e3:.0f}**", f"**{torch_wall * 1e3:.0f}**"])
+    print("\n".join(tables.markdown(["component", "gptlab", "nanoGPT-style peer"], rows)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ EXPERIMENTS = ("pretrain", "finetune")
 SPEC_KEYS = {"name", "description", "metric", "stages", "report", "study"}
 STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label"}
 VARIANT_RESERVED = ("label", "config")
-REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
+REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report/
 STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending", "foreign")
 FRESH = "choose a new --workdir to start fresh, or delete {dir} to discard what it holds"
 
