@@ -92,7 +92,7 @@ VARIANTS = ("optax", "f32_logits", "fused")
 def main(preset="gpt2_124m", blocks=4, per_block=5):
     config = pretrain.get_config(preset)
     exp, parallel = benchmark.synthetic_experiment(config, lambda line: print(line, file=sys.stderr))
-    model = experiment_lib.training_model(config, experiment_lib.resolve_model_config(config, exp.tokenizer))
+    model = experiment_lib.training_model(config.model.get("dense_backward"), experiment_lib.resolve_model_config(config, exp.tokenizer))
     batches = experiment_lib.prefetched(config, exp.batches, parallel)
     steps, states, losses = {}, {}, {}
     for name in VARIANTS:

@@ -378,6 +378,28 @@ def resolve_auto(config, log=print) -> dict:
     return chosen
 
 
+# The fields "auto" stands in, resolved by `resolve_auto`.
+AUTO_FIELDS = ("model.attention", "model.dense_backward")
+
+
+def concrete(field: str, value):
+    """`value` of the config field `field` (e.g. "model.dense_backward"); one line refusing it while it is "auto"."""
+    if value == AUTO:
+        from gptlab.errors import UserError
+
+        raise UserError(f"{field}='auto' was not resolved for this machine: start the run with "
+                        f"gptlab.train.start(config) (train_and_evaluate and finetune_and_evaluate do), "
+                        f"or set --config.{field} to a value")
+    return value
+
+
+def check_resolved(config) -> None:
+    """Refuses (one line naming the field) a config that still holds "auto" where a run needs a value."""
+    for field in AUTO_FIELDS:
+        group, name = field.split(".")
+        concrete(field, config[group].get(name))
+
+
 def resolve_model_fields(model_config) -> dict:
     """The `model` group as a dict with "auto" fields resolved for the running backend (no logging).
 
