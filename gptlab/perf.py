@@ -2,9 +2,10 @@
 
 `resolve_auto(config, log)` fills in every config field left to "auto" (or None) from
 what can be detected: the platform JAX runs on, the cores this process may use, the
-CPU's flags. It runs first in every entry point that trains (`train.run_experiment`,
-`benchmark.run`), because the number of XLA CPU devices is fixed when JAX's backend
-starts. What it chose, and why, is logged in one line; each choice is a config field,
+CPU's flags. It runs once, in the one start-up of every run (`train.start`, which
+`train_and_evaluate` and `finetune_and_evaluate` call first; `benchmark.start_run`), after
+`start_cpu_devices`, because the number of XLA CPU devices is fixed when JAX's backend
+starts; below it the library refuses "auto" (`check_resolved`). What it chose, and why, is logged in one line; each choice is a config field,
 so a flag overrides it (`--config.model.attention=xla`, `--config.parallel.cpu_devices=1`, ...).
 
 The choices, and the measurements behind them, are in docs/speed.md. The peak FLOP/s behind MFU is
