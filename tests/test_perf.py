@@ -45,6 +45,20 @@ def test_explicit_values_override_the_automatic_choice(make_config):
     assert not set(chosen) & {"model.attention", "model.dense_backward", "data.prefetch"}
 
 
+def test_below_the_start_of_a_run_a_config_still_holding_auto_is_refused(make_config, tmp_path):
+    # "auto" is resolved once, in train.start; the library below it never resolves it again.
+    from gptlab import experiment as experiment_lib
+
+    config = make_config(model__attention="xla")
+    with pytest.raises(UserError, match=r"^model\.dense_backward='auto' was not resolved .*--config\.model\.dense_backward"):
+        train.run_experiment(config, tmp_path / "run", None, print, True)
+    assert not (tmp_path / "run").exists()  # refused before the workdir is touched
+    with pytest.raises(UserError, match=r"model\.dense_backward='auto'"):
+        experiment_lib.training_model("auto", None)
+    perf.resolve_auto(config, lambda line: None)
+    perf.check_resolved(config)  # resolved: accepted
+
+
 def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
     """The count JAX starts with: automatic, parallel.cpu_devices, or left to XLA_FLAGS."""
     updates, reuse_calls = [], []
