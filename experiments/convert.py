@@ -9,6 +9,7 @@ workdir can be sampled, evaluated and used as a fine-tuning `init_from`.
 """
 from absl import flags
 
+from configs import pretrain as pretrain_config
 from gptlab import cli, convert
 from gptlab.errors import UserError
 
@@ -24,7 +25,8 @@ def main():
         raise UserError("pass exactly one of --from_hf=HF_DIR (import into --workdir) or "
                         "--to_hf=HF_DIR (export --workdir)")
     if _FROM_HF.value:
-        convert.from_hf(_FROM_HF.value, _WORKDIR.value)
+        # the imported run's config: the `small` preset with the model's own shape, tokenizer and context
+        convert.from_hf(_FROM_HF.value, _WORKDIR.value, pretrain_config.get_config("small"))
     else:
         convert.to_hf(_WORKDIR.value, _TO_HF.value, step=_STEP.value)
 

@@ -13,8 +13,8 @@ alternate with gptlab's, so that noise from a shared machine falls on all alike
 of its own (`PeerProcess`), as PyTorch users run it: nothing gptlab sets for its process
 reaches it. PyTorch is imported only there.
 
-The config's automatic speed settings (`gptlab.perf.resolve_auto`) are resolved as
-training resolves them, so the defaults are what is timed. `sampling(...)` times
+The config's automatic speed settings are resolved once, in `start_run`, as
+training resolves them (`gptlab.train.start`), so the defaults are what is timed. `sampling(...)` times
 `gptlab.sampling.generate` against Hugging Face `generate` with its cache.
 """
 import os
@@ -26,6 +26,7 @@ import numpy as np
 
 from gptlab import heap
 from gptlab import parallel as parallel_lib
+from gptlab import peak as peak_lib
 from gptlab import perf
 from gptlab import experiment as experiment_lib
 from gptlab.data import pipeline
@@ -213,14 +214,20 @@ class TimedSteps:
                 self.times.append(elapsed)
 
 
+def start_run(config, log=print) -> dict:
+    """As `gptlab.train.start` for a benchmark, the one place its "auto" fields are resolved (in place, logged);
+    returns what was chosen, {field: (value, why)}. Call first, before anything starts JAX's backend."""
+    perf.start_cpu_devices(config)  # before anything starts JAX's backend, as training does
+    experiment_lib.check_train_config(config)
+    return perf.resolve_auto(config, log)
+
+
 def synthetic_experiment(config, log=print) -> tuple:
     """(experiment, parallel): the config resolved and assembled as training does it, on synthetic tokens.
 
-    For tools that swap a piece of the experiment before compiling (`tools/loss_ab.py`).
+    For tools that swap a piece of the experiment before compiling (`dev/loss_ab.py`).
     """
-    perf.start_cpu_devices(config)
-    experiment_lib.check_train_config(config)
-    perf.resolve_auto(config, log)
+    start_run(config, log)
     exp = experiment_lib.pretrain_experiment(config, SyntheticData(config, experiment_lib.resolve_seq_len(config)), log)
     parallel = parallel_lib.Parallel(config.parallel, config.data.batch_size, config.train.grad_accum_steps, log)
     return exp, parallel
@@ -230,7 +237,7 @@ def synthetic_train_step(config, log=print) -> tuple:
     """(parallel, state, train_step, batches): the config's compiled train step on synthetic tokens.
 
     Resolved and compiled as training does it, for tools and tests that time or compare the step
-    itself (`tools/compile_options_ab.py`); `run` builds the same around its memory measurement.
+    itself (`dev/compile_options_ab.py`); `run` builds the same around its memory measurement.
     """
     exp, parallel = synthetic_experiment(config, log)
     state, train_step, _ = experiment_lib.init_and_compile(config, exp, parallel, log)
@@ -406,9 +413,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         # Set before anything starts JAX's backend; an explicit setting of the user's is kept.
         if not ({"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(os.environ)):
             os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.3"
-    perf.start_cpu_devices(config)  # before anything starts JAX's backend, as training does
-    experiment_lib.check_train_config(config)
-    auto = perf.resolve_auto(config, log)
+    auto = start_run(config, log)
     experiment_lib.enable_compilation_cache(config.train.get("compilation_cache_dir"))  # as training does
     seq_len = experiment_lib.resolve_seq_len(config)
     data = SyntheticData(config, seq_len) if synthetic else pipeline.Data(
@@ -452,7 +457,7 @@ def run(config, steps: int, warmup: int = 3, synthetic: bool = False, compare: s
         auto["parallel.cpu_reuse_memory"] = perf.reuse_memory_choice()
     tokens_per_step = config.data.batch_size * seq_len
     result = summary(jax_steps.times, tokens_per_step)
-    peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
+    peak, peak_source = peak_lib.total_peak_tflops(config.train.peak_tflops)
     model_tflops = result["tokens_per_s"] * exp.flops_per_token / 1e12
     device = jax.devices()[0]
     result = {
@@ -507,8 +512,7 @@ def sampling(config, batch_sizes=(1, 8), prompt_len: int = 16, new_tokens: int =
     from gptlab import model as model_lib
     from gptlab import sampling as sampling_lib
 
-    perf.start_cpu_devices(config)
-    perf.resolve_auto(config, log)
+    start_run(config, log)
     vocab_size = synthetic_vocab_size(config)
     model_cfg = experiment_lib.resolve_model_config(config, SyntheticTokenizer(vocab_size))
     if prompt_len + new_tokens > model_cfg.block_size:

@@ -19,6 +19,7 @@ import time
 from gptlab import convert
 from gptlab import evaluate as evaluate_lib
 from gptlab import files
+from gptlab import tables
 from gptlab.errors import UserError
 
 # The data fields that choose which text is evaluated: shared by every compared run.
@@ -89,8 +90,7 @@ def _markdown_rows(rows) -> list:
     extra = [k for row in rows for k in row if k not in COLUMNS and k != "seconds"]
     columns = [c for c in COLUMNS if any(c in row for row in rows)] + list(dict.fromkeys(extra))
     cell = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
-    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return tables.markdown(columns, [[cell(row.get(c)) for c in columns] for row in rows])
 
 
 def split_workdirs(values) -> list:

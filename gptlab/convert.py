@@ -122,11 +122,12 @@ def save_workdir(workdir, params, config: dict, tokenizer_spec: dict, source: st
     return checkpoints.directory / str(step)
 
 
-def run_config(model_cfg: model_lib.GPTConfig, tokenizer: str) -> dict:
-    """A resolved pretraining config (as JSON) describing `model_cfg`, for an imported model."""
-    from configs import pretrain as pretrain_config
+def run_config(model_cfg: model_lib.GPTConfig, tokenizer: str, base_config) -> dict:
+    """A resolved pretraining config (as JSON) describing `model_cfg`, for an imported model.
 
-    config = pretrain_config.get_config("small")
+    `base_config` (a pretraining ConfigDict, left unchanged) gives every field the model does not: the entry
+    point passes configs/pretrain.py's, so the library imports nothing from configs/."""
+    config = base_config.copy_and_resolve_references()
     with config.unlocked():
         for field in dataclasses.fields(model_cfg):
             if field.name in config.model:
@@ -287,7 +288,7 @@ def _gpt2_params(tensors: dict, cfg: model_lib.GPTConfig, hf_dir) -> tuple:
     return flat, set(hf_names(cfg).values()) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
 
 
-def from_hf(source: str, workdir, log=print) -> Loaded:
+def from_hf(source: str, workdir, base_config, log=print) -> Loaded:
     """Imports a HF GPT-2 or Llama/Qwen2 folder (or hub id) into `workdir` as a gptlab checkpoint at step 0."""
     hf_dir = _resolve_hf_dir(source)
     cfg = read_hf_config(hf_dir)
@@ -322,7 +323,7 @@ def from_hf(source: str, workdir, log=print) -> Loaded:
             log(f"note: vocabulary {cfg.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE}: "
                 "text must be tokenised with the tokenizer this model was trained with")
         tokenizer_spec, tokenizer = gpt2_tokenizer_spec(log), "gpt2"
-    config = run_config(cfg, tokenizer)
+    config = run_config(cfg, tokenizer, base_config)
     directory = save_workdir(workdir, params, config, tokenizer_spec, source=f"huggingface:{source}")
     log(f"imported {family} from {hf_dir}: {model_lib.count_params(params) / 1e6:.2f}M parameters, "
         f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} key/value), {cfg.n_embd} wide, context "

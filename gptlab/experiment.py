@@ -17,6 +17,7 @@ from gptlab import dense_backward
 from gptlab import model as model_lib
 from gptlab import optim
 from gptlab import parallel as parallel_lib
+from gptlab import profiling
 from gptlab import perf
 from gptlab import selection as selection_lib
 from gptlab.data import pipeline
@@ -64,7 +65,7 @@ def check_train_config(config) -> None:
     if config.seed < 0:
         raise UserError(f"seed={config.seed} must be non-negative")
     resolve_seq_len(config)
-    perf.StepProfiler(tuple(train.get("profile_steps") or ()), "")  # validates train.profile_steps
+    profiling.StepProfiler(tuple(train.get("profile_steps") or ()), "")  # validates train.profile_steps
     optim.learning_rate_schedule(config.optimizer, train.num_steps)  # validates the schedule's fields
     if config.optimizer.weight_decay < 0:
         raise UserError(f"optimizer.weight_decay={config.optimizer.weight_decay} must be non-negative")
@@ -90,14 +91,14 @@ def rules_table(params, decay_mask) -> str:
     return "\n".join(lines)
 
 
-def training_model(config, model_cfg: model_lib.GPTConfig) -> model_lib.GPT:
+def training_model(dense_backward_name, model_cfg: model_lib.GPTConfig) -> model_lib.GPT:
     """The model the train step differentiates.
 
-    `model.dense_backward` (its "auto" resolved by `gptlab.perf` for the machine) picks,
+    `model.dense_backward` (`dense_backward_name`, resolved from "auto" when the run started) picks,
     here and nowhere else, how its dense layers compute kernel gradients
     (`gptlab.dense_backward`); evaluation and sampling use the plain model.
     """
-    name = perf.resolve_model_fields(config.model).get("dense_backward", "xla")
+    name = perf.concrete("model.dense_backward", dense_backward_name or "xla")
     return model_lib.GPT(model_cfg, dot_general=dense_backward.dot_general(name))
 
 
@@ -112,7 +113,7 @@ def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
     seq_len = resolve_seq_len(config)
     tokenizer = data.tokenizer
     model_cfg = resolve_model_config(config, tokenizer)
-    model = training_model(config, model_cfg)
+    model = training_model(config.model.get("dense_backward"), model_cfg)
 
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     init_params = lambda: model_lib.init_params(model_cfg, init_key)

@@ -287,7 +287,8 @@ def finetune_and_evaluate(config, workdir) -> dict:
             raise UserError(f"--workdir={workdir} is inside the pretraining run {source.workdir}, which fine-tuning "
                             "never writes to: choose a --workdir outside it")
         config = resolve_config(config, source)
-        final = train.run_experiment(config, workdir, lambda *args: _finetune(*args, source=source))
+        log, is_main = train.start(config)
+        final = train.run_experiment(config, workdir, lambda *args: _finetune(*args, source=source), log, is_main)
     finally:
         source.close()
     # The run exports before its result.json (`_finetune`); this covers a run finished before it did, whose

@@ -8,7 +8,8 @@ import time
 import jax
 import numpy as np
 
-from gptlab import perf
+from gptlab import peak as peak_lib
+from gptlab import profiling
 from gptlab import progress as progress_lib
 from gptlab import selection as selection_lib
 from gptlab.errors import Preempted, UserError
@@ -128,9 +129,9 @@ def run_loop(config, workdir, state, batches, train_step, eval_step, eval_batche
     stopping = stopping or selection_lib.EarlyStopping(train_cfg_metric(config), 0)
     train = config.train
     start_step = int(np.ravel(jax.device_get(state.step))[0])  # replicated per device under pmap
-    peak, peak_source = perf.total_peak_tflops(train.peak_tflops)
+    peak, peak_source = peak_lib.total_peak_tflops(train.peak_tflops)
     log(f"MFU is measured against {peak:.3g} TFLOP/s ({peak_source}); {dtype} compute")
-    profiler = perf.StepProfiler(tuple(train.get("profile_steps") or ()),
+    profiler = profiling.StepProfiler(tuple(train.get("profile_steps") or ()),
                                  train.get("profile_dir") or str(workdir / "profile"), log)
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step, wandb_config=config.get("wandb"))
     final = {"step": start_step}

@@ -247,7 +247,7 @@ class Parallel:
                 with jax.set_mesh(self.mesh), uncached():
                     return train_step.lower(state, self.place_batch(batch)).compile()
 
-            run_train.jitted = train_step  # for tools that compile it with other options (tools/compile_options_ab.py)
+            run_train.jitted = train_step  # for tools that compile it with other options (dev/compile_options_ab.py)
             run_train.compiled = compile_train  # the executable a call runs (compiled once: jit's cache is shared)
             return run_train, run_eval
         train_step = jax.pmap(make_train_step(PMAP_AXIS), axis_name=PMAP_AXIS, donate_argnums=0)

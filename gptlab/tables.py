@@ -41,15 +41,20 @@ def markdown(header, rows, align=None) -> list:
     return lines
 
 
-def latex(header, rows, align=None, caption=None, label=None, escape=True, size=None) -> list:
+def latex(header, rows, align=None, caption=None, label=None, escape=True, size=None, span=None, note=None) -> list:
     """A booktabs table (needs \\usepackage{booktabs}) as lines, in a table float when it has a caption.
 
-    escape=False keeps cells as given, for cells that already are LaTeX (math, bold)."""
+    escape=False keeps cells as given, for cells that already are LaTeX (math, bold). `span`: a title over
+    every column but the first (the factor the columns are values of); `note`: a line under the tabular,
+    inside the float (a footnote to the table). Both are LaTeX as given."""
     text = tex_escape if escape else str
-    body = [r"\begin{tabular}{" + _aligns(align, len(header)) + "}", r"\toprule",
-            " & ".join(text(h) for h in header) + r" \\", r"\midrule"]
+    n = len(header)
+    body = [r"\begin{tabular}{" + _aligns(align, n) + "}", r"\toprule"]
+    if span is not None:
+        body += [rf" & \multicolumn{{{n - 1}}}{{c}}{{{span}}} \\", rf"\cmidrule(lr){{2-{n}}}"]
+    body += [" & ".join(text(h) for h in header) + r" \\", r"\midrule"]
     body += [" & ".join(text(c) for c in row) + r" \\" for row in rows]
-    body += [r"\bottomrule", r"\end{tabular}"]
+    body += [r"\bottomrule", r"\end{tabular}"] + ([note] if note else [])
     if caption is None:
         return body
     head = [r"\begin{table}[t]", r"\centering"] + ([size] if size else []) + [rf"\caption{{{caption}}}"]

@@ -51,14 +51,18 @@ def train_and_evaluate(config, workdir) -> dict:
 
     Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
     """
-    return run_experiment(config, workdir, _train)
+    log, is_main = start(config)
+    return run_experiment(config, workdir, _train, log, is_main)
 
 
 
-def run_experiment(config, workdir, experiment) -> dict:
-    """Runs `experiment(config, workdir, checkpoints, log, is_main) -> final metrics` (`_train` for
-    pretraining, `gptlab.finetune` for fine-tuning) with what all experiments share: checks,
-    distributed start-up, a writable workdir and its checkpoint manager."""
+def start(config) -> tuple:
+    """Everything a run does before it reads its config; returns (log, is_main). Called once, first, by
+    `train_and_evaluate` and `gptlab.finetune.finetune_and_evaluate`.
+
+    The one place a run's "auto" fields are resolved (`perf.resolve_auto`, in place, logged in one line):
+    after it the config holds only concrete values, and the library below refuses one that does not.
+    """
     perf.start_cpu_devices(config)  # before anything starts JAX's backend
     check_train_config(config)
     parallel_lib.initialize_distributed(config.parallel)  # before anything touches devices
@@ -66,6 +70,15 @@ def run_experiment(config, workdir, experiment) -> dict:
     is_main = jax.process_index() == 0
     log = Logger(is_main)
     perf.resolve_auto(config, log)  # "auto" speed settings, before the config is used or stored
+    return log, is_main
+
+
+
+def run_experiment(config, workdir, experiment, log, is_main) -> dict:
+    """Runs `experiment(config, workdir, checkpoints, log, is_main) -> final metrics` (`_train` for
+    pretraining, `gptlab.finetune` for fine-tuning) with what all experiments share: a writable workdir,
+    its lock and its checkpoint manager. `config` is resolved already (`start`)."""
+    perf.check_resolved(config)
     workdir = checkpoint_lib.check_writable(workdir)
     finished = already_finished(workdir, config)
     if finished is not None:  # rerunning a finished command changes nothing, not even the lock's record

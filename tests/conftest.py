@@ -50,11 +50,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # of the run (the xdist workers and the subprocesses they start inherit the environment) reads one
 # stand-in from a temporary cache; tests of the cache itself point XDG_CACHE_HOME elsewhere.
 if "GPTLAB_TEST_CACHE" not in os.environ:
-    from gptlab import perf  # noqa: E402  (after XLA_FLAGS; importing JAX does not start its backend)
+    from gptlab import peak as peak_lib  # noqa: E402  (after XLA_FLAGS; importing JAX does not start its backend)
 
     os.environ["GPTLAB_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
     atexit.register(shutil.rmtree, os.environ["GPTLAB_TEST_CACHE"], ignore_errors=True)
-    perf.cache_cpu_peak(1.0, "tests/conftest.py")
+    peak_lib.cache_cpu_peak(1.0, "tests/conftest.py")
 
 
 @pytest.fixture(scope="session")

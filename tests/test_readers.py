@@ -22,6 +22,9 @@ from gptlab import lock as lock_lib
 from gptlab.errors import UserError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPTConfig, init_params
+from configs import pretrain as pretrain_config
+
+BASE_CONFIG = pretrain_config.get_config("small")  # what experiments.convert passes
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
 
@@ -51,7 +54,7 @@ def saved(tmp_path):
     """A workdir with one small checkpoint (step 0), written as every gptlab run writes them."""
     cfg = GPTConfig(vocab_size=61, block_size=8, n_layer=1, n_head=2, n_embd=16)
     params = init_params(cfg, jax.random.key(0))
-    convert.save_workdir(tmp_path / "run", params, convert.run_config(cfg, "byte"), {"kind": "byte"}, source="test")
+    convert.save_workdir(tmp_path / "run", params, convert.run_config(cfg, "byte", BASE_CONFIG), {"kind": "byte"}, source="test")
     return tmp_path / "run", params
 
 

@@ -35,7 +35,7 @@ returning a plain dict:
     study        what projects/pretrain_vs_finetune/ (its report writer) needs to read the cells as a study (optional)
     report       {"rows": "label" or a field, "columns": a grid field, "stages": [...],
                   "select": [grid fields chosen on validation, e.g. the learning rate],
-                  "selection_metric": the validation metric that chooses} (optional; gptlab/report.py)
+                  "selection_metric": the validation metric that chooses} (optional; gptlab/report/)
 
 Cells are variants x grid x seeds; each runs in DIR/runs/CELL/ as the real entry
 point would (`python -m experiments.pretrain|finetune --config=... --config.FIELD=...`,

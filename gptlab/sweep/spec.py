@@ -24,7 +24,7 @@ SPEC_KEYS = {"name", "description", "metric", "stages", "report", "study"}
 STAGE_KEYS = {"name", "experiment", "config", "overrides", "variants", "grid", "seeds", "init_from", "label", "choose"}
 CHOOSE_KEYS = {"key", "on_seed", "metric"}  # a stage's dynamic choice (gptlab/sweep/__init__.py)
 VARIANT_RESERVED = ("label", "config")
-REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report.py
+REPORT_KEYS = {"rows", "columns", "stages", "select", "selection_metric"}  # see gptlab/report/
 # skipped: a cell of a choosing stage at a value its group did not choose (never run)
 STATUSES = ("finished", "running", "interrupted", "failed", "blocked", "pending", "foreign", "skipped")
 FRESH = "choose a new --workdir to start fresh, or delete {dir} to discard what it holds"

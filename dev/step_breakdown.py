@@ -1,6 +1,6 @@
 """Where a CPU train step's time goes, gptlab's against the nanoGPT-style PyTorch peer's, by component.
 
-    python tools/step_breakdown.py [baby|small|PRESET] [STEPS]      # default: baby, 4 profiled steps
+    python dev/step_breakdown.py [baby|small|PRESET] [STEPS]      # default: baby, 4 profiled steps
 
 `experiments.benchmark --compare=nanogpt` says which is faster; this says where. Both steps are
 profiled (gptlab's with `jax.profiler`, its XLA ops read back from the trace and named by the
@@ -12,7 +12,7 @@ devices (gptlab's gradient all-reduce), and the rest of the wall time (dispatch,
 gptlab's devices run at once, one thread each (`parallel.cpu_devices`), so its figures are per
 device thread, averaged over the devices: each is a share of the same wall time. `baby` is
 nanoGPT's baby GPT as in the README's speed tables (synthetic tokens); a preset name takes the
-preset as it is. For a GPU's kernels, `tools/step_kernels.py`.
+preset as it is. For a GPU's kernels, `dev/step_kernels.py`.
 """
 import collections
 import json
@@ -40,7 +40,7 @@ def get_config(shapes: str):
         if config.data.tokenizer == "char" and not config.model.vocab_size:
             config.model.vocab_size = 65  # synthetic tokens: the vocabulary of nanoGPT's Shakespeare characters
         return config
-    config = pretrain.get_config("shakespeare_char")  # nanoGPT's baby GPT, as tools/speed_table.sh runs it
+    config = pretrain.get_config("shakespeare_char")  # nanoGPT's baby GPT, as dev/speed_table.sh runs it
     config.model.dtype, config.model.dropout = "float32", 0.0
     config.data.batch_size, config.model.vocab_size = 16, 65
     return config
@@ -149,11 +149,11 @@ def main(shapes="baby", steps=4):
         sys.exit(f"step_breakdown.py: the PyTorch peer failed:\n{child.stderr[-2000:]}")
     torch_wall, torch_times = json.loads(child.stdout.strip().splitlines()[-1])
     wall, times = gptlab_breakdown(shapes, steps)
+    from gptlab import tables  # after gptlab_breakdown, as every gptlab import here
     print(f"{shapes}: a step's time by component, ms ({steps} steps under each profiler; gptlab per device thread)")
-    print("| component | gptlab | nanoGPT-style peer |\n| --- | --- | --- |")
-    for component in COMPONENTS:
-        print(f"| {component} | {times[component] * 1e3:.0f} | {torch_times[component] * 1e3:.0f} |")
-    print(f"| **wall time a step** | **{wall * 1e3:.0f}** | **{torch_wall * 1e3:.0f}** |")
+    rows = [[component, f"{times[component] * 1e3:.0f}", f"{torch_times[component] * 1e3:.0f}"] for component in COMPONENTS]
+    rows.append(["**wall time a step**", f"**{wall * 1e3:.0f}**", f"**{torch_wall * 1e3:.0f}**"])
+    print("\n".join(tables.markdown(["component", "gptlab", "nanoGPT-style peer"], rows)))
 
 
 if __name__ == "__main__":

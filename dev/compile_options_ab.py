@@ -1,7 +1,7 @@
 """gptlab's real train step compiled with several sets of XLA compile options, timed in ONE process.
 
-    python tools/compile_options_ab.py baby|small [BLOCKS] [STEPS_PER_BLOCK]
-    VARIANTS='{"xla": {"xla_cpu_use_onednn": false}}' python tools/compile_options_ab.py baby
+    python dev/compile_options_ab.py baby|small [BLOCKS] [STEPS_PER_BLOCK]
+    VARIANTS='{"xla": {"xla_cpu_use_onednn": false}}' python dev/compile_options_ab.py baby
 
 Separate benchmark processes on a shared VM drift by 20-45% within minutes; here every variant
 runs on the same state and batches, in alternating blocks (the order reversed every other block),
@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import step_breakdown  # noqa: E402
 from gptlab import benchmark, perf  # noqa: E402
+from gptlab import peak as peak_lib  # noqa: E402
 
 
 def main(shape="baby", blocks=6, per_block=3):
@@ -29,7 +30,7 @@ def main(shape="baby", blocks=6, per_block=3):
     if shape == "baby":
         config.model.dtype = os.environ.get("DTYPE", "float32")
     variants = json.loads(os.environ.get("VARIANTS") or json.dumps(
-        {"xla": perf.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
+        {"xla": peak_lib.PEAK_MATMUL_OPTIONS["xla"], "onednn": perf.CPU_MATMUL_OPTIONS["onednn"]}))
     par, state, train_step, batches = benchmark.synthetic_train_step(config, lambda line: print(line, file=sys.stderr))
     import jax
 

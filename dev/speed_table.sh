@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed tables of docs/speed.md, measured in one go on an idle CPU machine (about 20 minutes on 2 cores):
 #
-#     bash tools/speed_table.sh [OUT_DIR]        # default /tmp/gptlab_speed; prints Markdown tables
+#     bash dev/speed_table.sh [OUT_DIR]        # default /tmp/gptlab_speed; prints Markdown tables
 #
 # For nanoGPT's baby GPT (synthetic tokens) and the `small` preset (real pipeline): gptlab with
 # its defaults (automatic choices, gptlab/perf.py), then with each automatic choice switched
@@ -97,6 +97,7 @@ QS_SECONDS=$(( SECONDS - QS_START ))
 
 "$PY" - "$RESULTS" "$QS_SECONDS" "$OUT/quickstart" <<'PYEOF'
 import json, sys
+from gptlab import tables
 rows = [json.loads(line) for line in open(sys.argv[1])]
 first = rows[0]
 print(f"\nCPU: {first['cpu']}; peak {first['peak_tflops']:.3g} TFLOP/s ({first['peak_tflops_source']})")
@@ -109,16 +110,17 @@ for shapes in ("baby", "small"):
     m = train[0]["model"]
     print(f"**{shapes}** ({m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, context {m['block_size']}, "
           f"vocab {m['vocab_size']}, batch {train[0]['batch_size']}, {train[0]['data']})\n")
-    print("| setting | gptlab tokens/s | transformers tokens/s | nanoGPT tokens/s | vs transformers | vs nanoGPT "
-          "| vs nanoGPT, mean step | MFU | peak RSS MB gptlab / transformers / nanoGPT |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    table = []
     for r in train:
         get = lambda k, f="{:,.0f}": f.format(r[k]) if k in r else "-"
-        print(f"| {r['row']} | {get('tokens_per_s')} | {get('torch_tokens_per_s')} | {get('nanogpt_tokens_per_s')} "
-              f"| {get('ratio_vs_torch', '**{:.2f}**')} | {get('ratio_vs_nanogpt', '**{:.2f}**')} "
-              f"| {get('ratio_vs_nanogpt_by_mean', '{:.2f}')} | {r['mfu']:.3f} "
-              f"| {mb(r.get('peak_rss_increase_bytes'))} / {mb(r.get('torch_peak_rss_increase_bytes'))} / "
-              f"{mb(r.get('nanogpt_peak_rss_increase_bytes'))} |")
+        table.append([r['row'], get('tokens_per_s'), get('torch_tokens_per_s'), get('nanogpt_tokens_per_s'),
+                      get('ratio_vs_torch', '**{:.2f}**'), get('ratio_vs_nanogpt', '**{:.2f}**'),
+                      get('ratio_vs_nanogpt_by_mean', '{:.2f}'), f"{r['mfu']:.3f}",
+                      f"{mb(r.get('peak_rss_increase_bytes'))} / {mb(r.get('torch_peak_rss_increase_bytes'))} / "
+                      f"{mb(r.get('nanogpt_peak_rss_increase_bytes'))}"])
+    print("\n".join(tables.markdown(
+        ["setting", "gptlab tokens/s", "transformers tokens/s", "nanoGPT tokens/s", "vs transformers", "vs nanoGPT",
+         "vs nanoGPT, mean step", "MFU", "peak RSS MB gptlab / transformers / nanoGPT"], table, "lrrrrrrrl")))
     print()
     # MFU repeatability: the defaults' two runs, next to how much the peer's own speed moved between them.
     runs = [r for r in train if r["row"] == "defaults"]
@@ -129,13 +131,14 @@ for shapes in ("baby", "small"):
         if None not in peer:
             line += f"; the nanoGPT peer in the same runs: {peer[0]:,.0f} and {peer[1]:,.0f} tokens/s ({apart(*peer)})"
         print(line + "\n")
-print("| sampling (greedy, cache) | batch | gptlab tokens/s | HF generate tokens/s | ratio |")
-print("| --- | ---: | ---: | ---: | ---: |")
+table = []
 for r in rows:
     for key in sorted(k for k in r if k.startswith("sample_tokens_per_s_batch")):
         b = key.rsplit("batch", 1)[1]
-        print(f"| {r['shapes']} ({r['sample_prompt_len']} + {r['sample_new_tokens']} tokens) | {b} | {r[key]:,.0f} "
-              f"| {r[f'hf_sample_tokens_per_s_batch{b}']:,.0f} | **{r[f'sample_ratio_vs_hf_batch{b}']:.2f}** |")
+        table.append([f"{r['shapes']} ({r['sample_prompt_len']} + {r['sample_new_tokens']} tokens)", b, f"{r[key]:,.0f}",
+                      f"{r[f'hf_sample_tokens_per_s_batch{b}']:,.0f}", f"**{r[f'sample_ratio_vs_hf_batch{b}']:.2f}**"])
+print("\n".join(tables.markdown(["sampling (greedy, cache)", "batch", "gptlab tokens/s", "HF generate tokens/s", "ratio"],
+                               table, "lrrrr")))
 result = json.load(open(f"{sys.argv[3]}/result.json"))
 timing = result.get("timing", {})
 print(f"\nquick start ({result.get('steps')} steps): {float(sys.argv[2]):.0f} s end to end (command start to exit), "

@@ -1,8 +1,8 @@
 """Harness scoring time of gptlab_next_line_mc (100 items, 400 requests): --model gptlab vs --model hf.
 
     python -m experiments.convert --workdir=RUN --to_hf=HF_DIR
-    HF_DATASETS_OFFLINE=1 python tools/harness_timing.py RUN HF_DIR gptlab 16
-    HF_DATASETS_OFFLINE=1 python tools/harness_timing.py RUN HF_DIR hf 16
+    HF_DATASETS_OFFLINE=1 python dev/harness_timing.py RUN HF_DIR gptlab 16
+    HF_DATASETS_OFFLINE=1 python dev/harness_timing.py RUN HF_DIR hf 16
 
 Scores the task twice in one process (the first includes gptlab's compilation) and prints
 the seconds of each, the accuracies and, in timing_WHICH.json, every item's log-likelihoods.

@@ -5,16 +5,16 @@
 #      >= 1.2x PyTorch);
 #   2. shakespeare_char (nanoGPT's baby GPT, bfloat16, the preset as it is): wall time from the
 #      command's start until the validation loss reaches nanoGPT's 1.4697 (target: < 90 s);
-#   3. where gpt2_124m's step time goes: its kernels by time (tools/step_kernels.py);
-#   4. gpt2_124m's loss three ways in one process (tools/loss_ab.py): optax's cross-entropy on float32
+#   3. where gpt2_124m's step time goes: its kernels by time (dev/step_kernels.py);
+#   4. gpt2_124m's loss three ways in one process (dev/loss_ab.py): optax's cross-entropy on float32
 #      logits (the default), the head writing float32 logits itself, a fused cross-entropy that keeps
 #      only the logits' gradient: the next candidates for the missing MFU.
 #
 # Two steps. Here, on a machine with PyPI and ../shared/data (the GPU machine reaches neither):
-#     [SHAKESPEARE_DIR=DIR_OF_input.txt] bash tools/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/ (git-ignored)
+#     [SHAKESPEARE_DIR=DIR_OF_input.txt] bash dev/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/ (git-ignored)
 # Then on the GPU machine (the device tool's `run`, carry [".gpu"], timeout 600):
-#     bash tools/gpu_checks.sh                # prints a compact summary; logs and JSON in ${OUT:-/tmp}/gpu_checks
-#     bash tools/gpu_checks.sh benchmark      # only check 1 (`shakespeare`: only 2; `kernels`: 3; `loss`: 4), for a rerun
+#     bash dev/gpu_checks.sh                # prints a compact summary; logs and JSON in ${OUT:-/tmp}/gpu_checks
+#     bash dev/gpu_checks.sh benchmark      # only check 1 (`shakespeare`: only 2; `kernels`: 3; `loss`: 4), for a rerun
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -88,14 +88,14 @@ fi
 
 if [[ -z "$ONLY" || "$ONLY" == "kernels" ]]; then
 echo "== 3. gpt2_124m: kernels by time"
-timeout 120 "$PY" tools/step_kernels.py gpt2_124m 4 30 > "$LOGS/kernels.txt" 2> "$LOGS/kernels.log" \
+timeout 120 "$PY" dev/step_kernels.py gpt2_124m 4 30 > "$LOGS/kernels.txt" 2> "$LOGS/kernels.log" \
   || echo "kernel summary failed or timed out: see $LOGS/kernels.log"
 head -n 20 "$LOGS/kernels.txt" || true
 fi
 
 if [[ -z "$ONLY" || "$ONLY" == "loss" ]]; then
 echo "== 4. gpt2_124m: the loss three ways, alternating in one process"
-timeout 240 "$PY" tools/loss_ab.py gpt2_124m 4 5 > "$LOGS/loss_ab.txt" 2> "$LOGS/loss_ab.log" \
+timeout 240 "$PY" dev/loss_ab.py gpt2_124m 4 5 > "$LOGS/loss_ab.txt" 2> "$LOGS/loss_ab.log" \
   || echo "loss comparison failed or timed out: see $LOGS/loss_ab.log"
 cat "$LOGS/loss_ab.txt" || true
 fi

@@ -1,6 +1,6 @@
 """Writes the JSONL files of gptlab's offline lm-eval tasks (gptlab/eval_tasks/) from the standard library.
 
-    python tools/make_eval_tasks.py [--items=100]
+    python dev/make_eval_tasks.py [--items=100]
 
 Both tasks predict the next line of code from the lines before it, in the held-out
 packages' test-split blocks (gptlab/data/held_out.py, task_corpora.split_of_block), so no

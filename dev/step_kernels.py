@@ -1,6 +1,6 @@
 """Where one train step's device time goes: a few steps under `jax.profiler`, summed by kernel.
 
-    python tools/step_kernels.py PRESET [STEPS] [TOP]      # e.g. gpt2_124m on a GPU, small on a CPU
+    python dev/step_kernels.py PRESET [STEPS] [TOP]      # e.g. gpt2_124m on a GPU, small on a CPU
 
 Compiles the preset's real train step on synthetic tokens (`benchmark.synthetic_train_step`),
 runs 3 untimed steps, then STEPS (default 4) under the profiler, and prints the TOP (default 40)
@@ -24,7 +24,7 @@ from gptlab import benchmark  # noqa: E402
 
 def profiled_steps(state, train_step, batches, steps: int, trace_dir: str, python_tracer: bool = True) -> tuple:
     """(state, wall seconds a step, the trace's planes): 3 untimed steps (the first compiles), then `steps`
-    under `jax.profiler`, read back from the XSpace in `trace_dir` (`tools/step_breakdown.py` uses it too)."""
+    under `jax.profiler`, read back from the XSpace in `trace_dir` (`dev/step_breakdown.py` uses it too)."""
     import jax
 
     for _ in range(3):

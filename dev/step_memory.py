@@ -1,12 +1,12 @@
 """Each train step's time, page faults and resident memory, to see how the C heap behaves on a CPU.
 
-    python tools/step_memory.py [baby|PRESET] [STEPS] [auto|on|off]      # default: baby, 40 steps, auto
+    python dev/step_memory.py [baby|PRESET] [STEPS] [auto|on|off]      # default: baby, 40 steps, auto
 
 Runs the config's real train step on synthetic tokens (`benchmark.synthetic_train_step`) STEPS
 times with `parallel.cpu_reuse_memory` automatic, on or off, and prints one line a step: seconds, minor page faults during it, and the process's VmRSS after
 it; then the mean and median of steps 1.. (step 0 compiles) and how many of them faulted.
 A step that faults while the setting is on is one whose temporaries did not fit a freed block,
-so the heap grew (docs/speed.md, `parallel.cpu_reuse_memory`). `baby` is as in `tools/step_breakdown.py`.
+so the heap grew (docs/speed.md, `parallel.cpu_reuse_memory`). `baby` is as in `dev/step_breakdown.py`.
 Like `python -m experiments.NAME` it restarts itself with glibc's tcache off (gptlab/heap.py);
 `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` (glibc's default) keeps the tcache, and with it the
 automatic choice's limit on the step's temporaries (`perf.limit_reuse_memory`).

@@ -1,6 +1,6 @@
 """The language-model loss computed three ways in a preset's real train step, timed in ONE process.
 
-    python tools/loss_ab.py PRESET [BLOCKS] [STEPS_PER_BLOCK]      # e.g. gpt2_124m on a GPU (check 4 of gpu_checks.sh)
+    python dev/loss_ab.py PRESET [BLOCKS] [STEPS_PER_BLOCK]      # e.g. gpt2_124m on a GPU (check 4 of gpu_checks.sh)
 
 For a GPU loan: on an H200 about a fifth of gpt2_124m's step is passes over the 32x1024x50304
 logits (docs/speed.md, "GPU"). Each variant below is a loss function in place of `steps_lib.lm_loss_fn`,
@@ -17,7 +17,7 @@ block), so a slow moment slows all alike. Prints each variant's first loss and h
 is from optax's (relative to the largest; both must agree to the compute dtype's rounding), its median step time, tokens/s and MFU, and per block the first
 variant's step time over its own (above 1: faster than `optax`). Nothing here changes training:
 a variant that wins on a GPU becomes a config choice only with its measurement.
-On a CPU (to check the tool itself): `python tools/loss_ab.py tiny 2 2`.
+On a CPU (to check the tool itself): `python dev/loss_ab.py tiny 2 2`.
 """
 import dataclasses
 import os
@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from gptlab import benchmark, perf  # noqa: E402
+from gptlab import benchmark  # noqa: E402
+from gptlab import peak as peak_lib  # noqa: E402
 from gptlab import experiment as experiment_lib
 from gptlab import steps as steps_lib
 
@@ -91,7 +92,7 @@ VARIANTS = ("optax", "f32_logits", "fused")
 def main(preset="gpt2_124m", blocks=4, per_block=5):
     config = pretrain.get_config(preset)
     exp, parallel = benchmark.synthetic_experiment(config, lambda line: print(line, file=sys.stderr))
-    model = experiment_lib.training_model(config, experiment_lib.resolve_model_config(config, exp.tokenizer))
+    model = experiment_lib.training_model(config.model.get("dense_backward"), experiment_lib.resolve_model_config(config, exp.tokenizer))
     batches = experiment_lib.prefetched(config, exp.batches, parallel)
     steps, states, losses = {}, {}, {}
     for name in VARIANTS:
@@ -122,7 +123,7 @@ def main(preset="gpt2_124m", blocks=4, per_block=5):
         for name in (VARIANTS if block % 2 == 0 else VARIANTS[::-1]):
             medians[name].append(float(np.median([step(name) for _ in range(per_block)])))
     tokens = config.data.batch_size * experiment_lib.resolve_seq_len(config)
-    peak, peak_source = perf.total_peak_tflops(config.train.peak_tflops)
+    peak, peak_source = peak_lib.total_peak_tflops(config.train.peak_tflops)
     first = np.array(medians[VARIANTS[0]])
     print(f"{preset} on {jax.devices()[0].device_kind}, {tokens} tokens a step, peak {peak:.3g} TFLOP/s ({peak_source})")
     for name, times in medians.items():

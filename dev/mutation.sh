@@ -10,9 +10,9 @@
 #   lora       (lora alone, with its four tests: the quickest score of the transform users publish most)
 #
 #   pip install "mutmut>=3.8"         # in the project's virtual environment, which must be active
-#   nice -n 10 bash tools/mutation.sh                 # statistics, then model (which includes lora)
-#   nice -n 10 bash tools/mutation.sh statistics      # one group; a further argument keeps only those mutants
-#   nice -n 10 bash tools/mutation.sh model "gptlab.lora.*"
+#   nice -n 10 bash dev/mutation.sh                 # statistics, then model (which includes lora)
+#   nice -n 10 bash dev/mutation.sh statistics      # one group; a further argument keeps only those mutants
+#   nice -n 10 bash dev/mutation.sh model "gptlab.lora.*"
 #   (cd .mutation/model && mutmut show NAME)          # one mutant's diff
 #
 # Work happens in .mutation/GROUP/ (git-ignored): a copy of the sources with a generated setup.cfg, so
@@ -102,5 +102,5 @@ for group in "${groups[@]}"; do
   (cd "$dir" && mutmut run --max-children "${MUTATION_JOBS:-2}" "${patterns[@]}" > mutmut.log 2>&1) || {
     tail -c 3000 "$dir/mutmut.log" | tr '\r' '\n' | tail -20; exit 1; }
   # Per module: killed / all run, and the survivors (mutmut show NAME in $dir prints each one's diff).
-  (cd "$dir" && mutmut results --all true) | python3 "$ROOT/tools/mutation_summary.py" "${patterns[@]}"
+  (cd "$dir" && mutmut results --all true) | python3 "$ROOT/dev/mutation_summary.py" "${patterns[@]}"
 done
