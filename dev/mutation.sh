@@ -38,7 +38,7 @@ declare -A FUNCTIONS=(
   [model]="gptlab.lora.* gptlab.adapt.x__selects* gptlab.adapt.x_trainable_mask* gptlab.adapt.x_optimizer*
            gptlab.optim.x_match_mask* gptlab.optim.x_path_str* gptlab.optim.x_param_paths*
            gptlab.steps.x_lm_loss_fn* gptlab.steps.x_metrics_from_sums* gptlab.steps.x_macro_f1*
-           gptlab.finetune.x_classify_loss_fn* gptlab.data.supervised.x_encode_sft__* gptlab.data.supervised.x_encode_classify__*
+           gptlab.steps.x_classify_loss_fn* gptlab.data.supervised.x_encode_sft__* gptlab.data.supervised.x_encode_classify__*
            gptlab.evaluate.x_token_stream* gptlab.evaluate.x_windows* gptlab.evaluate.x_lm_metrics*
            gptlab.evaluate.x_sft_metrics* gptlab.evaluate.x_parses_as_python*"
 )

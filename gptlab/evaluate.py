@@ -139,7 +139,6 @@ def _all_batches(arrays, batch_size, config) -> list:
 
 def classify_metrics(loaded, data_cfg, config, log=print) -> dict:
     """Loss, accuracy, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
-    from gptlab import finetune
     from gptlab.data import supervised
 
     cfg = _model_cfg(loaded)
@@ -148,7 +147,7 @@ def classify_metrics(loaded, data_cfg, config, log=print) -> dict:
     names = list(builder.info.features[data_cfg.label_key].names)
     arrays, _ = supervised.encode_classify_examples(loaded.tokenizer, examples, data_cfg, data_cfg.seq_len)
     batches = _all_batches(arrays, data_cfg.batch_size, config)
-    eval_step = jax.jit(steps_lib.make_eval_step(finetune.classify_loss_fn(model_lib.GPT(cfg))))
+    eval_step = jax.jit(steps_lib.make_eval_step(steps_lib.classify_loss_fn(model_lib.GPT(cfg))))
     totals = steps_lib.sum_batches(eval_step, loaded.params, batches)
     metrics = {k[len("eval_"):]: v for k, v in steps_lib.metrics_from_sums(totals).items() if k != "eval_perplexity"}
     return {**metrics, "examples": int(totals["count"]), "classes": names,

@@ -42,7 +42,6 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gptlab import adapt
 from gptlab import checkpoint as checkpoint_lib
@@ -243,30 +242,6 @@ def init_params(model_cfg: model_lib.GPTConfig, task: str, num_classes, key, ada
     return params
 
 
-def classify_loss_fn(model: model_lib.GPT) -> steps_lib.LossFn:
-    """Cross-entropy of `cls_head` on the final hidden state of each row's last real token (GPT-1)."""
-
-    def loss_fn(params, batch, dropout_key):
-        body = {k: v for k, v in params.items() if k != adapt.TASK_HEAD}
-        rngs = {} if dropout_key is None else {"dropout": dropout_key}
-        hidden = model.apply({"params": body}, batch["tokens"], deterministic=dropout_key is None, rngs=rngs,
-                             return_hidden=True)
-        last = jnp.take_along_axis(hidden, (batch["lengths"] - 1)[:, None, None], axis=1)[:, 0]
-        head = params[adapt.TASK_HEAD]
-        logits = last.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        weights = batch["weights"]
-        predicted = jnp.argmax(logits, axis=-1)
-        correct = (predicted == batch["labels"]).astype(jnp.float32)
-        num_classes = logits.shape[-1]  # confusion[true, predicted]: macro-F1 at evaluation (steps_lib.evaluate)
-        confusion = (jax.nn.one_hot(batch["labels"], num_classes) * weights[:, None]).T @ jax.nn.one_hot(
-            predicted, num_classes)
-        return jnp.sum(losses * weights), {"count": jnp.sum(weights), "accuracy": jnp.sum(correct * weights),
-                                           "confusion": confusion, "tokens": jnp.float32(batch["tokens"].size)}
-
-    return loss_fn
-
-
 def _place_like(value, template):
     """`value` with the placement and dtype of `template` (a sharded jax.Array or a host array)."""
     if isinstance(template, jax.Array):
@@ -407,7 +382,7 @@ class Finetuning:
             model = lora.Adapted(model, self.adapters.scale)
         if self.ft.task == "dpo":
             return dpo.loss_fn(model, self.ft.dpo_beta, self.ft.dpo_loss)
-        return classify_loss_fn(model) if self.ft.task == "classify" else steps_lib.lm_loss_fn(model)
+        return steps_lib.classify_loss_fn(model) if self.ft.task == "classify" else steps_lib.lm_loss_fn(model)
 
     def describe(self) -> str:
         return f"; task {self.ft.task}"

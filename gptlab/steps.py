@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from gptlab import model as model_lib
+from gptlab.adapt import TASK_HEAD
 
 
 @flax.struct.dataclass
@@ -43,6 +44,30 @@ def lm_loss_fn(model: model_lib.GPT) -> LossFn:
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         weights = batch.get("weights", jnp.ones_like(losses))
         return jnp.sum(losses * weights), {"count": jnp.sum(weights), "tokens": jnp.float32(losses.size)}
+
+    return loss_fn
+
+
+def classify_loss_fn(model: model_lib.GPT) -> LossFn:
+    """Cross-entropy of `cls_head` on the final hidden state of each row's last real token (GPT-1)."""
+
+    def loss_fn(params, batch, dropout_key):
+        body = {k: v for k, v in params.items() if k != TASK_HEAD}
+        rngs = {} if dropout_key is None else {"dropout": dropout_key}
+        hidden = model.apply({"params": body}, batch["tokens"], deterministic=dropout_key is None, rngs=rngs,
+                             return_hidden=True)
+        last = jnp.take_along_axis(hidden, (batch["lengths"] - 1)[:, None, None], axis=1)[:, 0]
+        head = params[TASK_HEAD]
+        logits = last.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        weights = batch["weights"]
+        predicted = jnp.argmax(logits, axis=-1)
+        correct = (predicted == batch["labels"]).astype(jnp.float32)
+        num_classes = logits.shape[-1]  # confusion[true, predicted]: macro-F1 at evaluation (steps_lib.evaluate)
+        confusion = (jax.nn.one_hot(batch["labels"], num_classes) * weights[:, None]).T @ jax.nn.one_hot(
+            predicted, num_classes)
+        return jnp.sum(losses * weights), {"count": jnp.sum(weights), "accuracy": jnp.sum(correct * weights),
+                                           "confusion": confusion, "tokens": jnp.float32(batch["tokens"].size)}
 
     return loss_fn
 

@@ -152,7 +152,7 @@ def test_frozen_leaves_stay_bit_identical_and_trainable_ones_move(strategy, task
     schedule = optax.constant_schedule(1e-2)
     tx = adapt.optimizer(opt_config(weight_decay=0.5), schedule, params, mask)
     model = model_for(cfg, strategy)
-    loss_fn = finetune.classify_loss_fn(model) if task == "classify" else steps_lib.lm_loss_fn(model)
+    loss_fn = steps_lib.classify_loss_fn(model) if task == "classify" else steps_lib.lm_loss_fn(model)
     trainable = None if all(jax.tree.leaves(mask)) else mask
     accumulate = 2 if strategy == "lora" or task == "classify" else 1  # the scan path, where it matters most
     step = jax.jit(steps_lib.make_train_step(loss_fn, tx, schedule, grad_accum_steps=accumulate, trainable=trainable))

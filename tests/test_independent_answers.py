@@ -196,7 +196,7 @@ def test_classify_loss_accuracy_and_confusion_on_known_predictions():
     predicted = logits.argmax(-1)
     labels = np.array([predicted[0], predicted[1], (predicted[2] + 1) % 3, predicted[3], (predicted[4] + 2) % 3, 0])
     weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last row is padding
-    loss_sum, sums = finetune.classify_loss_fn(GPT(TINY))(
+    loss_sum, sums = steps_lib.classify_loss_fn(GPT(TINY))(
         params, {"tokens": tokens, "lengths": lengths, "labels": labels, "weights": weights}, None)
     nll = -log_softmax(logits)[np.arange(6), labels]
     assert float(loss_sum) == pytest.approx((nll * weights).sum(), rel=1e-4)
