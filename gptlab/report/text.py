@@ -98,13 +98,16 @@ def _md_long(report) -> list:
 
 
 def _md_unfinished(report) -> list:
+    skipped = sum(report.states[cell.name]["status"] == "skipped" for cell in report.sweep.cells)
+    # skipped cells are not missing: their stage's choice (made on one seed) did not pick their value
+    note = [f"{skipped} cells skipped: a choosing stage ran them only on its choice seed."] if skipped else []
     rows = [(cell, report.states[cell.name]) for cell in report.sweep.cells
-            if report.states[cell.name]["status"] != "finished"]
+            if report.states[cell.name]["status"] not in ("finished", "skipped")]
     if not rows:
-        return [f"None: all {len(report.sweep.cells)} cells finished."]
+        return [f"None: all {len(report.sweep.cells) - skipped} cells to run finished."] + (["", *note] if note else [])
     return tables.markdown(["cell", "status", "attempts", "error"],
                            [[cell.name, state["status"], state.get("attempts", 0), state.get("error") or ""]
-                            for cell, state in rows], "llrl")
+                            for cell, state in rows], "llrl") + (["", *note] if note else [])
 
 
 def latex(report) -> str:
