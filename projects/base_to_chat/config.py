@@ -12,7 +12,9 @@ Stages (each a cell of the sweep, in DIR/runs/CELL/):
   sft    chat SFT (configs/finetune.py:full,chat) from base on the embedded conversations about the held-out
          packages (gptlab/chat/corpus.py), loss on assistant turns only; one run per seed.
   dpo    DPO (configs/finetune.py:full,dpo) from the SFT run of the same seed (its last checkpoint) on the
-         embedded preference pairs, the SFT model as the frozen reference; one run per seed.
+         embedded preference pairs, the SFT model as the frozen reference; one run per seed and learning rate of
+         the preset's grid: the report keeps the learning rate whose runs have the best mean preference accuracy
+         on the VALIDATION pairs (never test), and reports the test split for it alone.
 Every stage trains for a fixed number of steps (no early stopping), so the model each stage hands on is its last.
 
 Presets:
@@ -32,21 +34,22 @@ PRESETS = {
         model=dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
         batch_size=16, cpu_devices=1,
         base_steps=600, base_learning_rate=2e-3, base_warmup=50,  # 600 x 16 x 256 = 2.5M tokens
-        sft_steps=200, sft_learning_rate=5e-4,  # about one pass over the 3,435 training conversations
-        # DPO on the first half of the training pairs (1,718; 100 x 16 = 1,600 seen): the reference's
-        # log-probabilities are computed for every pair before the first step, so unused pairs cost time
-        dpo_steps=100, dpo_learning_rate=5e-5, dpo_beta=0.1, dpo_train_fraction=0.5,
+        sft_steps=150, sft_learning_rate=5e-4,  # 2,400 of the 3,435 training conversations
+        # DPO on the first 40% of the training pairs (1,374; 80 x 16 = 1,280 seen): the reference's
+        # log-probabilities are computed for every pair before the first step, so unused pairs cost time.
+        # The learning rate is chosen on the validation pairs from dpo_learning_rates (report.py).
+        dpo_steps=80, dpo_learning_rates=[1e-4, 4e-4], dpo_beta=0.1, dpo_train_fraction=0.4,
         eval_every=100, eval_batches=4,
         # the card (card.py): conversations and pairs of the test split measured, the reply cap in tokens,
         # windows of the pretraining corpus's validation split for bits per byte
-        card=dict(conversations=300, pairs=400, cap=64, breadth_batches=24),
+        card=dict(conversations=200, pairs=300, cap=64, breadth_batches=16),
         seeds=SEEDS),
     "gpu": dict(
         model=dict(n_layer=12, n_head=12, n_embd=768, block_size=512, dtype="bfloat16"),
         batch_size=32, cpu_devices=None,
         base_steps=2000, base_learning_rate=6e-4, base_warmup=100,
         sft_steps=300, sft_learning_rate=1e-4,
-        dpo_steps=150, dpo_learning_rate=1e-5, dpo_beta=0.1, dpo_train_fraction=1.0,
+        dpo_steps=150, dpo_learning_rates=[1e-5, 4e-5], dpo_beta=0.1, dpo_train_fraction=1.0,
         eval_every=100, eval_batches=8,
         card=dict(conversations=546, pairs=546, cap=128, breadth_batches=64),
         seeds=SEEDS),
@@ -55,7 +58,7 @@ PRESETS = {
         batch_size=4, cpu_devices=1,
         base_steps=6, base_learning_rate=3e-3, base_warmup=2,
         sft_steps=4, sft_learning_rate=1e-3,
-        dpo_steps=3, dpo_learning_rate=1e-4, dpo_beta=0.1, dpo_train_fraction=0.5,
+        dpo_steps=3, dpo_learning_rates=[1e-4, 4e-4], dpo_beta=0.1, dpo_train_fraction=0.5,
         eval_every=2, eval_batches=1,
         card=dict(conversations=6, pairs=6, cap=8, breadth_batches=2),
         seeds=[0, 1]),
@@ -92,8 +95,9 @@ def get_config(preset: str = "cpu") -> dict:
              overrides={**finetune, **schedule(p["sft_steps"], p["sft_learning_rate"], warmup)}),
         dict(name="dpo", experiment="finetune", config="configs/finetune.py:full,dpo", init_from="sft",
              label="DPO", seeds=p["seeds"],
-             overrides={**finetune, **schedule(p["dpo_steps"], p["dpo_learning_rate"], warmup),
-                        "finetune.dpo_beta": p["dpo_beta"], "data.train_fraction": p["dpo_train_fraction"]}),
+             overrides={**finetune, **schedule(p["dpo_steps"], min(p["dpo_learning_rates"]), warmup),
+                        "finetune.dpo_beta": p["dpo_beta"], "data.train_fraction": p["dpo_train_fraction"]},
+             grid={"optimizer.learning_rate": p["dpo_learning_rates"]}),
     ]
     return dict(
         name=f"base_to_chat_{preset}",
@@ -102,7 +106,8 @@ def get_config(preset: str = "cpu") -> dict:
                      f"held-out packages ({p['base_steps']} steps), fine-tuned for chat on conversations about the "
                      f"held-out packages ({p['sft_steps']} steps, full SFT, loss on assistant turns only), then "
                      f"preference-tuned with DPO ({p['dpo_steps']} steps, beta {p['dpo_beta']}, the SFT model the "
-                     f"reference); {len(p['seeds'])} seeds of SFT and DPO, one base."),
+                     f"reference, the learning rate chosen from {p['dpo_learning_rates']} on the validation pairs); "
+                     f"{len(p['seeds'])} seeds of SFT and DPO, one base."),
         metric="test_loss",
         stages=stages,
         study=dict(report="projects.base_to_chat.report", preset=preset, seeds=p["seeds"], card=p["card"],
