@@ -17,17 +17,19 @@ COMMITTED = REPO / "docs" / "results" / "chat"
 def test_config_expands_to_base_sft_and_dpo_per_seed():
     sweep = sweep_lib.load_sweep("projects/base_to_chat/config.py:cpu")
     names = [c.name for c in sweep.cells]
-    assert names == ["base-seed0", "sft-seed0", "sft-seed1", "sft-seed2", "dpo-seed0", "dpo-seed1", "dpo-seed2"]
+    dpo_names = [f"dpo-learning_rate=0.0002-seed{seed}" for seed in range(3)]
+    assert names == ["base-seed0", "sft-seed0", "sft-seed1", "sft-seed2"] + dpo_names
     by = {c.name: c for c in sweep.cells}
     assert by["base-seed0"].experiment == "pretrain" and by["base-seed0"].overrides["model.block_size"] == 256
     for seed in range(3):
-        sft, dpo = by[f"sft-seed{seed}"], by[f"dpo-seed{seed}"]
+        sft, dpo = by[f"sft-seed{seed}"], by[f"dpo-learning_rate=0.0002-seed{seed}"]
         assert sft.config.endswith("configs/finetune.py:full,chat") and sft.depends_on == "base-seed0"
         assert dpo.config.endswith("configs/finetune.py:full,dpo") and dpo.depends_on == f"sft-seed{seed}"
         assert sft.seed == dpo.seed == seed
         assert sft.overrides["train.early_stopping_patience"] == 0  # each stage hands on its last checkpoint
+        assert dpo.overrides["optimizer.learning_rate"] == 2e-4 and dpo.factors == {"optimizer.learning_rate": 2e-4}
     assert sweep.study["report"] == "projects.base_to_chat.report"
-    assert [c.stage for c in sweep_lib.load_sweep("projects/base_to_chat/config.py:gpu").cells].count("dpo") == 3
+    assert [c.stage for c in sweep_lib.load_sweep("projects/base_to_chat/config.py:gpu").cells].count("dpo") == 6
     with pytest.raises(Exception, match="unknown preset"):
         sweep_lib.load_sweep("projects/base_to_chat/config.py:nope")
 
@@ -45,10 +47,15 @@ def synthetic_study(directory: pathlib.Path) -> pathlib.Path:
     measured = [_measured("base", 0, 3.0, 0.0, 0.40, 2.00)]
     measured += [_measured("sft", s, loss, 0.96, 0.50, 2.02) for s, loss in enumerate((1.9, 2.0, 2.1))]
     measured += [_measured("dpo", s, 2.0, 0.97, pref, 2.04) for s, pref in enumerate((0.60, 0.62, 0.64))]
+    for m in measured[1:]:
+        m["validation_preference_accuracy"] = m["preference_accuracy"] - 0.05
+    selection = {"chosen_learning_rate": 1e-4, "candidates": [
+        {"learning_rate": 1e-4, "seeds": [0, 1, 2], "validation_preference_accuracy": 0.57},
+        {"learning_rate": 4e-4, "seeds": [0, 1, 2], "validation_preference_accuracy": 0.51}]}
     records = [{"cell": m["cell"], "stage": m["stage"], "seed": m["seed"], "workdir": f"runs/{m['cell']}",
                 "wall_time_s": 100.0, "trainable": 1000, "commit": "abcdef0123", "dirty": False,
                 "host_cpu": "a CPU"} for m in measured]
-    (directory / card_report.CARD).write_text(json.dumps(measured))
+    (directory / card_report.CARD).write_text(json.dumps({"measured": measured, "dpo_selection": selection}))
     (directory / card_report.RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
     (directory / card_report.SPEC).write_text(json.dumps({
         "name": "base_to_chat_test", "description": "known numbers", "source": "projects/base_to_chat/config.py:cpu",
@@ -78,6 +85,9 @@ def test_report_tables_from_known_numbers(tmp_path):
     paired = {(row[0], row[1]): row for row in _csv(study / "table_paired.csv")[1:]}
     row = paired[("DPO - chat SFT", "preference_accuracy")]
     assert row[2].startswith("+12.00% [") and row[3] == "3" and row[4] == "better"
+    chosen = {row[0]: row for row in _csv(study / "table_dpo_selection.csv")[1:]}
+    assert chosen["0.0001"][2:] == ["57.0%", "chosen"] and chosen["0.0004"][3] == ""
+    assert chosen["chat SFT (no DPO)"][2] == "45.0%"
     report = (study / "report.md").read_text()
     assert "Some CPU" in report and "10.0 min over 1 invocation(s)" in report and "'sft'" in report
     first = report
@@ -87,11 +97,11 @@ def test_report_tables_from_known_numbers(tmp_path):
 
 def test_targets_not_met_are_said(tmp_path):
     study = synthetic_study(tmp_path / "study")
-    measured = json.loads((study / card_report.CARD).read_text())
-    for m in measured:
+    card = json.loads((study / card_report.CARD).read_text())
+    for m in card["measured"]:
         if m["stage"] == "dpo":
             m["preference_accuracy"], m["bits_per_byte"] = 0.5 + 0.01 * (m["seed"] - 1), 2.5
-    (study / card_report.CARD).write_text(json.dumps(measured))
+    (study / card_report.CARD).write_text(json.dumps(card))
     card_report.write_study(study)
     targets = [row[2] for row in _csv(study / "table_targets.csv")[1:]]
     assert targets == ["met", "met", "not met", "not met"]
@@ -101,7 +111,8 @@ def _fake_finished(workdir, cell):
     """A run directory whose result.json records the cell's configuration: the sweep counts it finished."""
     run = sweep_lib.run_dir(workdir, cell.name)
     run.mkdir(parents=True)
-    config = json.loads(sweep_lib.build_config(cell, init_from="<checked>").to_json_best_effort())
+    init_from = str(sweep_lib.run_dir(workdir, cell.depends_on)) if cell.depends_on else None
+    config = json.loads(sweep_lib.build_config(cell, init_from=init_from).to_json_best_effort())
     (run / "config.json").write_text(json.dumps(config))
     (run / "result.json").write_text(json.dumps({"config": config, "artefacts": [], "timing": {"wall_time_s": 1.0},
                                                  "params": {"trainable": 5}}))
@@ -126,10 +137,41 @@ def test_resuming_redoes_neither_a_finished_stage_nor_its_measurement(tmp_path):
         calls.append(pathlib.Path(run_dir).name)
         return {"step": 6, "assistant_loss": 1.0, "stop_rate": 0.0, "preference_accuracy": 0.5, "bits_per_byte": 3.0}
 
-    card_report.collect(workdir, measure)
-    card_report.collect(workdir, measure)  # a rerun: the measurement is cached
+    def validate(run_dir, settings):
+        calls.append("validate " + pathlib.Path(run_dir).name)
+        return {"validation_preference_accuracy": 0.5, "validation_pairs": 6}
+
+    card_report.collect(workdir, measure, validate)
+    card_report.collect(workdir, measure, validate)  # a rerun: the measurement is cached
     assert calls == ["base-seed0"]
-    assert json.loads((workdir / "study" / card_report.CARD).read_text())[0]["assistant_loss"] == 1.0
+    card = json.loads((workdir / "study" / card_report.CARD).read_text())
+    assert card["measured"][0]["assistant_loss"] == 1.0 and card["dpo_selection"]["chosen_learning_rate"] is None
+
+
+def test_dpo_learning_rate_is_chosen_on_validation_and_only_its_runs_are_measured(tmp_path):
+    sweep = sweep_lib.load_sweep("projects/base_to_chat/config.py:tiny")
+    workdir = tmp_path / "sweep"
+    workdir.mkdir()
+    sweep_lib.write_sweep_json(workdir, sweep)
+    for cell in sweep.cells:
+        _fake_finished(workdir, cell)
+    measured = []
+    validation = {1e-4: 0.6, 4e-4: 0.7}  # on validation the larger rate wins
+
+    def measure(run_dir, base_config, settings):
+        measured.append(pathlib.Path(run_dir).name)
+        return {"preference_accuracy": 0.1}  # test numbers never take part in the choice
+
+    def validate(run_dir, settings):
+        name = pathlib.Path(run_dir).name
+        lr = 4e-4 if "0.0004" in name else 1e-4
+        return {"validation_preference_accuracy": validation[lr] if name.startswith("dpo") else 0.5}
+
+    card_report.collect(workdir, measure, validate)
+    card = json.loads((workdir / "study" / card_report.CARD).read_text())
+    assert card["dpo_selection"]["chosen_learning_rate"] == 4e-4
+    assert sorted(n for n in measured if n.startswith("dpo")) == ["dpo-learning_rate=0.0004-seed0",
+                                                                   "dpo-learning_rate=0.0004-seed1"]
 
 
 @pytest.mark.skipif(not (COMMITTED / card_report.CARD).exists(), reason="no committed report card yet")

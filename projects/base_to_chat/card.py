@@ -166,6 +166,12 @@ def samples(model: Model, prompts: list, cap: int) -> list:
     return out
 
 
+def validate(run_dir, card: dict) -> dict:
+    """Preference accuracy on the first `pairs` VALIDATION pairs: what DPO's learning rate is chosen by."""
+    out = preference_accuracy(load(run_dir), test_pairs(card["pairs"], "validation"))
+    return {"validation_preference_accuracy": out["preference_accuracy"], "validation_pairs": out["pairs"]}
+
+
 def measure(run_dir, base_config: dict, card: dict, split: str = "test") -> dict:
     """Everything the report card says about one run's last checkpoint (see the module docstring)."""
     start = time.perf_counter()

@@ -1,7 +1,10 @@
 """The base -> chat SFT -> DPO report card: each stage's depth, breadth, cost and sample conversations.
 
 `write_study(DIR)`: from a sweep workdir, measures every finished run that has not been measured
-(card.py; each measurement cached in DIR/card/CELL.json, so a rerun measures only what is new),
+(card.py; each measurement cached in DIR/card/CELL.json, so a rerun measures only what is new).
+DPO runs at several learning rates: each SFT and DPO run's preference accuracy on the validation
+pairs is measured first (DIR/card/CELL.validation.json), the learning rate with the best mean over
+seeds is kept (a tie: the smaller), and only its runs are measured on the test split. It then
 collects DIR/study/ (results.jsonl: the runs' records; card.json: the measurements; study.json: the
 study and its invocations) and writes report.md and table_*.csv there. From a study directory it
 regenerates the same report from those files alone. Intervals: 95% Student t over seeds
@@ -49,14 +52,16 @@ def _record(line: dict) -> dict:
             "trainable": (r.get("params") or {}).get("trainable"), "total": (r.get("params") or {}).get("total"),
             "commit": (r.get("git") or {}).get("commit"), "dirty": (r.get("git") or {}).get("dirty"),
             "host_cpu": (r.get("device") or {}).get("host_cpu") or (r.get("device") or {}).get("kind"),
-            "data_examples": r.get("data_examples")}
+            "data_examples": r.get("data_examples"), "factors": line.get("factors") or {}}
 
 
-def collect(workdir, measure=None) -> pathlib.Path:
-    """DIR/study/ from a sweep workdir: the runs' records, every finished run measured (cached)."""
-    from projects.base_to_chat import card as card_lib  # jax and the data code: only where something is measured
+def collect(workdir, measure=None, validate=None) -> pathlib.Path:
+    """DIR/study/ from a sweep workdir: the runs' records, DPO's learning rate chosen on validation, the
+    chosen runs measured (every measurement cached)."""
+    if measure is None or validate is None:
+        from projects.base_to_chat import card as card_lib  # jax and the data code: only where something is measured
 
-    measure = measure or card_lib.measure
+        measure, validate = measure or card_lib.measure, validate or card_lib.validate
     workdir = pathlib.Path(workdir)
     sweep = sweep_lib.load_stored(workdir)
     out = workdir / STUDY_DIR
@@ -66,19 +71,38 @@ def collect(workdir, measure=None) -> pathlib.Path:
     files.write_jsonl_atomic(out / RECORDS, records)
     settings = sweep.study["card"]
     base = next((r for r in records if r["stage"] == "base"), None)
-    measured = []
-    for r in records:
-        cache = workdir / "card" / f"{r['cell']}.json"
+
+    def cached(r, suffix, fn):
+        cache = workdir / "card" / f"{r['cell']}{suffix}.json"
         key = {"settings": settings, "fingerprint": sweep.cell(r["cell"]).fingerprint}
         stored = _read(cache)
         if stored is None or stored.get("key") != key:
-            base_config = json.loads((workdir / base["workdir"] / "config.json").read_text())
-            stored = {"key": key, "cell": r["cell"], "stage": r["stage"], "seed": r["seed"],
-                      **measure(workdir / r["workdir"], base_config, settings)}
+            stored = {"key": key, "cell": r["cell"], "stage": r["stage"], "seed": r["seed"], **fn()}
             cache.parent.mkdir(exist_ok=True)
             files.write_json_atomic(cache, stored)
-        measured.append({k: v for k, v in stored.items() if k != "key"})
-    files.write_json_atomic(out / CARD, measured)
+        return {k: v for k, v in stored.items() if k != "key"}
+
+    validation = {r["cell"]: cached(r, ".validation", lambda r=r: validate(workdir / r["workdir"], settings))
+                  for r in records if r["stage"] in ("sft", "dpo")}
+    candidates = {}  # DPO learning rate -> {seed: validation preference accuracy}
+    for r in records:
+        if r["stage"] == "dpo":
+            lr = r["factors"].get("optimizer.learning_rate")
+            candidates.setdefault(lr, {})[r["seed"]] = validation[r["cell"]]["validation_preference_accuracy"]
+    chosen = max(sorted(candidates, key=lambda lr: (lr is None, lr)),
+                 key=lambda lr: sum(candidates[lr].values()) / len(candidates[lr]), default=None)
+    selection = {"chosen_learning_rate": chosen, "candidates": [
+        {"learning_rate": lr, "seeds": sorted(v), "validation_preference_accuracy": sum(v.values()) / len(v)}
+        for lr, v in sorted(candidates.items(), key=lambda kv: (kv[0] is None, kv[0]))]}
+    measured = []
+    for r in records:
+        if r["stage"] == "dpo" and r["factors"].get("optimizer.learning_rate") != chosen:
+            continue
+        base_config = json.loads((workdir / base["workdir"] / "config.json").read_text())
+        m = cached(r, "", lambda r=r: measure(workdir / r["workdir"], base_config, settings))
+        measured.append({**m, **{k: v for k, v in validation.get(r["cell"], {}).items()
+                                 if k.startswith("validation_")}})
+    files.write_json_atomic(out / CARD, {"measured": measured, "dpo_selection": selection})
     previous = _read(out / SPEC) or {}
     files.write_json_atomic(out / SPEC, {"name": sweep.name, "description": sweep.description,
                                          "source": sweep.source, "study": sweep.study,
@@ -114,7 +138,8 @@ def cpu_model() -> str:
 class Card:
     """The measurements by stage and seed, and what the tables and targets make of them."""
 
-    def __init__(self, meta: dict, records: list, measured: list):
+    def __init__(self, meta: dict, records: list, card: dict):
+        measured, self.selection = card["measured"], card.get("dpo_selection") or {}
         self.meta, self.study = meta, meta.get("study") or {}
         self.records = {r["cell"]: r for r in records}
         self.by_stage = {s: {} for s in STAGES}  # stage -> seed -> measurements plus the run's record
@@ -198,13 +223,14 @@ class Card:
             row.append(f"{next(iter(trainable.values())):,}" if trainable else "—")
             rows.append(row)
         t["stages"] = (header, rows, "ll" + "r" * (len(header) - 2))
-        header = ["stage", "seed", "step"] + list(METRICS) + ["stop: replies", "write turns", "pairs",
-                                                             "wall_time_s", "trainable", "measure_seconds"]
+        header = ["stage", "seed", "step"] + list(METRICS) + ["validation_preference_accuracy", "stop: replies",
+                                                             "write turns", "pairs", "wall_time_s", "trainable",
+                                                             "measure_seconds"]
         rows = []
         for stage in STAGES:
             for seed, m in sorted(self.by_stage[stage].items()):
                 rows.append([stage, seed, m.get("step")] + [m.get(k) for k in METRICS] +
-                            [m.get("replies"), m.get("write_turns"), m.get("pairs"), m.get("wall_time_s"),
+                            [m.get("validation_preference_accuracy"), m.get("replies"), m.get("write_turns"), m.get("pairs"), m.get("wall_time_s"),
                              m.get("trainable"), m.get("measure_seconds")])
         t["seeds"] = (header, rows, "lrr" + "r" * (len(header) - 3))
         rows = []
@@ -218,6 +244,14 @@ class Card:
         rows = [[target, measured, "—" if met is None else ("met" if met else "not met")]
                 for target, measured, met in self.targets()]
         t["targets"] = (["target", "measured", "verdict"], rows, "lll")
+        chosen = self.selection.get("chosen_learning_rate")
+        rows = [[f"{c['learning_rate']:g}", str(len(c["seeds"])), f"{c['validation_preference_accuracy']:.1%}",
+                 "chosen" if c["learning_rate"] == chosen else ""] for c in self.selection.get("candidates", [])]
+        sft = self.values("sft", "validation_preference_accuracy")
+        if sft:
+            rows.append(["chat SFT (no DPO)", str(len(sft)), f"{sum(sft.values()) / len(sft):.1%}", ""])
+        t["dpo_selection"] = (["DPO learning rate", "seeds", "validation preference accuracy (mean)", ""], rows,
+                              "lrrl")
         return t
 
     def samples(self) -> list:
@@ -292,6 +326,12 @@ def markdown(card: Card, tables_: dict) -> str:
     lines += ["", "## Targets", ""]
     header, rows, align = tables_["targets"]
     lines += tables.markdown(header, rows, align)
+    lines += ["", "## DPO's learning rate, chosen on the validation pairs", "",
+              "Every candidate ran for every seed; the report keeps the one with the best mean preference accuracy "
+              "on the validation pairs (the same measure as the test column above, on the validation split) and "
+              "reports only its runs.", ""]
+    header, rows, align = tables_["dpo_selection"]
+    lines += tables.markdown(header, rows, align)
     lines += ["", "## Paired differences", "",
               "Per seed, a - b (relative: a / b - 1); DPO seed s starts from SFT seed s, and both from the one base.", ""]
     header, rows, align = tables_["paired"]
@@ -307,8 +347,8 @@ def markdown(card: Card, tables_: dict) -> str:
                 lines += [f"   - **user**: {_quote(user)}",
                           f"   - **assistant**: {_quote(reply) or '(empty)'}{'' if stopped else ' (cut)'}"]
             lines.append("")
-    lines += ["## Files", "", "table_stages.csv, table_targets.csv, table_paired.csv and table_seeds.csv (every "
-              "stage and seed's numbers) hold the tables; card.json the measurements with the sample "
+    lines += ["## Files", "", "table_stages.csv, table_targets.csv, table_dpo_selection.csv, table_paired.csv and "
+              "table_seeds.csv (every stage and seed's numbers) hold the tables; card.json the measurements with the sample "
               "conversations; results.jsonl the runs' records (wall time, parameters, commit, CPU); study.json "
               "the study's settings and invocations.", ""]
     return "\n".join(lines)
