@@ -29,7 +29,7 @@ def test_config_expands_to_base_sft_and_dpo_per_seed():
         assert sft.overrides["train.early_stopping_patience"] == 0  # each stage hands on its last checkpoint
         assert dpo.overrides["optimizer.learning_rate"] == 2e-4 and dpo.factors == {"optimizer.learning_rate": 2e-4}
     assert sweep.study["report"] == "projects.base_to_chat.report"
-    assert [c.stage for c in sweep_lib.load_sweep("projects/base_to_chat/config.py:gpu").cells].count("dpo") == 6
+    assert [c.stage for c in sweep_lib.load_sweep("projects/base_to_chat/config.py:gpu").cells].count("dpo") == 3
     with pytest.raises(Exception, match="unknown preset"):
         sweep_lib.load_sweep("projects/base_to_chat/config.py:nope")
 

@@ -108,7 +108,7 @@ fi
 if [[ -z "$ONLY" || "$ONLY" == "chat" ]]; then
 echo "== 5. base -> chat SFT -> DPO, the report card's pipeline on a ~100M model"
 START=$SECONDS
-timeout 420 "$PY" -m experiments.study --config=projects/base_to_chat/config.py:gpu --workdir="$LOGS/chat" --parallel=1 \
+timeout 480 "$PY" -m experiments.study --config=projects/base_to_chat/config.py:gpu --workdir="$LOGS/chat" --parallel=1 \
   --set=data.data_dir="$PWD/$GPU_DIR/tfds" > "$LOGS/chat.log" 2>&1 \
   || echo "chat pipeline failed or timed out (rc $?; rerun to resume): see $LOGS/chat.log"
 echo "chat pipeline: $(( SECONDS - START )) s"

@@ -50,7 +50,7 @@ PRESETS = {
         batch_size=32, cpu_devices=None,
         base_steps=2000, base_learning_rate=6e-4, base_warmup=100,
         sft_steps=300, sft_learning_rate=1e-4,
-        dpo_steps=150, dpo_learning_rates=[1e-5, 4e-5], dpo_beta=0.1, dpo_train_fraction=1.0,
+        dpo_steps=150, dpo_learning_rates=[2e-5], dpo_beta=0.1, dpo_train_fraction=1.0,
         eval_every=100, eval_batches=8,
         card=dict(conversations=546, pairs=546, cap=128, breadth_batches=64),
         seeds=SEEDS),
@@ -107,8 +107,9 @@ def get_config(preset: str = "cpu") -> dict:
                      f"held-out packages ({p['base_steps']} steps), fine-tuned for chat on conversations about the "
                      f"held-out packages ({p['sft_steps']} steps, full SFT, loss on assistant turns only), then "
                      f"preference-tuned with DPO ({p['dpo_steps']} steps, beta {p['dpo_beta']}, the SFT model the "
-                     f"reference, the learning rate chosen from {p['dpo_learning_rates']} on the validation pairs); "
-                     f"{len(p['seeds'])} seeds of SFT and DPO, one base."),
+                     + (f"reference, the learning rate chosen from {p['dpo_learning_rates']} on the validation pairs); "
+                        if len(p["dpo_learning_rates"]) > 1 else f"reference, learning rate {p['dpo_learning_rates'][0]:g}); ")
+                     + f"{len(p['seeds'])} seeds of SFT and DPO, one base."),
         metric="test_loss",
         stages=stages,
         study=dict(report="projects.base_to_chat.report", preset=preset, seeds=p["seeds"], card=p["card"],
