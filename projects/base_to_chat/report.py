@@ -48,7 +48,9 @@ def _record(line: dict) -> dict:
     """What the card needs of a run's result.json."""
     r = line["result"]
     return {"cell": line["cell"], "stage": line["stage"], "seed": line["seed"], "workdir": line["workdir"],
-            "wall_time_s": (r.get("timing") or {}).get("wall_time_s"), "steps": r.get("steps"),
+            # every attempt of the cell, process start to end (an interrupted run resumes in a later attempt)
+            "wall_time_s": line.get("cell_seconds") or (r.get("timing") or {}).get("wall_time_s"),
+            "last_attempt_train_s": (r.get("timing") or {}).get("wall_time_s"), "steps": r.get("steps"),
             "trainable": (r.get("params") or {}).get("trainable"), "total": (r.get("params") or {}).get("total"),
             "commit": (r.get("git") or {}).get("commit"), "dirty": (r.get("git") or {}).get("dirty"),
             "host_cpu": (r.get("device") or {}).get("host_cpu") or (r.get("device") or {}).get("kind"),
@@ -318,7 +320,8 @@ def markdown(card: Card, tables_: dict) -> str:
               f"write-this-function turns among them exact match and parse rate) and {settings.get('pairs')} preference "
               "pairs (preference accuracy: the model's own summed log-probability of the chosen answer above the "
               "rejected one's). Breadth: bits per byte on the pretraining corpus's validation split "
-              f"({settings.get('breadth_batches')} batches). Cost: the run's wall time and trainable parameters. "
+              f"({settings.get('breadth_batches')} batches). Cost: the run's wall time (every attempt of it, start-up "
+              "included: a run interrupted and resumed counts both parts) and its trainable parameters. "
               "Mean ± half-width of the 95% t-interval over seeds (the base: one run). "
               "projects/base_to_chat/card.py defines each number.", ""]
     header, rows, align = tables_["stages"]
