@@ -183,3 +183,27 @@ def test_committed_report_card_is_regenerated_from_its_stored_results(tmp_path):
     card_report.write_study(copy)
     for path in sorted(COMMITTED.glob("*.csv")) + [COMMITTED / "report.md"]:
         assert (copy / path.name).read_text() == path.read_text(), path.name
+
+
+def test_a_long_prompt_is_cut_from_the_left_so_the_answer_stays_in_the_window():
+    """The chat preset's context fix: a prompt longer than the window costs context, not the answer."""
+    import numpy as np
+
+    from gptlab import tokenizers
+    from gptlab.chat import data as chat_data
+    from gptlab.chat import template
+
+    tok = template.with_chat_tokens(tokenizers.ByteTokenizer())
+    messages = [{"role": "system", "content": "s" * 50}, {"role": "user", "content": "u" * 100},
+                {"role": "assistant", "content": "the answer"}]
+    ids, mask = template.render(tok, messages)
+    cut_ids, cut_mask = template.keep_answer(ids, mask, 40)
+    assert len(cut_ids) == 40 and cut_ids[0] == tok.eot_id
+    assert tok.decode(cut_ids[cut_mask == 1]) == "the answer" and cut_ids[-1] == tok.end_id
+    assert cut_ids[np.flatnonzero(cut_mask)[0] - 1] == tok.chat_ids[template.ASSISTANT]
+    assert template.keep_answer(ids, mask, len(ids)) == (ids, mask)  # what fits is untouched
+    arrays, skipped = chat_data.encode_conversations(tok, [{"messages": messages}], 39)
+    assert skipped == 0 and arrays["weights"].sum() == len("the answer") + 1  # the answer and its <|end|>
+    pairs, skipped = chat_data.encode_preferences(
+        tok, [{"prompt": messages[:2], "chosen": "yes", "rejected": "no!"}], 39)
+    assert skipped == 0 and pairs["chosen_weights"].sum() == 4 and pairs["rejected_weights"].sum() == 4
