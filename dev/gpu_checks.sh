@@ -8,13 +8,15 @@
 #   3. where gpt2_124m's step time goes: its kernels by time (dev/step_kernels.py);
 #   4. gpt2_124m's loss three ways in one process (dev/loss_ab.py): optax's cross-entropy on float32
 #      logits (the default), the head writing float32 logits itself, a fused cross-entropy that keeps
-#      only the logits' gradient: the next candidates for the missing MFU.
+#      only the logits' gradient: the next candidates for the missing MFU;
+#   5. base -> chat SFT -> DPO (projects/base_to_chat/config.py:gpu, a ~100M model): the report card's
+#      pipeline at GPU scale, its report.md printed (a few minutes on an H100).
 #
 # Two steps. Here, on a machine with PyPI and ../shared/data (the GPU machine reaches neither):
 #     [SHAKESPEARE_DIR=DIR_OF_input.txt] bash dev/gpu_checks.sh --prepare      # wheels the GPU image lacks + tiny_shakespeare prepared, into .gpu/ (git-ignored)
 # Then on the GPU machine (the device tool's `run`, carry [".gpu"], timeout 600):
 #     bash dev/gpu_checks.sh                # prints a compact summary; logs and JSON in ${OUT:-/tmp}/gpu_checks
-#     bash dev/gpu_checks.sh benchmark      # only check 1 (`shakespeare`: only 2; `kernels`: 3; `loss`: 4), for a rerun
+#     bash dev/gpu_checks.sh benchmark      # only check 1 (`shakespeare`: only 2; `kernels`: 3; `loss`: 4; `chat`: 5), for a rerun
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -35,14 +37,17 @@ if [[ "${1:-}" == "--prepare" ]]; then
   PYTHONPATH=$PWD "$PY" -m experiments.pretrain --config=configs/pretrain.py:shakespeare_char \
     --config.data.data_dir="$GPU_DIR/tfds" --config.data.manual_dir="${SHAKESPEARE_DIR:-../shared/data/tinyshakespeare}" \
     --config.train.num_steps=0 --config.train.eval_batches=1 --config.model.dtype=float32 --workdir="$(mktemp -d)/prepare" > /dev/null
+  # python_stdlib (check 5's pretraining corpus) prepared the same way; the chat data is built on the GPU machine
+  PYTHONPATH=$PWD "$PY" -m experiments.pretrain --config=configs/pretrain.py:small --config.data.data_dir="$GPU_DIR/tfds" \
+    --config.model.block_size=512 --config.train.num_steps=0 --config.train.eval_batches=1 --workdir="$(mktemp -d)/prepare" > /dev/null
   du -sh "$GPU_DIR"
   exit 0
 fi
 
 PY=${PYTHON:-python3}
 ONLY=${1:-}
-if [[ ! "$ONLY" =~ ^(|benchmark|shakespeare|kernels|loss)$ ]]; then
-  echo "unknown check '$ONLY': give none (all checks), benchmark, shakespeare, kernels or loss (or --prepare)" >&2; exit 2
+if [[ ! "$ONLY" =~ ^(|benchmark|shakespeare|kernels|loss|chat)$ ]]; then
+  echo "unknown check '$ONLY': give none (all checks), benchmark, shakespeare, kernels, loss or chat (or --prepare)" >&2; exit 2
 fi
 LOGS=${OUT:-/tmp}/gpu_checks
 mkdir -p "$LOGS"
@@ -98,6 +103,16 @@ echo "== 4. gpt2_124m: the loss three ways, alternating in one process"
 timeout 240 "$PY" dev/loss_ab.py gpt2_124m 4 5 > "$LOGS/loss_ab.txt" 2> "$LOGS/loss_ab.log" \
   || echo "loss comparison failed or timed out: see $LOGS/loss_ab.log"
 cat "$LOGS/loss_ab.txt" || true
+fi
+
+if [[ -z "$ONLY" || "$ONLY" == "chat" ]]; then
+echo "== 5. base -> chat SFT -> DPO, the report card's pipeline on a ~100M model"
+START=$SECONDS
+timeout 480 "$PY" -m experiments.study --config=projects/base_to_chat/config.py:gpu --workdir="$LOGS/chat" --parallel=1 \
+  --set=data.data_dir="$PWD/$GPU_DIR/tfds" > "$LOGS/chat.log" 2>&1 \
+  || echo "chat pipeline failed or timed out (rc $?; rerun to resume): see $LOGS/chat.log"
+echo "chat pipeline: $(( SECONDS - START )) s"
+sed -n '/^## The stages/,/^## Sample/p' "$LOGS/chat/study/report.md" 2>/dev/null || tail -n 5 "$LOGS/chat.log"
 fi
 
 echo "== summary"

@@ -8,9 +8,10 @@ test are the lines its stable hash (or a line's own "split") puts there, unless
 chat: each conversation renders with the chat template to `tokens` (seq_len + 1)
 and `weights` (seq_len): 1 on the targets that are assistant text or an assistant
 turn's closing <|end|>, so `steps.lm_loss_fn` learns only the assistant (eval_loss
-is the assistant-token loss). A conversation cut by the window keeps the mask of
-what survives; one with no assistant token left in the window is skipped (counted
-in the log).
+is the assistant-token loss). A conversation longer than the window loses the start
+of its prompt first (`template.keep_answer`: the first assistant turn starts inside
+the window), then its end; it keeps the mask of what survives, and one with no
+assistant token left in the window is skipped (counted in the log).
 
 dpo: each pair renders twice, prompt + chosen and prompt + rejected, each with the
 mask of its answer; `weights` (1 per pair) marks padding rows of evaluation batches.
@@ -71,7 +72,7 @@ def encode_conversations(tokenizer, records: list, seq_len: int) -> tuple:
         n = len(r["messages"])
         ids, mask = template.render(tokenizer, r["messages"], contents[at:at + n])
         at += n
-        t, w = template.to_example(ids, mask, seq_len, tokenizer.eot_id)
+        t, w = template.to_example(*template.keep_answer(ids, mask, seq_len + 1), seq_len, tokenizer.eot_id)
         if w.any():
             tokens.append(t)
             weights.append(w)
@@ -87,7 +88,8 @@ def encode_preferences(tokenizer, records: list, seq_len: int) -> tuple:
         rendered = {}
         for side in ("chosen", "rejected"):
             messages = r["prompt"] + [{"role": "assistant", "content": r[side]}]
-            rendered[side] = template.to_example(*template.render(tokenizer, messages), seq_len, tokenizer.eot_id)
+            ids, mask = template.keep_answer(*template.render(tokenizer, messages), seq_len + 1)
+            rendered[side] = template.to_example(ids, mask, seq_len, tokenizer.eot_id)
         if all(w.any() for _, w in rendered.values()):
             for side, (t, w) in rendered.items():
                 out[f"{side}_tokens"].append(t)

@@ -83,6 +83,22 @@ def render_prompt(tokenizer: ChatTokenizer, messages: list) -> np.ndarray:
     return np.concatenate([ids, [tokenizer.chat_ids[ASSISTANT]]]).astype(np.int32)
 
 
+def keep_answer(ids: np.ndarray, mask: np.ndarray, length: int) -> tuple:
+    """(ids, mask) no longer than `length` where they can be, cut from the left of the prompt so the first
+    assistant turn starts inside the window: tokens after the opening <|endoftext|> go first, never the
+    <|assistant|> token that opens the first answer nor anything after it (what still does not fit is then
+    cut from the right by `to_example`). A long prompt thus costs context, not the answer (as TRL's
+    truncation_mode="keep_end" does for the prompt)."""
+    excess = len(ids) - length
+    answer = np.flatnonzero(mask)
+    if excess <= 0 or not len(answer):
+        return ids, mask
+    drop = min(excess, int(answer[0]) - 2)  # keep ids[0] and the <|assistant|> at answer[0] - 1
+    if drop <= 0:
+        return ids, mask
+    return np.concatenate([ids[:1], ids[1 + drop:]]), np.concatenate([mask[:1], mask[1 + drop:]])
+
+
 def to_example(ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int):
     """(tokens (seq_len + 1,), weights (seq_len,)): cut or padded; weights[j] is the mask of target j + 1.
 
