@@ -23,7 +23,7 @@ Presets:
         the left, so every assistant turn keeps its answer), 3 seeds of SFT and DPO. DPO's beta, learning rate and
         steps were chosen on the validation pairs (docs/results/chat/report.md says how).
   gpu   one GPU in a few minutes: a ~100M-parameter model (12 layers, 768 wide, context 512, bf16),
-        the same pipeline (tools/gpu_checks.sh runs it).
+        the same pipeline (dev/gpu_checks.sh runs it).
   tiny  test-sized (1 layer, a handful of steps): it checks that everything runs; its numbers mean nothing.
 """
 
