@@ -18,10 +18,12 @@ Stages (each a cell of the sweep, in DIR/runs/CELL/):
 Every stage trains for a fixed number of steps (no early stopping), so the model each stage hands on is its last.
 
 Presets:
-  cpu   a 2-core CPU in about 20 minutes: 4 layers, 128 wide, byte-level, context 256 (long enough that the
+  cpu   a 2-core CPU, meant for about 20 minutes on idle cores (not yet measured idle: the committed card took
+        45 min under a load of 13-18): 4 layers, 128 wide, byte-level, context 256 (long enough that the
         first assistant turn of about 60% of the conversations fits whole; the data code cuts longer prompts from
-        the left, so every assistant turn keeps its answer), 3 seeds of SFT and DPO. DPO's beta, learning rate and
-        steps were chosen on the validation pairs (docs/results/chat/report.md says how).
+        the left, so every assistant turn keeps its answer), 3 seeds of SFT and DPO. DPO's learning rate is chosen
+        on the validation pairs from `dpo_learning_rates` (one value in this preset so far: its beta, rate and
+        steps are not yet tuned).
   gpu   one GPU in a few minutes: a ~100M-parameter model (12 layers, 768 wide, context 512, bf16),
         the same pipeline (dev/gpu_checks.sh runs it).
   tiny  test-sized (1 layer, a handful of steps): it checks that everything runs; its numbers mean nothing.
