@@ -50,6 +50,7 @@ Presets:
 """
 
 from configs import finetune as finetune_config
+from gptlab import experiment as experiment_lib
 from gptlab.data import held_out
 
 # lm (on NARROW: the held-out package email), sft, classify: configs/finetune.py's chat and dpo tasks are not studied
@@ -202,12 +203,15 @@ def get_config(preset: str = "small") -> dict:
     task_pretrain = roles["sizes"][p["task_size"]]["pretrain"]
     for task in tasks:
         metric = finetune_config.SELECTION_METRICS[task]
+        # sft and classify score every example of their test split (the previous study's classify scored 256 of 1,583);
+        # lm's test_batches already cover more tokens than its test split holds
+        whole = {} if task == "lm" else {"train.test_batches": experiment_lib.WHOLE_SPLIT}
         zero = roles["sizes"][p["task_size"]]["zero_shot"] if task == "lm" else f"zero_{p['task_size']}_{task}"
         if task != "lm":
             stages.append(dict(name=zero, experiment="finetune", config=f"configs/finetune.py:full,{task}",
                                init_from=task_pretrain, label=f"pretrained, no fine-tuning ({task})", seeds=seeds,
-                               overrides={**budget, **breadth, "train.num_steps": 0, "train.early_stopping_patience": 0,
-                                          "train.selection_metric": metric}))
+                               overrides={**budget, **breadth, **whole, "train.num_steps": 0,
+                                          "train.early_stopping_patience": 0, "train.selection_metric": metric}))
         arm_stages = {}
         for arm in arms:
             if task == "lm" and arm["label"] == "full":  # the data-efficiency cells at fraction 1
@@ -216,8 +220,8 @@ def get_config(preset: str = "small") -> dict:
             name = f"{arm['label'].replace(' ', '_')}_{task}"
             stages.append(dict(name=name, experiment="finetune", config=f"configs/finetune.py:{arm['strategy']},{task}",
                                init_from=task_pretrain, label=f"{arm['label']} ({task})",
-                               overrides={**budget, **breadth, **(LM_DATA if task == "lm" else {}), **arm["overrides"],
-                                          "train.selection_metric": metric},
+                               overrides={**budget, **breadth, **(LM_DATA if task == "lm" else {}), **whole,
+                                          **arm["overrides"], "train.selection_metric": metric},
                                grid={"optimizer.learning_rate": lr_grid(rates[arm["strategy"]])}, seeds=seeds,
                                choose=choose(metric)))
             arm_stages[arm["label"]] = name
