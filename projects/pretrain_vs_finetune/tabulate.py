@@ -298,6 +298,15 @@ class Tables:
         grids = {len(ch.grid) for *_, ch in self.efficiency()}
         if grids and max(grids) < 3:
             out.append(f"The learning-rate grid has {max(grids)} value(s) per arm, so it cannot bracket the optimum.")
+        choices = [ch for *_, ch in self.efficiency()] + [ch for task in self.task_table().values()
+                                                          for ch in task["arms"].values()]
+        swept = [ch for ch in choices if ch.on_seed is not None]
+        if swept:
+            edge = [ch for ch in swept if ch.at_edge]
+            out.append(f"Learning rates were chosen by the sweep on seed {swept[0].on_seed}'s validation alone (the "
+                       "other seeds ran only at the chosen rate, so every row's seeds share one rate); "
+                       f"{len(edge)} of {len(swept)} choices are at an edge of their grid"
+                       + (" (marked (edge)): the best rate may lie outside it." if edge else "."))
         if not self.depth_breadth():
             out.append("Breadth (bits per byte on the pretraining corpus before and after fine-tuning) was not "
                        "measured in this run: part 6 is empty.")
