@@ -300,7 +300,8 @@ class Tables:
             out.append(f"The learning-rate grid has {max(grids)} value(s) per arm, so it cannot bracket the optimum.")
         choices = [ch for *_, ch in self.efficiency()] + [ch for task in self.task_table().values()
                                                           for ch in task["arms"].values()]
-        swept = [ch for ch in choices if ch.on_seed is not None]
+        # each (stage, fraction) once: lm's full arm is the task size's fine-tuned cells at fraction 1
+        swept = list({(ch.stage, ch.fraction): ch for ch in choices if ch.on_seed is not None}.values())
         if swept:
             edge = [ch for ch in swept if ch.at_edge]
             out.append(f"Learning rates were chosen by the sweep on seed {swept[0].on_seed}'s validation alone (the "
