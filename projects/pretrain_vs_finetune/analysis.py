@@ -201,9 +201,12 @@ class Study:
         if not sizes:
             return ""
         n = max(sizes)
+        on_seed = {ch.on_seed for *_, ch in self.efficiency()} - {None}
         return (f"The learning-rate grid has {n} value{'s' if n != 1 else ''} per arm" +
                 (": the chosen rate is always one of its two ends, so a better rate may lie outside it." if n == 2
-                 else "; (edge) marks a chosen rate at either end of it." if n > 2 else "."))
+                 else "; (edge) marks a chosen rate at either end of it." if n > 2 else ".") +
+                (f" The rate was chosen on seed {min(on_seed)}'s validation alone, and the other seeds ran only at it "
+                 "(the sweep's dynamic stage; DIR/choices.json)." if on_seed else ""))
 
     def zero_shot(self, size: str) -> Optional[Choice]:
         return self.choose(self.spec["sizes"][size]["zero_shot"], "eval_loss")

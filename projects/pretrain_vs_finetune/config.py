@@ -90,7 +90,7 @@ LM_DATA = {"data.include": NARROW["data.include"]}  # the lm task (configs/finet
 PRESETS = {
     "small": dict(
         # name -> model shape; context and batch are shared by every size. Non-embedding parameters: 1,760, 6,592,
-        # 14,496 and 56,640 (32x). Estimated time: 228 cells run (88 skipped by the learning-rate choice), about
+        # 14,496 and 56,640 (32x). Estimated time: 228 cells run (104 skipped by the learning-rate choice), about
         # 11,900 cell-seconds at the previous study's per-size speeds on an idle 2-core Xeon (which ran 13,650 in 85
         # minutes, three at a time): about 75 minutes. Short runs on a busy 2-core EPYC (load 10-15) trained at 91K,
         # 86K, 30K and 15K tokens/s, and 2x8's slowest scratch cell (fraction 1) stopped early at step 1,500.
