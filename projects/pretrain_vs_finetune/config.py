@@ -17,7 +17,8 @@ arm: LR_FACTORS times the arm's base rate; scratch: SCRATCH_LR_FACTORS) in a dyn
 stage (gptlab/sweep `choose`): seed 0 runs the whole grid, the rate with the best validation
 metric is chosen per arm, size and data fraction, and the other seeds run at that rate only
 (DIR/choices.json holds every choice; results.jsonl's `choice.chosen` marks the chosen cells).
-Every number reported is the chosen cells' best checkpoint scored on the test split. Every
+Every number reported is the chosen cells' best checkpoint scored on the test split (sft and
+classify: every example of it; result.json's selection.test_examples counts them). Every
 fine-tuning cell also scores the pretraining corpus's validation split before (the pretrained
 model) and after (its best checkpoint): result.json's `breadth` (finetune.breadth).
 
@@ -43,7 +44,7 @@ Presets:
          factors of 4, three cells at a time. Left to the GPU preset: models of 10M-127M
          parameters, a third seed, six data fractions.
   tiny   the whole pipeline at test size (1-layer models, two learning rates, 49 cells run and 13
-         skipped by the learning-rate choice): 17 minutes on 2 busy cores; its numbers mean
+         skipped by the learning-rate choice): 11-17 minutes on 2 busy cores; its numbers mean
          nothing, it checks that everything runs.
   gpu    one GPU: 6-18 layers, 384-768 wide, context 256 (10.6M-127M non-embedding
          parameters), three seeds, the same study at GPU scale.
@@ -121,7 +122,7 @@ PRESETS = {
         finetune_steps=3000, scratch_steps=12000, scratch_eval_every=200,
         eval_every=100, eval_batches=20, test_batches=64, breadth_batches=64),
     # Test-sized (tests/test_study.py runs it end to end): 1-layer models, two learning rates (the dynamic stage
-    # still chooses), 49 cells run and 13 skipped: 17 minutes on 2 cores shared with other work (load 13-15).
+    # still chooses), 49 cells run and 13 skipped: 11-17 minutes on 2 cores shared with other work (load 13-17).
     "tiny": dict(
         sizes={"1x8": dict(n_layer=1, n_head=1, n_embd=8), "1x16": dict(n_layer=1, n_head=2, n_embd=16)},
         task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
