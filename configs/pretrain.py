@@ -118,7 +118,8 @@ def get_config(preset: str = "small") -> config_dict.ConfigDict:
     train.log_every = 25  # steps between logged training metrics
     train.eval_every = 200  # steps between evaluations (and one at the end)
     train.eval_batches = 10  # fixed validation batches per evaluation
-    train.test_batches = config_dict.placeholder(int)  # fixed test batches the best checkpoint is scored on; None: eval_batches
+    train.test_batches = config_dict.placeholder(int)  # fixed test batches the best checkpoint is scored on; None: eval_batches;
+    # -1: the whole test split (sft, classify: every example once; lm: as many windows as its tokens fill)
     train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
     train.early_stopping_patience = 0  # stop after this many evaluations without a better selection_metric; 0: off
     train.early_stopping_min_delta = 0.0  # an evaluation must beat the last improvement by more than this to count

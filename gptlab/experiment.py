@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gptlab import adapt
@@ -145,14 +146,37 @@ def pretrain_experiment(config, data, log, finetuning=None) -> "Experiment":
         init_from=finetuning and finetuning.load,
         trainable=None if trainable is None or all(jax.tree.leaves(trainable)) else trainable,
         test_batches=test_batches(data, config.train.get("test_batches") or config.train.eval_batches),
+
         train_data_tokens=len(data.train_tokens) if hasattr(data, "train_tokens") else None,
         data_examples=data.split_sizes() if hasattr(data, "split_sizes") else None)
 
 
+WHOLE_SPLIT = -1  # train.test_batches: score every example of the test split
+
+
 def test_batches(data, num_batches: int):
-    """The test split's fixed batches, where the data has a test split (`data.test_split`), else None."""
+    """The test split's fixed batches, where the data has a test split (`data.test_split`), else None.
+    num_batches WHOLE_SPLIT (-1): the whole split (the data's test_batches(None))."""
     get = getattr(data, "test_batches", None)
-    return get(num_batches) if get is not None else None
+    if num_batches is not None and num_batches < 0 and num_batches != WHOLE_SPLIT:
+        raise UserError(f"train.test_batches={num_batches}: use a positive number of batches, "
+                        "or -1 for the whole split")
+    return get(None if num_batches == WHOLE_SPLIT else num_batches) if get is not None else None
+
+
+def examples_in(batches) -> Optional[int]:
+    """How many examples (rows with any positive weight; every row of unweighted lm windows) the batches score."""
+    if not batches:
+        return None
+    count = 0
+    for batch in batches:
+        weights = batch.get("weights")
+        if weights is None:
+            count += len(next(iter(batch.values())))
+        else:
+            weights = np.asarray(weights).reshape(len(weights), -1)
+            count += int((weights > 0).any(axis=1).sum())
+    return count
 
 
 def resolved_config_json(config, model_cfg: model_lib.GPTConfig, seq_len: int) -> dict:

@@ -23,7 +23,7 @@ from gptlab import selection as selection_lib
 from gptlab import tokenizers as tokenizers_lib
 from gptlab.data import pipeline
 from gptlab.errors import UserError
-from gptlab.experiment import (Experiment, check_train_config, enable_compilation_cache, init_and_compile,
+from gptlab.experiment import (Experiment, check_train_config, enable_compilation_cache, examples_in, init_and_compile,
                                prefetched, pretrain_experiment, resolve_seq_len)
 from gptlab.loop import run_loop
 from gptlab import steps as steps_lib
@@ -320,6 +320,8 @@ def start_and_run(config, workdir, checkpoints, log, is_main, exp: Experiment) -
     final["selection"] = selection_record(config, checkpoints, stopping, final, log, lambda step: steps_lib.evaluate(
         eval_step, parallel.place_restored(checkpoints.restore(step, abstract)[0]).params, exp.test_batches,
         prefix="test") if exp.test_batches else None)
+    if final["selection"].get("test"):  # the n behind the test numbers (this process's share on several hosts)
+        final["selection"]["test_examples"] = examples_in(exp.test_batches)
     if exp.extra_results is not None:
         final.update(exp.extra_results(final))
     if is_main:  # its presence marks the run finished (experiments.sweep skips such cells)

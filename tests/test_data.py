@@ -160,3 +160,13 @@ def test_evaluation_batches_do_not_depend_on_the_runs_seed(make_config):
     for a, b in zip(one.eval_batches(3), two.eval_batches(3)):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
     assert not np.array_equal(next(one.train)["tokens"], next(two.train)["tokens"])
+
+
+def test_fixed_batches_of_none_hold_every_example_once():
+    from gptlab.data import supervised
+    arrays = {"tokens": np.arange(11 * 3).reshape(11, 3), "weights": np.ones((11, 3))}
+    batches = supervised.fixed_batches(arrays, 4, None, seed=0)
+    assert len(batches) == 3  # 11 examples in batches of 4: the last padded with weight-0 rows
+    real = [row[0] for b in batches for row, w in zip(b["tokens"], b["weights"]) if w.any()]
+    assert sorted(real) == list(range(0, 33, 3))
+    assert len(supervised.fixed_batches(arrays, 4, 2, seed=0)) == 2  # a number of batches: as before

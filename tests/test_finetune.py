@@ -542,3 +542,20 @@ def test_breadth_equals_experiments_evaluate_of_the_pretrained_run_and_the_best_
           f"after {after['loss']} {after['bits_per_byte']}")
     assert breadth["after"]["loss"] == pytest.approx(after["loss"], rel=1e-6, abs=0)
     assert breadth["after"]["bits_per_byte"] == pytest.approx(after["bits_per_byte"], rel=1e-6, abs=0)
+
+
+# -- the test split: how much of it the best checkpoint is scored on ----------------------------------
+
+
+def test_whole_test_split_is_scored_and_its_examples_counted(pretrained, data_dir, tmp_path):
+    # train.test_batches=-1: every test example once (the study's classify scored 256 of 1,583 before)
+    finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "head,classify,tiny", train__test_batches=-1),
+                                   tmp_path / "whole")
+    result = json.loads((tmp_path / "whole" / "result.json").read_text())
+    assert result["data_examples"]["test"] > 8  # more than the one default batch below
+    assert result["selection"]["test_examples"] == result["data_examples"]["test"]
+    # unset: as many batches as validation's (one here): one batch of examples, the count says so
+    finetune.finetune_and_evaluate(ft_config(data_dir, pretrained, "head,classify,tiny"), tmp_path / "default")
+    default = json.loads((tmp_path / "default" / "result.json").read_text())
+    batch = default["config"]["data"]["batch_size"]
+    assert default["selection"]["test_examples"] == min(batch, default["data_examples"]["test"])

@@ -1,11 +1,13 @@
 """The study report (projects/pretrain_vs_finetune/): choices on validation, the six parts, and the committed report."""
 import json
 import pathlib
+import re
 import shutil
 
 import pytest
 
 from gptlab import stats
+from projects.pretrain_vs_finetune import document
 from projects.pretrain_vs_finetune import report as study_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -198,16 +200,31 @@ def test_one_command_runs_the_study_and_writes_the_report(tmp_path):
                              text=True, timeout=600)
     assert partial.returncode == 0, partial.stderr[-2000:]
     assert "## 1. Data efficiency" in (workdir / "study" / "report.md").read_text()  # from one finished cell
-    run = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, run.stderr[-2000:]
     study = workdir / "study"
     records = [json.loads(line) for line in (study / study_lib.RECORDS).read_text().splitlines()]
-    assert len(records) == 39 and all(r["test"] for r in records)  # every cell scored on test
+    # 62 cells: 49 run, 13 skipped by the learning-rate choice (seed 1 runs only at seed 0's chosen rate)
+    assert len(records) == 49 and all(r["test"] for r in records)  # every cell scored on test
+    choices = json.loads((workdir / "choices.json").read_text())["choices"]
+    assert choices and all(c["decided"] and c["chosen"] is not None for c in choices)
+    chosen = [r for r in records if r.get("choice")]
+    assert chosen and all(r["choice"]["chosen"] for r in chosen if r["seed"] == 1)  # seed 1: the chosen rate only
+    finetuned = [json.loads((workdir / "runs" / r["cell"] / "result.json").read_text()) for r in records
+                 if r["stage"].startswith(("full_", "head_", "lora_", "zero_"))]
+    assert finetuned and all(f["breadth"]["before"]["bits_per_byte"] > 0 and f["breadth"]["after"]["bits_per_byte"] > 0
+                             for f in finetuned)
+    # classify scores its whole test split: the examples scored are the split's
+    classify = [f for f in finetuned if f["config"]["finetune"].get("task") == "classify"]
+    assert classify and all(f["selection"]["test_examples"] == f["data_examples"]["test"] for f in classify)
     report = (study / "report.md").read_text()
-    assert "39 of 39 cells" in report and "over 2 invocation(s)" in report
+    assert "49 of 49 cells (13 more skipped" in report and "over 2 invocation(s)" in report
     for part in ("1. Data efficiency", "2. Effective data transferred", "3. One pretrained model", "4. Cost",
-                 "5. Paired differences", "share of full FT's gain", "test_macro_f1"):
+                 "5. Paired differences", "share of full FT's gain", "test_macro_f1", "censored", "bootstrap"):
         assert part in report
+    assert not re.search(r"\bnan\b", report, re.IGNORECASE)  # every number finite
+    breadth = (study / "table_breadth.csv").read_text().splitlines()
+    assert len(breadth) > 1 and document.BREADTH_NOT_MEASURED not in report  # the depth-against-breadth table is filled
     assert (study / "figures" / "pareto.csv").exists() and (study / "table_paired.csv").exists()
     again = subprocess.run(base + ["--report_only", f"--workdir={study}"], cwd=REPO, capture_output=True,
                            text=True, timeout=300)

@@ -359,6 +359,9 @@ class Data:
         """Fixed batches of the test split, drawn as the evaluation batches are; None without one."""
         if self.test_tokens is None or len(self.test_tokens) <= self._eval_args[0]:
             return None
+        if num_batches is None:  # the whole split: as many windows as its tokens fill (drawn as eval windows are)
+            seq_len, batch_size, _ = self._eval_args
+            num_batches = math.ceil(len(self.test_tokens) / (seq_len * batch_size))
         return self.eval_batches(num_batches, self.test_tokens)
 
 

@@ -105,9 +105,12 @@ class ExampleBatches(pipeline.SeededOrder):
 
 def fixed_batches(arrays: dict, batch_size: int, num_batches: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> list:
-    """Up to num_batches batches of distinct examples (a seeded selection); padding rows have weight 0."""
+    """Up to num_batches batches of distinct examples (a seeded selection); padding rows have weight 0.
+    num_batches None: every example once."""
     num_examples = len(next(iter(arrays.values())))
-    take = np.random.default_rng([seed, 1 << 20]).permutation(num_examples)[:batch_size * num_batches]
+    take = np.random.default_rng([seed, 1 << 20]).permutation(num_examples)
+    if num_batches is not None:
+        take = take[:batch_size * num_batches]
     padded = -(-len(take) // batch_size) * batch_size
     batches = []
     for start in range(0, padded, batch_size):

@@ -17,9 +17,11 @@ The parts (the config's `study` section names the stages of each):
 The transfer law is fitted twice: least squares on the measured points (the old fit) and a
 censored likelihood on every point (transfer.py), with intervals from a bootstrap over seeds.
 
-Choices read validation only: the learning rate of every (arm, size, fraction) is the grid
-value with the best mean validation selection metric over seeds; everything reported is the
-chosen cells' best checkpoint (also chosen on validation) scored on the test split.
+Choices read validation only: the learning rate of every (arm, size, fraction) is the one the
+sweep chose on seed 0's validation (its dynamic `choose` stage; the other seeds ran only at it),
+or, for results without a recorded choice, the grid value with the best mean validation
+selection metric over seeds; everything reported is the chosen cells' best checkpoint (also
+chosen on validation) scored on the test split.
 """
 import dataclasses
 import math
@@ -62,6 +64,8 @@ def compact(line: dict) -> dict:
         "device": r.get("device"),
         # Newer cells only (absent in older results): the breadth measurement and the examples scored on test.
         **({"breadth": r["breadth"]} if r.get("breadth") else {}),
+        # A choosing stage's cells (gptlab/sweep `choose`): whether the sweep chose this cell's learning rate
+        **({"choice": line["choice"]} if line.get("choice") else {}),
         **({"test_examples": sel.get("test_examples") or r.get("test_examples")}
            if sel.get("test_examples") or r.get("test_examples") else {}),
     }
@@ -75,12 +79,17 @@ class Choice:
     learning_rate: Optional[float]
     cells: list  # compact records of the chosen learning rate, one per seed
     grid: tuple = ()  # the learning rates it was chosen from
+    on_seed: Optional[int] = None  # the seed the sweep chose on (its `choose` stage); None: chosen here on all seeds
+
+    @property
+    def at_edge(self) -> bool:
+        """A grid of 3+ rates has the chosen one at either end: the best may lie outside it."""
+        return len(self.grid) > 2 and self.learning_rate in (min(self.grid), max(self.grid))
 
     @property
     def lr_text(self) -> str:
-        """The chosen rate; "(edge)" when a grid of 3+ rates has it at either end: the best may lie outside."""
-        edge = len(self.grid) > 2 and self.learning_rate in (min(self.grid), max(self.grid))
-        return fmt_lr(self.learning_rate) + (" (edge)" if edge else "")
+        """The chosen rate; "(edge)" at either end of a grid of 3+ rates."""
+        return fmt_lr(self.learning_rate) + (" (edge)" if self.at_edge else "")
 
     def breadth_values(self) -> dict:
         """seed -> after - before bits per byte on the pretraining corpus (the general ability lost)."""
@@ -144,18 +153,31 @@ class Study:
     # -- choosing on validation --
 
     def choose(self, stage: str, selection_metric: str, fraction: Optional[float] = None) -> Optional[Choice]:
-        """The stage's cells at `fraction` (None: any), grouped by learning rate; the best on validation wins."""
+        """The stage's cells at `fraction` (None: any), grouped by learning rate; the best on validation wins.
+
+        Where the sweep chose (a `choose` stage: results.jsonl's `choice`), its choice stands: it was made on one
+        seed's validation, and only the chosen rate has every seed, so averaging each rate's seeds here would
+        compare rates over different seeds. Results without a recorded choice: the best mean over seeds."""
         selection.check_validation_metric(selection_metric, "the study's selection metric")
         cells = [c for c in self.by_stage.get(stage, [])
                  if fraction is None or _same(c["factors"].get(FRACTION, 1.0), fraction)]
         groups = {}
         for c in cells:
             groups.setdefault(c["factors"].get(self.select), []).append(c)
+        grid = tuple(sorted(k for k in groups if k is not None))
+        chosen = [c for c in cells if (c.get("choice") or {}).get("chosen")]
+        if chosen:
+            rates = {c["factors"].get(self.select) for c in chosen}
+            if len(rates) > 1:
+                raise UserError(f"stage {stage}'s results record {len(rates)} chosen learning rates at fraction "
+                                f"{fmt_fraction(fraction)}: rebuild results.jsonl with python -m experiments.study "
+                                "--report_only --workdir=SWEEP_DIR")
+            return Choice(stage, fraction, rates.pop(), sorted(chosen, key=lambda c: c["seed"]), grid,
+                          on_seed=chosen[0]["choice"].get("on_seed"))
         scores = {lr: [c["validation"].get(selection_metric) for c in group] for lr, group in groups.items()}
         if not any(isinstance(v, (int, float)) and math.isfinite(v) for values in scores.values() for v in values):
             return None
         lr = selection.choose_on_validation(scores, selection_metric, "the study's selection metric")
-        grid = tuple(sorted(k for k in groups if k is not None))
         return Choice(stage, fraction, lr, sorted(groups[lr], key=lambda c: c["seed"]), grid)
 
     # -- part 1: data efficiency --
@@ -179,9 +201,12 @@ class Study:
         if not sizes:
             return ""
         n = max(sizes)
+        on_seed = {ch.on_seed for *_, ch in self.efficiency()} - {None}
         return (f"The learning-rate grid has {n} value{'s' if n != 1 else ''} per arm" +
                 (": the chosen rate is always one of its two ends, so a better rate may lie outside it." if n == 2
-                 else "; (edge) marks a chosen rate at either end of it." if n > 2 else "."))
+                 else "; (edge) marks a chosen rate at either end of it." if n > 2 else ".") +
+                (f" The rate was chosen on seed {min(on_seed)}'s validation alone, and the other seeds ran only at it "
+                 "(the sweep's dynamic stage; DIR/choices.json)." if on_seed else ""))
 
     def zero_shot(self, size: str) -> Optional[Choice]:
         return self.choose(self.spec["sizes"][size]["zero_shot"], "eval_loss")
@@ -242,7 +267,7 @@ class Study:
     def _bootstrap(self) -> dict:
         """Each replicate draws pretraining seeds with replacement and, within each, its fine-tuning seeds; the same
         draw averages the scratch curves and the fine-tuned points (the seed fixes both cells' data order), and the
-        learning rates stay those chosen on all seeds."""
+        learning rates stay those chosen (by the sweep on seed 0, or here on all seeds)."""
         seeds = sorted({c["seed"] for *_, ch in self.efficiency() for c in ch.cells})
         clusters = {}
         for s in seeds:

@@ -17,7 +17,8 @@ arm: LR_FACTORS times the arm's base rate; scratch: SCRATCH_LR_FACTORS) in a dyn
 stage (gptlab/sweep `choose`): seed 0 runs the whole grid, the rate with the best validation
 metric is chosen per arm, size and data fraction, and the other seeds run at that rate only
 (DIR/choices.json holds every choice; results.jsonl's `choice.chosen` marks the chosen cells).
-Every number reported is the chosen cells' best checkpoint scored on the test split. Every
+Every number reported is the chosen cells' best checkpoint scored on the test split (sft and
+classify: every example of it; result.json's selection.test_examples counts them). Every
 fine-tuning cell also scores the pretraining corpus's validation split before (the pretrained
 model) and after (its best checkpoint): result.json's `breadth` (finetune.breadth).
 
@@ -43,13 +44,14 @@ Presets:
          factors of 4, three cells at a time. Left to the GPU preset: models of 10M-127M
          parameters, a third seed, six data fractions.
   tiny   the whole pipeline at test size (1-layer models, two learning rates, 49 cells run and 13
-         skipped by the learning-rate choice): 17 minutes on 2 busy cores; its numbers mean
+         skipped by the learning-rate choice): 11-17 minutes on 2 busy cores; its numbers mean
          nothing, it checks that everything runs.
   gpu    one GPU: 6-18 layers, 384-768 wide, context 256 (10.6M-127M non-embedding
          parameters), three seeds, the same study at GPU scale.
 """
 
 from configs import finetune as finetune_config
+from gptlab import experiment as experiment_lib
 from gptlab.data import held_out
 
 # lm (on NARROW: the held-out package email), sft, classify: configs/finetune.py's chat and dpo tasks are not studied
@@ -89,7 +91,7 @@ LM_DATA = {"data.include": NARROW["data.include"]}  # the lm task (configs/finet
 PRESETS = {
     "small": dict(
         # name -> model shape; context and batch are shared by every size. Non-embedding parameters: 1,760, 6,592,
-        # 14,496 and 56,640 (32x). Estimated time: 228 cells run (88 skipped by the learning-rate choice), about
+        # 14,496 and 56,640 (32x). Estimated time: 228 cells run (104 skipped by the learning-rate choice), about
         # 11,900 cell-seconds at the previous study's per-size speeds on an idle 2-core Xeon (which ran 13,650 in 85
         # minutes, three at a time): about 75 minutes. Short runs on a busy 2-core EPYC (load 10-15) trained at 91K,
         # 86K, 30K and 15K tokens/s, and 2x8's slowest scratch cell (fraction 1) stopped early at step 1,500.
@@ -120,7 +122,7 @@ PRESETS = {
         finetune_steps=3000, scratch_steps=12000, scratch_eval_every=200,
         eval_every=100, eval_batches=20, test_batches=64, breadth_batches=64),
     # Test-sized (tests/test_study.py runs it end to end): 1-layer models, two learning rates (the dynamic stage
-    # still chooses), 49 cells run and 13 skipped: 17 minutes on 2 cores shared with other work (load 13-15).
+    # still chooses), 49 cells run and 13 skipped: 11-17 minutes on 2 cores shared with other work (load 13-17).
     "tiny": dict(
         sizes={"1x8": dict(n_layer=1, n_head=1, n_embd=8), "1x16": dict(n_layer=1, n_head=2, n_embd=16)},
         task_size="1x16", last_k=1, cpu_devices=1, block_size=32, batch_size=8,
@@ -202,12 +204,15 @@ def get_config(preset: str = "small") -> dict:
     task_pretrain = roles["sizes"][p["task_size"]]["pretrain"]
     for task in tasks:
         metric = finetune_config.SELECTION_METRICS[task]
+        # sft and classify score every example of their test split (the previous study's classify scored 256 of 1,583);
+        # lm's test_batches already cover more tokens than its test split holds
+        whole = {} if task == "lm" else {"train.test_batches": experiment_lib.WHOLE_SPLIT}
         zero = roles["sizes"][p["task_size"]]["zero_shot"] if task == "lm" else f"zero_{p['task_size']}_{task}"
         if task != "lm":
             stages.append(dict(name=zero, experiment="finetune", config=f"configs/finetune.py:full,{task}",
                                init_from=task_pretrain, label=f"pretrained, no fine-tuning ({task})", seeds=seeds,
-                               overrides={**budget, **breadth, "train.num_steps": 0, "train.early_stopping_patience": 0,
-                                          "train.selection_metric": metric}))
+                               overrides={**budget, **breadth, **whole, "train.num_steps": 0,
+                                          "train.early_stopping_patience": 0, "train.selection_metric": metric}))
         arm_stages = {}
         for arm in arms:
             if task == "lm" and arm["label"] == "full":  # the data-efficiency cells at fraction 1
@@ -216,8 +221,8 @@ def get_config(preset: str = "small") -> dict:
             name = f"{arm['label'].replace(' ', '_')}_{task}"
             stages.append(dict(name=name, experiment="finetune", config=f"configs/finetune.py:{arm['strategy']},{task}",
                                init_from=task_pretrain, label=f"{arm['label']} ({task})",
-                               overrides={**budget, **breadth, **(LM_DATA if task == "lm" else {}), **arm["overrides"],
-                                          "train.selection_metric": metric},
+                               overrides={**budget, **breadth, **(LM_DATA if task == "lm" else {}), **whole,
+                                          **arm["overrides"], "train.selection_metric": metric},
                                grid={"optimizer.learning_rate": lr_grid(rates[arm["strategy"]])}, seeds=seeds,
                                choose=choose(metric)))
             arm_stages[arm["label"]] = name

@@ -12,7 +12,7 @@ class Document:
         p = self.provenance
         lines = [f"# {p['name']}: how much is pretraining worth?", "", self.provenance.get("description", ""), "",
                  f"Made by `{p['command']}` (the report alone, from stored results: add `--report_only`); "
-                 f"code version {p['commits']}; {p['device']}. {p['cells']} cells, {p['cell_hours']:.2f} cell-hours"
+                 f"code version {p['commits']}; {p['device']}. {p['cells']}, {p['cell_hours']:.2f} cell-hours"
                  + (f"; the command's wall time {p['wall_time']}" if p.get("wall_time") else "") + ".", "",
                  "Every number is a best checkpoint (chosen on validation) scored on the **test split** of its task; "
                  "learning rates are chosen on **validation** per arm, size and fraction; intervals are 95% "
@@ -129,7 +129,7 @@ class Document:
                rf"\section*{{{tex_escape(p['name'])}: how much is pretraining worth?}}",
                r"\small",  # the first page holds the setup, the conclusions, what did not hold and the caveats
                r"\paragraph{Setup} " + tex_escape(p.get("description", "")) + " "
-               + tex_escape(f"Made by {p['command']}; code version {p['commits']}; {p['cells']} cells. Test-split "
+               + tex_escape(f"Made by {p['command']}; code version {p['commits']}; {p['cells']}. Test-split "
                             "scores of best checkpoints chosen on validation; learning rates chosen on validation; "
                             "95% t-intervals over seeds; paired comparisons Holm-corrected; the transfer law's "
                             "intervals from a bootstrap over seeds.") + r"\par"]

@@ -41,12 +41,14 @@ def collect(workdir) -> pathlib.Path:
     sweep = sweep_lib.load_stored(workdir)
     out = workdir / STUDY_DIR
     out.mkdir(exist_ok=True)
-    sweep_lib.collect(workdir, sweep)  # DIR/results.jsonl rebuilt from the cells that really finished
+    states = sweep_lib.collect(workdir, sweep)  # DIR/results.jsonl rebuilt from the cells that really finished
+    # Cells a learning-rate choice passed over never run: not missing, so not counted in the sweep's cells
+    skipped = sum(1 for state in states.values() if state["status"] == "skipped")
     lines = sweep_lib.read_results(workdir)
     files.write_atomic(out / RECORDS, "".join(json.dumps(compact(line), sort_keys=True) + "\n" for line in lines))
     previous = _read(out / SPEC) or {}
     meta = {"name": sweep.name, "description": sweep.description, "source": sweep.source, "study": sweep.study,
-            "cells_in_sweep": len(sweep.cells), "runs": previous.get("runs", [])}
+            "cells_in_sweep": len(sweep.cells) - skipped, "cells_skipped": skipped, "runs": previous.get("runs", [])}
     files.write_json_atomic(out / SPEC, meta)  # in the config's order: rows and columns follow it
     return out
 
@@ -90,7 +92,9 @@ def load(study_dir) -> "StudyReport":
         "name": meta["name"], "description": meta.get("description", ""),
         "command": f"python -m experiments.study --config={_source(meta.get('source', ''))} --workdir=DIR",
         "commits": ", ".join(commits), "device": "run on " + "; ".join(devices),
-        "cells": f"{len(records)} of {meta.get('cells_in_sweep', len(records))}",
+        "cells": f"{len(records)} of {meta.get('cells_in_sweep', len(records))} cells" + (
+            f" ({meta['cells_skipped']} more skipped: the learning rates their seed-0 choice passed over)"
+            if meta.get("cells_skipped") else ""),
         "cell_hours": sum(r.get("wall_time_s") or 0 for r in records) / 3600,
         "wall_time": (f"{wall / 60:.1f} min over {len(runs)} invocation(s)") if runs else None,
     }

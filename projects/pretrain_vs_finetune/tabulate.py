@@ -62,7 +62,7 @@ class Tables:
         zero = {task: table[task]["zero"] for task in self.tasks}
         rows = [["usable examples, train / validation / test"] + [self._examples_text(zero[task])
                                                                   for task, _ in columns]]
-        rows += [["seeds / test examples scored"] + [self._n_text(table[task]) for task, _ in columns]]
+        rows += [["seeds / test examples scored"] + [self._n_text(table[task], task) for task, _ in columns]]
         rows += [["pretrained, no fine-tuning"] + [fmt_interval(zero[task].interval(metric)) if zero[task] else "—"
                                                    for task, metric in columns]]
         for label in labels:
@@ -149,13 +149,15 @@ class Tables:
             rows.append(["not made", ols_why or "—", cens_why or "—", "—", "—"])
         return header, rows
 
-    def _n_text(self, task_table) -> str:
-        """Seeds per arm and the test examples each cell scored (older results did not record the latter)."""
+    def _n_text(self, task_table, task: str = "") -> str:
+        """Seeds per arm and the test examples each cell scored (older results did not record the latter); lm's
+        examples are windows of the context's length."""
         seeds = sorted({len(ch.cells) for ch in task_table["arms"].values()})
         scored = sorted({c["test_examples"] for ch in task_table["arms"].values() for c in ch.cells
                          if c.get("test_examples")})
         return (f"{'-'.join(map(str, seeds)) or '—'} / "
-                + (", ".join(fmt_int(s) for s in scored) if scored else "not recorded in this run"))
+                + (", ".join(fmt_int(s) for s in scored) + (" windows" if task == "lm" else "") if scored
+                   else "not recorded in this run"))
 
     @staticmethod
     def _examples_text(choice) -> str:
@@ -298,6 +300,18 @@ class Tables:
         grids = {len(ch.grid) for *_, ch in self.efficiency()}
         if grids and max(grids) < 3:
             out.append(f"The learning-rate grid has {max(grids)} value(s) per arm, so it cannot bracket the optimum.")
+        choices = [ch for *_, ch in self.efficiency()] + [ch for task in self.task_table().values()
+                                                          for ch in task["arms"].values()]
+        # each (stage, fraction) once: lm's full arm is the task size's fine-tuned cells at fraction 1
+        swept = list({(ch.stage, ch.fraction): ch for ch in choices if ch.on_seed is not None}.values())
+        if swept:
+            edge = [ch for ch in swept if ch.at_edge]
+            bracketing = [ch for ch in swept if len(ch.grid) > 2]  # with two values every choice is at an edge
+            out.append(f"Learning rates were chosen by the sweep on seed {swept[0].on_seed}'s validation alone (the "
+                       "other seeds ran only at the chosen rate, so every row's seeds share one rate)"
+                       + (f"; {len(edge)} of {len(bracketing)} choices are at an edge of their grid"
+                          + (" (marked (edge)): the best rate may lie outside it." if edge else ".")
+                          if bracketing else "."))
         if not self.depth_breadth():
             out.append("Breadth (bits per byte on the pretraining corpus before and after fine-tuning) was not "
                        "measured in this run: part 6 is empty.")
