@@ -52,6 +52,18 @@ def write_jsonl_atomic(path, records, default=None) -> None:
     write_atomic(path, "".join(json.dumps(r, default=default) + "\n" for r in records))
 
 
+def read_json(path, fix: str):
+    """The JSON in `path`, or None where there is no such file; a damaged file raises UserError naming it,
+    with `fix` (what the user should do)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is damaged (not JSON: {e}): {fix}") from None
+
+
 def read_jsonl(path, fix: str) -> list:
     """The records of a JSON-lines results file ([] when it does not exist; blank lines ignored).
 

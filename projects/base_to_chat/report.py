@@ -35,13 +35,8 @@ TARGETS = dict(sft_stop_rate=0.95, sft_loss_drop=0.30, dpo_breadth_worsening=0.0
 
 
 def _read(path: pathlib.Path):
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path} is damaged (not JSON: {e}): delete it and rerun python -m experiments.study "
-                        "with the same --config and --workdir to rebuild it") from None
+    return files.read_json(path, fix="delete it and rerun python -m experiments.study "
+                                     "with the same --config and --workdir to rebuild it")
 
 
 def _record(line: dict) -> dict:

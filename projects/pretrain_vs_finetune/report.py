@@ -63,13 +63,8 @@ def record_run(workdir, wall_time_s: float, finished: bool) -> None:
 
 
 def _read(path: pathlib.Path):
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path} is damaged (not JSON: {e}): restore it, or delete it and rerun "
-                        "python -m experiments.study on the sweep's workdir to rebuild it") from None
+    return files.read_json(path, fix="restore it, or delete it and rerun "
+                                     "python -m experiments.study on the sweep's workdir to rebuild it")
 
 
 def load(study_dir) -> "StudyReport":
