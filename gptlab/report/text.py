@@ -71,18 +71,30 @@ def _provenance(report) -> list:
             f"- report written {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}"]
 
 
+def _pivot_rows(report, table, cell) -> list:
+    """The pivot's rows as [row, cell text...]: cell(mean, std, note, is_best) formats one entry (is_best: the
+    best mean of its column, in a table of more than one row)."""
+    best = report.best_per_column(table)
+    return [[row] + [cell(mean, std, note, mean is not None and top is not None and mean == top and len(table) > 1)
+                     for (mean, std, note, _), top in zip(entries, best)]
+            for row, entries in table]
+
+
+def _md_cell(mean, std, note, is_best) -> str:
+    text = f"**{fmt(mean, std)}**" if is_best else fmt(mean, std)
+    return text + (f" ({note})" if note else "")
+
+
+def _tex_cell(mean, std, note, is_best) -> str:
+    if mean is None:
+        return "--"
+    text = f"{mean:.4f}" + (f" \\pm {std:.4f}" if std is not None else "")
+    return (f"$\\mathbf{{{text}}}$" if is_best else f"${text}$") + ("$^*$" if note else "")
+
+
 def _md_pivot(report, table) -> list:
     columns = report.columns or [None]
-    best = report.best_per_column(table)
-    rows = []
-    for row, entries in table:
-        texts = []
-        for (mean, std, note, _), top in zip(entries, best):
-            text = fmt(mean, std)
-            if mean is not None and top is not None and mean == top and len(table) > 1:
-                text = f"**{text}**"
-            texts.append(text + (f" ({note})" if note else ""))
-        rows.append([row] + texts)
+    rows = _pivot_rows(report, table, _md_cell)
     return tables.markdown([report.row_title()] + [report.column_title(c) for c in columns], rows,
                            "l" + "r" * len(columns))
 
@@ -113,19 +125,7 @@ def _md_unfinished(report) -> list:
 def latex(report) -> str:
     table = report.pivot()
     columns = report.columns or [None]
-    best = report.best_per_column(table)
-    rows = []
-    for row, entries in table:
-        texts = []
-        for (mean, std, note, _), top in zip(entries, best):
-            if mean is None:
-                texts.append("--")
-                continue
-            text = f"{mean:.4f}" + (f" \\pm {std:.4f}" if std is not None else "")
-            if top is not None and mean == top and len(table) > 1:
-                text = f"\\mathbf{{{text}}}"
-            texts.append(f"${text}$" + ("$^*$" if note else ""))
-        rows.append([tex_escape(row)] + texts)
+    rows = [[tex_escape(row)] + texts for row, *texts in _pivot_rows(report, table, _tex_cell)]
     if report.column_key:
         header, span = [report.row_title()] + [sweep_lib.value_text(c) for c in columns], tex_escape(short_key(report.column_key))
     else:
