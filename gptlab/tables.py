@@ -53,7 +53,10 @@ def latex(header, rows, align=None, caption=None, label=None, escape=True, size=
     if span is not None:
         body += [rf" & \multicolumn{{{n - 1}}}{{c}}{{{span}}} \\", rf"\cmidrule(lr){{2-{n}}}"]
     body += [" & ".join(text(h) for h in header) + r" \\", r"\midrule"]
-    body += [" & ".join(text(c) for c in row) + r" \\" for row in rows]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a row has {len(row)} cells for {len(header)} columns: {row!r}")
+        body.append(" & ".join(text(c) for c in row) + r" \\")
     body += [r"\bottomrule", r"\end{tabular}"] + ([note] if note else [])
     if caption is None:
         return body
