@@ -322,7 +322,8 @@ class Runner:
                     dep = cell.depends_on
                     if dep:
                         dep_status = states[dep]["status"]
-                        if dep_status in ("failed", "blocked") and dep not in self.running and \
+                        # skipped: its stage's choice passed its value over, so it will never run
+                        if dep_status in ("failed", "blocked", "skipped") and dep not in self.running and \
                                 all(c.name != dep for c in pending):
                             pending.remove(cell)
                             self._record(cell, {"status": "blocked", "error": f"its init_from cell {dep} {dep_status}"})
